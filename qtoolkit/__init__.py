@@ -1,0 +1,61 @@
+"""qtoolkit: eager-mode post-training quantization and quantization-aware training
+for PyTorch on plain ``torch.int8`` tensors.
+
+Example::
+
+    >>> import torch, torchvision
+    >>> import qtoolkit as qt
+    >>> model = torchvision.models.resnet18(num_classes=10).eval()
+    >>> qm = qt.prepare(model, "w8a8")
+    >>> qm = qt.calibrate(qm, [torch.randn(8, 3, 32, 32) for _ in range(2)], progress=False)
+    >>> int8 = qt.convert(qm)
+"""
+
+from qtoolkit.calibrate import calibrate
+from qtoolkit.config import PRESETS, QConfig, QuantizerConfig, get_qconfig
+from qtoolkit.convert import convert, set_execution, uncalibrated_sites
+from qtoolkit.fake_quant import FakeQuantize
+from qtoolkit.fuse import fuse_model
+from qtoolkit.prepare import float_ops, prepare
+from qtoolkit.spec import QuantSpec
+from qtoolkit.summary import summary, summary_rows
+from qtoolkit.toggles import (
+    disable_fake_quant,
+    disable_observers,
+    enable_fake_quant,
+    enable_observers,
+    fake_quant_disabled,
+    freeze_bn,
+    observers_disabled,
+    quantizers,
+    unfreeze_bn,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "FakeQuantize",
+    "QConfig",
+    "QuantSpec",
+    "QuantizerConfig",
+    "calibrate",
+    "convert",
+    "disable_fake_quant",
+    "disable_observers",
+    "enable_fake_quant",
+    "enable_observers",
+    "fake_quant_disabled",
+    "float_ops",
+    "freeze_bn",
+    "fuse_model",
+    "get_qconfig",
+    "observers_disabled",
+    "prepare",
+    "quantizers",
+    "set_execution",
+    "summary",
+    "summary_rows",
+    "uncalibrated_sites",
+    "unfreeze_bn",
+]

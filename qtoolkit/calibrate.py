@@ -1,0 +1,150 @@
+"""``calibrate``: PTQ range collection.
+
+Runs the prepared model in eval mode under ``no_grad`` over representative batches
+with fake quantization off (float forward, like torch.ao's PTQ) while activation
+observers record; then every calibrator runs its range search once
+(:meth:`FakeQuantize.finalize`), weight ranges are computed from the (folded)
+weights, observers are frozen and fake quantization switched on.
+
+Example::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from qtoolkit import prepare, calibrate
+    >>> qm = prepare(nn.Sequential(nn.Linear(8, 4)), "w8a8")
+    >>> batches = [(torch.randn(16, 8), torch.zeros(16)) for _ in range(3)]   # (input, target) pairs
+    >>> qm = calibrate(qm, batches, progress=False)
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from qtoolkit.nn.quant_layer import QuantLayer
+from qtoolkit.toggles import quantizers
+
+__all__ = ["calibrate", "model_device", "batch_input"]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter or buffer (CPU if it has none)."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def batch_input(batch: Any) -> Any:
+    """The model input of a batch: a tensor, the first item of an (input, target)
+    pair/list, or ``batch["input"]``/``batch["image"]`` of a dict."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0]
+    if isinstance(batch, dict):
+        for key in ("input", "inputs", "image", "images", "x"):
+            if key in batch:
+                return batch[key]
+    raise TypeError(
+        f"calibrate: cannot find the model input in a batch of type {type(batch).__name__}; "
+        "pass tensors, (input, target) pairs or dicts with an 'input' key"
+    )
+
+
+def calibrate(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    num_batches: int | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Collect activation ranges over ``data`` and finalize every calibrator.
+
+    Args:
+        model: a model returned by :func:`qtoolkit.prepare`.
+        data: a DataLoader or any iterable of tensors, ``(input, target)`` pairs
+            or dicts; inputs are moved to the model's device.
+        num_batches: stop after this many batches (default: all).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        ``model`` (calibrated in place): observers frozen, fake quantization on,
+        its train/eval mode restored.
+
+    Raises:
+        ValueError: ``data`` yielded no batch, or a batch holds NaN/Inf (the
+            message names the layer). The quantizers' state is then restored to
+            what it was before the call.
+    """
+    fqs = list(quantizers(model))
+    if not fqs:
+        raise ValueError("calibrate: the model has no quantizers; call qtoolkit.prepare(model, ...) first")
+    if num_batches is not None and num_batches <= 0:
+        raise ValueError(f"calibrate: num_batches must be positive, got {num_batches}")
+    device = model_device(model)
+    was_training = model.training
+    snapshot = {name: {k: v.clone() for k, v in fq.state_dict().items()} for name, fq in fqs}
+    flags = [(fq, int(fq.observer_enabled), int(fq.fake_quant_enabled)) for _, fq in fqs]
+    for _, fq in fqs:
+        weight = fq.role == "weight"
+        fq.enable_observer(not weight)
+        fq.fake_quant_enabled.fill_(0)
+        if not weight:
+            fq.observer.reset()
+    model.eval()
+    seen = 0
+    try:
+        iterator = iter(data)
+        if num_batches is not None:
+            iterator = itertools.islice(iterator, num_batches)
+        if progress:
+            from tqdm.auto import tqdm
+
+            total = num_batches
+            if total is None and hasattr(data, "__len__"):
+                total = len(data)  # type: ignore[arg-type]
+            iterator = tqdm(iterator, total=total, desc="calibrate", unit="batch", leave=False)
+        with torch.no_grad():
+            for batch in iterator:
+                x = batch_input(batch)
+                x = x.to(device) if isinstance(x, torch.Tensor) else x
+                model(x)
+                seen += 1
+        if seen == 0:
+            raise ValueError("calibrate: `data` yielded no batches; pass a non-empty DataLoader or iterable")
+        unobserved = []
+        for m in model.modules():
+            if isinstance(m, QuantLayer):
+                m.calibrate_weight()
+        for name, fq in fqs:
+            if fq.role in ("weight", "dynamic"):
+                continue
+            if not fq.observer.has_data:
+                unobserved.append(name)
+                continue
+            fq.finalize()
+        if unobserved:
+            warnings.warn(
+                "calibrate: these quantizers saw no data (their layers never ran on the calibration "
+                f"batches) and stay uncalibrated: {', '.join(unobserved[:10])}"
+                + (" ..." if len(unobserved) > 10 else ""),
+                stacklevel=2,
+            )
+    except BaseException:
+        for name, fq in fqs:
+            fq.load_state_dict(snapshot[name])
+        for fq, obs, fake in flags:
+            fq.observer_enabled.fill_(obs)
+            fq.fake_quant_enabled.fill_(fake)
+        model.train(was_training)
+        raise
+    for _, fq in fqs:
+        fq.enable_observer(False)
+        fq.enable_fake_quant(True)
+    model.train(was_training)
+    return model

@@ -1,0 +1,564 @@
+"""Range calibrators: pick a clip range ``(lo, hi)`` from a histogram or a tensor.
+
+Pure functions (no ``nn.Module``, no state); the observers in
+:mod:`qtoolkit.observers` call them. Every function returns two float32 tensors
+``(lo, hi)`` — 0-d for a histogram / per-tensor call, ``[C]`` for per-channel
+calls — ready for :func:`qtoolkit.numerics.compute_qparams` (which widens the
+range to include 0).
+
+Histogram conventions
+---------------------
+``hist`` holds counts (any numeric dtype) and ``edges`` the ``len(hist) + 1``
+increasing bin edges. Mass is assumed uniform inside a bin. The histograms built
+by :class:`~qtoolkit.observers.HistogramObserver` are signed (they cover
+``[min(x, 0), max(x, 0)]``) with 0 as a bin edge; symmetric calibrators fold them
+into a histogram of ``|x|`` exactly (:func:`abs_histogram`). Arbitrary edges are
+accepted too (folding then redistributes the bin that straddles 0 linearly).
+
+* **percentile** — symmetric: clip at the p-th percentile of ``|x|``.
+  Asymmetric: the lower end at the ``(100 − p)``-th and the upper end at the p-th
+  percentile of ``x`` (each tail clips ``100 − p`` percent of the mass).
+* **entropy** — TensorRT's KL-divergence search (Migacz, *8-bit inference with
+  TensorRT*, GTC 2017) on the histogram of ``|x|``.
+* **mse** — minimum expected squared error (clipping + rounding) over a grid of
+  shrink factors of the observed range, evaluated in closed form per bin.
+
+Example::
+
+    >>> import torch
+    >>> x = torch.randn(100_000)
+    >>> hist = torch.histc(x, 2048, -6.0, 6.0)
+    >>> edges = torch.linspace(-6.0, 6.0, 2049)
+    >>> lo, hi = percentile_range(hist, edges, 99.0, symmetric=True)
+    >>> bool(2.4 < hi < 2.75) and bool(lo == -hi)
+    True
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from qtoolkit.numerics import compute_qparams
+
+__all__ = [
+    "abs_histogram",
+    "percentile_range",
+    "entropy_range",
+    "mse_range",
+    "percentile_range_tensor",
+    "mse_range_tensor",
+    "expected_quant_mse",
+]
+
+#: Q-smoothing for the KL divergence: a zero bin of Q where P > 0 gets this
+#: probability instead of 0 (MXNet/TensorRT-style smoothing of zeros).
+KL_EPS: float = 1e-10
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+
+
+def _check_hist(hist: Tensor, edges: Tensor) -> tuple[Tensor, Tensor]:
+    hist = torch.as_tensor(hist)
+    edges = torch.as_tensor(edges, device=hist.device)
+    if hist.dim() != 1 or edges.dim() != 1 or edges.numel() != hist.numel() + 1:
+        raise ValueError(
+            f"need a 1-D histogram and len(hist) + 1 edges, got hist {tuple(hist.shape)} and edges {tuple(edges.shape)}"
+        )
+    if hist.numel() < 1:
+        raise ValueError("empty histogram")
+    h = hist.to(torch.float64)
+    e = edges.to(torch.float64)
+    if not bool(torch.isfinite(e).all()) or not bool((e[1:] > e[:-1]).all()):
+        raise ValueError("histogram edges must be finite and strictly increasing")
+    if not bool(torch.isfinite(h).all()) or bool((h < 0).any()):
+        raise ValueError("histogram counts must be finite and >= 0")
+    if not bool(h.sum() > 0):
+        raise ValueError("histogram is empty (total count 0); observe some data first")
+    return h, e
+
+
+def _f32(v: Tensor | float, device: torch.device) -> Tensor:
+    return torch.as_tensor(v, dtype=torch.float64, device=device).to(torch.float32)
+
+
+def _occupied(h: Tensor) -> tuple[int, int]:
+    """Indices of the first and last non-empty bins."""
+    nz = torch.nonzero(h > 0).flatten()
+    return int(nz[0]), int(nz[-1])
+
+
+def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
+    """``numpy.interp`` for increasing ``xp`` (clamped at both ends)."""
+    x = x.clamp(xp[0], xp[-1])
+    i = torch.searchsorted(xp, x, right=True).clamp(1, xp.numel() - 1)
+    x0, x1 = xp[i - 1], xp[i]
+    f0, f1 = fp[i - 1], fp[i]
+    t = (x - x0) / (x1 - x0)
+    return f0 + t * (f1 - f0)
+
+
+def abs_histogram(hist: Tensor, edges: Tensor) -> tuple[Tensor, Tensor]:
+    """Histogram of ``|x|`` (float64 counts, edges from 0) from a histogram of ``x``.
+
+    The result keeps the input's bin width and ends at the last occupied edge.
+    When 0 is an edge of a uniform input grid (as in
+    :class:`~qtoolkit.observers.HistogramObserver`), the fold is exact: bin
+    ``[-(k+1)w, -kw)`` lands in ``[kw, (k+1)w)``. Otherwise mass is redistributed
+    linearly within bins.
+
+    Example::
+
+        >>> h, e = abs_histogram(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0]))
+        >>> h.tolist(), e.tolist()
+        ([5.0, 5.0], [0.0, 1.0, 2.0])
+    """
+    h, e = _check_hist(hist, edges)
+    first, last = _occupied(h)
+    lo_occ, hi_occ = float(e[first]), float(e[last + 1])
+    amax = max(-lo_occ, hi_occ, 0.0)
+    width = float((e[-1] - e[0]) / h.numel())
+    n = max(1, math.ceil(amax / width - 1e-6))
+    new_edges = torch.arange(n + 1, dtype=torch.float64, device=h.device) * width
+    new_edges[-1] = max(float(new_edges[-1]), amax)
+    k0 = float(e[0]) / width
+    if _uniform(e) and abs(k0 - round(k0)) < 1e-6:
+        # 0 lies on the bin lattice: fold exactly, bin k >= 0 -> k, bin k < 0 -> -k - 1
+        k = torch.arange(h.numel(), device=h.device) + round(k0)
+        idx = torch.where(k >= 0, k, -k - 1).clamp(max=n - 1)
+        out = torch.zeros(n, dtype=torch.float64, device=h.device)
+        out.index_add_(0, idx, h)
+        return out, new_edges
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64, device=h.device), torch.cumsum(h, 0)])
+    mass_within = _interp(new_edges, e, cdf) - _interp(-new_edges, e, cdf)  # mass in [-t, t]
+    out = torch.diff(mass_within).clamp(min=0.0)
+    # Put any rounding residue in the last bin so that the total is preserved.
+    out[-1] += cdf[-1] - out.sum()
+    return out.clamp(min=0.0), new_edges
+
+
+def _uniform(e: Tensor) -> bool:
+    d = torch.diff(e)
+    return bool((d - d.mean()).abs().max() <= 1e-9 * d.mean().abs())
+
+
+def _hist_quantile(h: Tensor, e: Tensor, q: float) -> float:
+    """Value below which a fraction ``q`` of the mass lies (linear within a bin)."""
+    cdf = torch.cumsum(h, 0)
+    total = float(cdf[-1])
+    if q >= 1.0:
+        return float(e[_occupied(h)[1] + 1])
+    target = max(q * total, 1e-12 * total)
+    b = int(torch.searchsorted(cdf, torch.tensor([target], dtype=cdf.dtype, device=cdf.device), right=False)[0])
+    b = min(b, h.numel() - 1)
+    before = float(cdf[b - 1]) if b > 0 else 0.0
+    frac = (target - before) / max(float(h[b]), 1e-300)
+    frac = min(max(frac, 0.0), 1.0)
+    return float(e[b] + frac * (e[b + 1] - e[b]))
+
+
+def _check_percentile(percentile: float) -> float:
+    p = float(percentile)
+    if not 0.0 < p <= 100.0:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+    return p
+
+
+# --------------------------------------------------------------------------------------
+# histogram calibrators
+# --------------------------------------------------------------------------------------
+
+
+def percentile_range(hist: Tensor, edges: Tensor, percentile: float, symmetric: bool) -> tuple[Tensor, Tensor]:
+    """Clip range at a percentile of a histogram.
+
+    * ``symmetric=True``: ``t`` = the ``percentile``-th percentile of ``|x|``;
+      returns ``(-t, t)``.
+    * ``symmetric=False``: ``lo`` = the ``(100 - percentile)``-th and ``hi`` = the
+      ``percentile``-th percentile of ``x`` (both tails clip ``100 - percentile``
+      percent of the mass; ``percentile=99.99`` drops 0.01 % at each end).
+
+    Mass is taken as uniform inside a bin, so the result is within one bin
+    width of the exact sample percentile. ``percentile=100`` gives the occupied
+    extent of the histogram.
+
+    Example::
+
+        >>> h = torch.ones(100); e = torch.linspace(0.0, 1.0, 101)
+        >>> lo, hi = percentile_range(h, e, 90.0, symmetric=False)
+        >>> round(float(lo), 4), round(float(hi), 4)
+        (0.1, 0.9)
+    """
+    p = _check_percentile(percentile) / 100.0
+    if symmetric:
+        ha, ea = abs_histogram(hist, edges)
+        t = _hist_quantile(ha, ea, p)
+        return _f32(-t, ha.device), _f32(t, ha.device)
+    h, e = _check_hist(hist, edges)
+    lo = _hist_quantile(h, e, 1.0 - p) if p < 1.0 else float(e[_occupied(h)[0]])
+    hi = _hist_quantile(h, e, p)
+    return _f32(lo, h.device), _f32(hi, h.device)
+
+
+def _kl_divergences(h: Tensor, num_levels: int, candidates: Tensor, chunk: int = 96) -> Tensor:
+    """KL(P || Q) for every candidate threshold bin count ``i`` in ``candidates``.
+
+    ``P`` = ``h[:i]`` with the outliers' mass (``h[i:]``) added to its last bin;
+    ``Q`` = ``h[:i]`` (without outliers, as in TensorRT) merged into
+    ``num_levels`` groups of consecutive bins (bin ``j`` belongs to group
+    ``floor(j · L / i)``), each group's mass spread uniformly over the bins where
+    ``P`` is non-zero. Both are normalized; zeros of ``Q`` where ``P > 0`` get
+    :data:`KL_EPS`. Vectorized over ``chunk`` candidates at a time.
+    """
+    dev = h.device
+    L = num_levels
+    zero = torch.zeros(1, dtype=torch.float64, device=dev)
+    cs = torch.cat([zero, torch.cumsum(h, 0)])  # cs[k] = sum(h[:k])
+    nzh = h > 0
+    cnz = torch.cat([zero, torch.cumsum(nzh.to(torch.float64), 0)])
+    total = cs[-1]
+    out = []
+    for start in range(0, candidates.numel(), chunk):
+        i = candidates[start : start + chunk].to(torch.int64).unsqueeze(1)  # [c, 1]
+        m = int(i.max())
+        j = torch.arange(m, device=dev).unsqueeze(0)  # [1, m]
+        valid = j < i
+        hj = h[:m].unsqueeze(0)
+        g = torch.clamp((j * L) // i, max=L - 1)
+        g_start = torch.clamp((g * i + L - 1) // L, max=i)
+        g_end = torch.clamp(((g + 1) * i + L - 1) // L, max=i)
+        outliers = total - cs[i]  # [c, 1]
+        has_out = outliers > 0
+        last = j == (i - 1)
+        group_mass = cs[g_end] - cs[g_start]
+        # number of bins of the group where P is non-zero: h's non-zeros, plus the
+        # last bin when only the outliers make it non-zero
+        extra = (g == (L - 1)) & has_out & ~nzh[(i - 1).clamp(min=0)]
+        group_nz = cnz[g_end] - cnz[g_start] + extra.to(torch.float64)
+        p_nz = (nzh[:m].unsqueeze(0) | (last & has_out)) & valid
+        q = torch.where(p_nz, group_mass / group_nz.clamp(min=1.0), torch.zeros((), dtype=torch.float64, device=dev))
+        p = torch.where(valid, hj + last.to(torch.float64) * outliers, torch.zeros((), dtype=torch.float64, device=dev))
+        p = p / total
+        q = q / q.sum(1, keepdim=True).clamp(min=1e-300)
+        q = torch.where(q > 0, q, torch.full((), KL_EPS, dtype=torch.float64, device=dev))
+        terms = torch.where(p > 0, p * (torch.log(p.clamp(min=1e-300)) - torch.log(q)), torch.zeros((), dtype=torch.float64, device=dev))
+        out.append(terms.sum(1))
+    return torch.cat(out)
+
+
+def entropy_range(
+    hist: Tensor,
+    edges: Tensor,
+    bits: int,
+    symmetric: bool,
+    *,
+    num_levels: int | None = None,
+    start_bin: int | None = None,
+    stride: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """TensorRT's entropy (KL-divergence) calibration on a histogram.
+
+    The search runs on the histogram of ``|x|`` (:func:`abs_histogram`; for
+    non-negative data that is ``x`` itself). For every candidate threshold bin
+    ``i`` from ``start_bin`` (default: the number of levels) to the last occupied
+    bin, the reference ``P`` (first ``i`` bins, outliers added to the last) is
+    compared with ``Q`` (the first ``i`` bins merged into ``num_levels`` levels and
+    expanded back); the threshold with the least ``KL(P || Q)`` wins (the largest
+    one on ties). As in NVIDIA's pytorch-quantization, the first bin's count is
+    replaced by the second's before the search so that a spike of exact zeros
+    (ReLU outputs, padding; 0 is exactly representable anyway) does not drag the
+    threshold down.
+
+    Levels and the returned range:
+
+    * ``symmetric=True``: ``num_levels = 2^(bits-1)`` (128 for int8, as TensorRT);
+      returns ``(-t, t)``.
+    * ``symmetric=False`` and non-negative data (no mass below 0):
+      ``num_levels = 2^bits``; returns ``(0, t)`` (mirrored for non-positive data).
+    * ``symmetric=False`` and two-sided data: ``|x|`` with ``2^(bits-1)`` levels;
+      returns ``(max(min_x, -t), min(max_x, t))`` with ``min_x``/``max_x`` the
+      histogram's occupied extent.
+
+    Fully vectorized; 2048 bins take well under 0.5 s on two CPU cores.
+
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.cat([torch.randn(200_000, generator=g), torch.tensor([40.0, -40.0])])
+        >>> h = torch.histc(x, 2048, -40.0, 40.0); e = torch.linspace(-40.0, 40.0, 2049)
+        >>> lo, hi = entropy_range(h, e, bits=8, symmetric=True)
+        >>> bool(2.0 < hi < 20.0)
+        True
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits < 1:
+        raise ValueError(f"bits must be a positive int, got {bits!r}")
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    h, e = _check_hist(hist, edges)
+    first, last = _occupied(h)
+    lo_occ, hi_occ = float(e[first]), float(e[last + 1])
+    two_sided = lo_occ < 0.0 < hi_occ
+    one_sided = not symmetric and not two_sided
+    levels = num_levels if num_levels is not None else (2**bits if one_sided else 2 ** (bits - 1))
+    if levels < 2:
+        raise ValueError(f"num_levels must be >= 2, got {levels}")
+    ha, ea = abs_histogram(h, e)
+    n = _occupied(ha)[1] + 1  # search up to the last occupied bin
+    ha = ha[:n].clone()
+    if n >= 2:
+        ha[0] = ha[1]
+    start = levels if start_bin is None else max(int(start_bin), 1)
+    if n <= start or ha.sum() <= 0:
+        t = float(ea[n])
+    else:
+        cands = torch.arange(start, n + 1, stride, device=ha.device)
+        kl = _kl_divergences(ha, levels, cands)
+        kl = torch.nan_to_num(kl, nan=float("inf"))
+        best = int(kl.numel() - 1 - torch.argmin(torch.flip(kl, [0])))
+        t = float(ea[int(cands[best])])
+    dev = h.device
+    if symmetric:
+        return _f32(-t, dev), _f32(t, dev)
+    if not two_sided:
+        return (_f32(0.0, dev), _f32(t, dev)) if hi_occ > 0.0 else (_f32(-t, dev), _f32(0.0, dev))
+    return _f32(max(lo_occ, -t), dev), _f32(min(hi_occ, t), dev)
+
+
+def _round_err_integral(u: Tensor) -> Tensor:
+    """``G(u) = ∫_0^u (v - round(v))² dv`` (closed form, any real ``u``)."""
+    n = torch.floor(u + 0.5)
+    r = u - n
+    return n / 12.0 + (r**3 + 0.125) / 3.0
+
+
+def expected_quant_mse(
+    hist: Tensor, edges: Tensor, lo: Tensor, hi: Tensor, qmin: int, qmax: int, symmetric: bool
+) -> Tensor:
+    """Expected squared fake-quantization error under a histogram, per candidate range.
+
+    ``lo``/``hi`` are 1-D tensors of candidate ranges; their qparams come from
+    :func:`qtoolkit.numerics.compute_qparams`, so the grid (scale, rounded zero
+    point, clamp limits) is exactly the one that will be used. Mass is uniform
+    inside each bin and the error integral is evaluated in closed form: clipping
+    error ``(x - A)²`` below ``A = s·(qmin - z)``, ``(x - B)²`` above
+    ``B = s·(qmax - z)``, rounding error ``s³ · (G(v/s) - G(u/s))`` in between,
+    with ``G`` the integral of ``(v - round v)²``. Returns the mean squared error
+    per candidate (float64).
+
+    Example::
+
+        >>> h = torch.ones(1000); e = torch.linspace(-1.0, 1.0, 1001)
+        >>> err = expected_quant_mse(h, e, torch.tensor([-1.0]), torch.tensor([1.0]), -127, 127, True)
+        >>> bool(abs(float(err[0]) - (1 / 127) ** 2 / 12) < 1e-9)
+        True
+    """
+    h, e = _check_hist(hist, edges)
+    lo = torch.as_tensor(lo, device=h.device).reshape(-1)
+    hi = torch.as_tensor(hi, device=h.device).reshape(-1)
+    scale, zp = compute_qparams(lo, hi, qmin, qmax, symmetric)
+    s = scale.to(torch.float64).unsqueeze(1)  # [K, 1]
+    z = zp.to(torch.float64).unsqueeze(1)
+    a_clip = s * (qmin - z)
+    b_clip = s * (qmax - z)
+    e0 = e[:-1].unsqueeze(0)
+    e1 = e[1:].unsqueeze(0)
+    total = torch.zeros_like(s * e0)
+    # below A
+    u, v = e0, torch.minimum(e1, a_clip)
+    total = total + torch.where(v > u, ((v - a_clip) ** 3 - (u - a_clip) ** 3) / 3.0, torch.zeros_like(total))
+    # above B
+    u, v = torch.maximum(e0, b_clip), e1
+    total = total + torch.where(v > u, ((v - b_clip) ** 3 - (u - b_clip) ** 3) / 3.0, torch.zeros_like(total))
+    # inside [A, B]: rounding error
+    u, v = torch.maximum(e0, a_clip), torch.minimum(e1, b_clip)
+    rnd = s**3 * (_round_err_integral(v / s) - _round_err_integral(u / s))
+    total = total + torch.where(v > u, rnd, torch.zeros_like(total))
+    density = h / (e[1:] - e[:-1])  # counts per unit length
+    return (total * density.unsqueeze(0)).sum(1) / h.sum()
+
+
+def mse_range(
+    hist: Tensor,
+    edges: Tensor,
+    qmin: int,
+    qmax: int,
+    symmetric: bool,
+    *,
+    num_candidates: int = 200,
+) -> tuple[Tensor, Tensor]:
+    """Clip range minimizing the expected squared quantization error (clip + round).
+
+    Candidates shrink the histogram's occupied range ``[lo_x, hi_x]`` (widened to
+    include 0) by factors ``k / num_candidates``, ``k = 1..num_candidates``:
+    ``(α·lo_x, α·hi_x)`` (for ``symmetric`` only ``α·max(|lo_x|, |hi_x|)``
+    matters). Each candidate's error is :func:`expected_quant_mse` — exact for
+    piecewise-uniform data, vectorized over candidates and bins.
+
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.distributions.Laplace(0.0, 1.0).sample((100_000,))
+        >>> h = torch.histc(x, 2048, float(x.min()), float(x.max()))
+        >>> e = torch.linspace(float(x.min()), float(x.max()), 2049)
+        >>> lo, hi = mse_range(h, e, -8, 7, symmetric=True)
+        >>> bool(hi < 0.6 * x.abs().max())
+        True
+    """
+    if num_candidates < 1:
+        raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
+    h, e = _check_hist(hist, edges)
+    first, last = _occupied(h)
+    lo_x, hi_x = min(float(e[first]), 0.0), max(float(e[last + 1]), 0.0)
+    if symmetric:
+        amax = max(-lo_x, hi_x)
+        lo_x, hi_x = -amax, amax
+    alphas = torch.arange(1, num_candidates + 1, dtype=torch.float64, device=h.device) / num_candidates
+    lo_c, hi_c = alphas * lo_x, alphas * hi_x
+    err = expected_quant_mse(h, e, lo_c, hi_c, qmin, qmax, symmetric)
+    best = int(torch.argmin(err))
+    return lo_c[best].to(torch.float32), hi_c[best].to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------
+# per-channel tensor calibrators (weights)
+# --------------------------------------------------------------------------------------
+
+
+def _rows(x: Tensor, axis: int | None) -> Tensor:
+    """``x`` as float32 ``[C, K]`` with channels along ``axis`` (``[1, N]`` per-tensor)."""
+    if not x.is_floating_point():
+        raise TypeError(f"expected a floating-point tensor, got {x.dtype}")
+    x = x.detach().float()
+    if axis is None:
+        return x.reshape(1, -1)
+    if not -x.dim() <= axis < x.dim():
+        raise ValueError(f"axis={axis} is out of range for a tensor of shape {tuple(x.shape)}")
+    return x.movedim(axis, 0).reshape(x.shape[axis], -1)
+
+
+def _out(v: Tensor, axis: int | None) -> Tensor:
+    return v.reshape(()) if axis is None else v
+
+
+def _row_quantile(x2: Tensor, q: float) -> Tensor:
+    """Per-row quantile with linear interpolation (``torch.quantile``'s default),
+    ignoring NaNs, via ``kthvalue`` (no 16M-element limit)."""
+    c, k = x2.shape
+    if k == 0:
+        raise ValueError("cannot take a quantile of empty channels")
+    nan = torch.isnan(x2)
+    if not bool(nan.any()):
+        pos = q * (k - 1)
+        i0 = int(math.floor(pos))
+        i1 = min(i0 + 1, k - 1)
+        v0 = torch.kthvalue(x2, i0 + 1, dim=1).values
+        if i1 == i0:
+            return v0
+        v1 = torch.kthvalue(x2, i1 + 1, dim=1).values
+        return v0 + (v1 - v0) * (pos - i0)
+    srt = torch.sort(x2, dim=1).values  # NaNs last
+    cnt = (~nan).sum(1)
+    pos = q * (cnt.clamp(min=1) - 1).to(torch.float64)
+    i0 = torch.floor(pos).to(torch.int64)
+    i1 = torch.minimum(i0 + 1, (cnt - 1).clamp(min=0))
+    v0 = srt.gather(1, i0.unsqueeze(1)).squeeze(1)
+    v1 = srt.gather(1, i1.unsqueeze(1)).squeeze(1)
+    val = v0 + (v1 - v0) * (pos - i0).to(v0.dtype)
+    return torch.where(cnt > 0, val, torch.zeros_like(val))
+
+
+def percentile_range_tensor(
+    x: Tensor, percentile: float, axis: int | None = 0, symmetric: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Per-channel percentile clip range computed directly on a tensor (weights).
+
+    Same convention as :func:`percentile_range`: symmetric → the p-th percentile
+    of ``|x|`` per channel, ``(-t, t)``; asymmetric → the ``(100-p)``-th and p-th
+    percentiles. Linear interpolation as ``torch.quantile``, computed with
+    ``torch.kthvalue`` (works beyond ``torch.quantile``'s 16M-element limit).
+    NaNs are ignored. ``axis=None`` gives a per-tensor (0-d) result.
+
+    Example::
+
+        >>> w = torch.arange(1.0, 101.0).repeat(3, 1)   # 3 channels of 1..100
+        >>> lo, hi = percentile_range_tensor(w, 99.0, axis=0, symmetric=True)
+        >>> hi.tolist()
+        [99.01000213623047, 99.01000213623047, 99.01000213623047]
+    """
+    p = _check_percentile(percentile) / 100.0
+    x2 = _rows(x, axis)
+    x2 = torch.where(torch.isinf(x2), torch.full_like(x2, float("nan")), x2)
+    if symmetric:
+        t = _row_quantile(x2.abs(), p)
+        return _out(-t, axis), _out(t, axis)
+    lo = _row_quantile(x2, 1.0 - p)
+    hi = _row_quantile(x2, p)
+    return _out(lo, axis), _out(hi, axis)
+
+
+def mse_range_tensor(
+    x: Tensor,
+    qmin: int,
+    qmax: int,
+    symmetric: bool,
+    axis: int | None = 0,
+    *,
+    num_candidates: int = 100,
+) -> tuple[Tensor, Tensor]:
+    """Per-channel clip range minimizing the actual fake-quantization MSE (weights).
+
+    For each channel the min/max range ``[lo_c, hi_c]`` (widened to include 0) is
+    shrunk by ``α = k / num_candidates`` (``k = 1..num_candidates``); the tensor is
+    fake-quantized with each candidate's qparams
+    (:func:`qtoolkit.numerics.compute_qparams`, same rounding as
+    ``fake_quantize``) and the per-channel squared error summed. Vectorized over
+    channels; one pass over the tensor per candidate. Non-finite values are
+    ignored. ``axis=None`` gives a per-tensor result.
+
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> w = torch.randn(8, 256, generator=g)
+        >>> lo, hi = mse_range_tensor(w, -7, 7, symmetric=True, axis=0)
+        >>> bool((hi < w.abs().amax(1)).all()) and hi.shape == (8,)
+        True
+    """
+    if num_candidates < 1:
+        raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
+    x2 = _rows(x, axis)
+    finite = torch.isfinite(x2)
+    all_finite = bool(finite.all())
+    if all_finite:
+        mn, mx = torch.aminmax(x2, dim=1)
+    else:
+        inf = torch.full((), float("inf"), device=x2.device)
+        mn = torch.where(finite, x2, inf).amin(1)
+        mx = torch.where(finite, x2, -inf).amax(1)
+        mn = torch.where(torch.isfinite(mn), mn, torch.zeros_like(mn))
+        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+        x2 = torch.where(finite, x2, torch.zeros_like(x2))
+    lo_x = torch.clamp(mn, max=0.0)
+    hi_x = torch.clamp(mx, min=0.0)
+    best_err = torch.full_like(lo_x, float("inf"))
+    best_lo, best_hi = lo_x.clone(), hi_x.clone()
+    for k in range(1, num_candidates + 1):
+        a = k / num_candidates
+        lo_c, hi_c = lo_x * a, hi_x * a
+        s, z = compute_qparams(lo_c, hi_c, qmin, qmax, symmetric)
+        s2, z2 = s.unsqueeze(1), z.to(torch.float32).unsqueeze(1)
+        inv = 1.0 / s2
+        q = torch.clamp(torch.round(x2 * inv) + z2, qmin, qmax)
+        d = (q - z2).mul_(s2).sub_(x2)
+        if not all_finite:
+            d = d * finite
+        err = (d * d).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo = torch.where(better, lo_c, best_lo)
+        best_hi = torch.where(better, hi_c, best_hi)
+    return _out(best_lo, axis), _out(best_hi, axis)

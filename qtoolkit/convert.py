@@ -1,0 +1,110 @@
+"""``convert``: prepared (calibrated or QAT-trained) model → integer-weight model.
+
+Every :class:`~qtoolkit.nn.QuantLayer` becomes an :class:`~qtoolkit.nn.Int8Layer`
+(int8 weights in plain ``torch.int8`` buffers, int4 packed two per byte) and every
+:class:`~qtoolkit.nn.QuantAdd` an :class:`~qtoolkit.nn.Int8Add`. Live QAT BatchNorms
+are folded (running statistics). The result is in eval mode and inference-only.
+
+Example::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from qtoolkit import prepare, calibrate, convert, set_execution
+    >>> qm = calibrate(prepare(nn.Sequential(nn.Linear(8, 4), nn.ReLU())), [torch.randn(8, 8)], progress=False)
+    >>> int8 = convert(qm)
+    >>> set_execution(int8, "integer")     # integer-only arithmetic path
+    >>> int8(torch.randn(2, 8)).shape
+    torch.Size([2, 4])
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from qtoolkit.nn.int8_add import Int8Add
+from qtoolkit.nn.int8_layer import EXECUTIONS, Int8Layer
+from qtoolkit.nn.quant_add import QuantAdd
+from qtoolkit.nn.quant_layer import QuantLayer
+
+__all__ = ["convert", "set_execution", "uncalibrated_sites"]
+
+
+def uncalibrated_sites(model: nn.Module) -> list[str]:
+    """Names of activation quantizers that have no range yet."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLayer):
+            for p in ("input_quantizer", "output_quantizer"):
+                fq = getattr(m, p)
+                if fq is not None and not fq.is_calibrated:
+                    out.append(f"{name}.{p}")
+        elif isinstance(m, QuantAdd):
+            for p in ("lhs_quantizer", "rhs_quantizer", "output_quantizer"):
+                if not getattr(m, p).is_calibrated:
+                    out.append(f"{name}.{p}")
+    return out
+
+
+@torch.no_grad()
+def convert(model: nn.Module, *, inplace: bool = False, allow_uncalibrated: bool = False) -> nn.Module:
+    """Convert a prepared model to integer-weight modules.
+
+    Args:
+        model: returned by :func:`qtoolkit.prepare` and calibrated
+            (:func:`qtoolkit.calibrate`) or QAT-trained.
+        inplace: modify ``model`` instead of a deep copy.
+        allow_uncalibrated: build the converted structure even if some ranges are
+            missing — only to get a skeleton to ``load_state_dict`` a saved
+            converted model into.
+
+    Raises:
+        RuntimeError: some activation quantizers were never calibrated (listed).
+    """
+    if not any(isinstance(m, (QuantLayer, QuantAdd)) for m in model.modules()):
+        raise ValueError("convert: the model has no prepared layers; call qtoolkit.prepare (and calibrate) first")
+    missing = uncalibrated_sites(model)
+    if missing and not allow_uncalibrated:
+        shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        raise RuntimeError(
+            f"convert: {len(missing)} activation quantizer(s) have no range: {shown}. "
+            "Run qtoolkit.calibrate(model, data) (PTQ) or train with observers on (QAT) first."
+        )
+    if not inplace:
+        model = copy.deepcopy(model)
+    _swap(model, "", not allow_uncalibrated)
+    model.eval()
+    return model
+
+
+def _swap(module: nn.Module, prefix: str, require: bool) -> None:
+    for cname, child in list(module.named_children()):
+        name = f"{prefix}.{cname}" if prefix else cname
+        if isinstance(child, QuantLayer):
+            new: nn.Module = Int8Layer.from_quant(child, require_calibrated=require)
+        elif isinstance(child, QuantAdd):
+            new = Int8Add.from_quant(child, require_calibrated=require)
+        else:
+            _swap(child, name, require)
+            continue
+        new.name = name
+        setattr(module, cname, new)
+
+
+def set_execution(model: nn.Module, execution: str) -> nn.Module:
+    """Choose how converted modules compute: ``"reference"`` (simulated int8),
+    ``"integer"`` (integer-only arithmetic) or ``"fast"`` (optimized int8 kernels)."""
+    if execution not in EXECUTIONS:
+        raise ValueError(f"set_execution: execution must be one of {EXECUTIONS}, got {execution!r}")
+    found = False
+    for m in model.modules():
+        if isinstance(m, (Int8Layer, Int8Add)):
+            if execution == "integer" and isinstance(m, Int8Layer) and m.mode != "static":
+                raise ValueError(f"set_execution('integer'): {m.name} is in {m.mode} mode; integer-only needs static")
+            m.execution = execution
+            found = True
+    if not found:
+        raise ValueError("set_execution: the model has no converted modules; call qtoolkit.convert first")
+    return model

@@ -1,0 +1,81 @@
+"""Float modules produced by the fusion pass (before quantization).
+
+* :class:`FusedLayer` — a Conv/Linear with its BatchNorm and activation
+  (``act(bn(layer(x)))``), the unit an int8 engine runs as one kernel.
+* :class:`Add` — a residual ``a + b`` (optionally followed by ReLU) lifted out of
+  a model's ``forward`` into a module, so it can be given quantizers.
+
+Both compute exactly what the original code computed.
+
+Example::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> f = FusedLayer(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), "relu")
+    >>> f(torch.randn(1, 3, 8, 8)).min() >= 0
+    tensor(True)
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS = ("relu", "relu6")
+
+
+def apply_activation(x: Tensor, act: str | None) -> Tensor:
+    """Apply a fused activation by name (``None``, ``"relu"``, ``"relu6"``)."""
+    if act is None:
+        return x
+    if act == "relu":
+        return F.relu(x)
+    if act == "relu6":
+        return F.hardtanh(x, 0.0, 6.0)
+    raise ValueError(f"unknown fused activation {act!r}; expected one of {ACTIVATIONS}")
+
+
+class FusedLayer(nn.Module):
+    """``act(bn(layer(x)))`` for a Conv1d/Conv2d/Linear ``layer``.
+
+    Args:
+        layer: the Conv or Linear module.
+        bn: its BatchNorm (or ``None``).
+        act: ``None``, ``"relu"`` or ``"relu6"``.
+    """
+
+    def __init__(self, layer: nn.Module, bn: nn.Module | None = None, act: str | None = None) -> None:
+        super().__init__()
+        if act not in (None, *ACTIVATIONS):
+            raise ValueError(f"FusedLayer: unknown activation {act!r}")
+        self.layer = layer
+        self.bn = bn
+        self.act = act
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layer(x)
+        if self.bn is not None:
+            x = self.bn(x)
+        return apply_activation(x, self.act)
+
+    def extra_repr(self) -> str:
+        return f"act={self.act}"
+
+
+class Add(nn.Module):
+    """``a + b`` (then ``act``) as a module; a residual connection's adder.
+
+    Non-tensor operands (e.g. ``x + 1``) fall through to Python's ``+``.
+    """
+
+    def __init__(self, act: str | None = None) -> None:
+        super().__init__()
+        if act not in (None, *ACTIVATIONS):
+            raise ValueError(f"Add: unknown activation {act!r}")
+        self.act = act
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return apply_activation(a + b, self.act)
+
+    def extra_repr(self) -> str:
+        return f"act={self.act}"

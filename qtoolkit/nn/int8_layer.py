@@ -1,0 +1,242 @@
+"""Converted Conv1d / Conv2d / Linear holding integer weights (the *converted* form).
+
+Weights live in a plain ``torch.int8`` buffer (``weight_q``), or packed two per
+byte in ``uint8`` for ≤ 4 bits, with float per-channel scales; activations'
+qparams are float/int32 buffers. No ``torch.qint8``/``quint8``, no ``torch.ao``.
+
+Execution paths (``module.execution``):
+
+* ``"reference"``: quantize the input to its grid, dequantize the integer weight,
+  float conv — numerically the prepared (fake-quant) model.
+* ``"integer"`` (static mode): integer-only arithmetic after Jacob et al. 2018:
+  ``acc = Σ (q_x − z_x)(q_w − z_w)`` accumulated exactly, bias quantized to int32 at
+  scale ``s_x·s_w``, requantized with the fixed-point multiplier
+  ``M = s_x·s_w/s_y = M0·2^-31·2^-n`` (rounding right shift), ``+ z_y``, clamped —
+  the fused ReLU/ReLU6 is the clamp. The codes are returned dequantized.
+* ``"fast"``: optimized int8 kernels where available (see :mod:`qtoolkit.kernels`).
+
+Example::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from qtoolkit import prepare, calibrate, convert
+    >>> m = prepare(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+    >>> _ = calibrate(m, [torch.randn(2, 3, 8, 8)], progress=False)
+    >>> q = convert(m)
+    >>> q[0].weight_q.dtype
+    torch.int8
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qtoolkit.nn.fused import apply_activation
+from qtoolkit.nn.quant_layer import QuantLayer
+from qtoolkit.numerics import (
+    compute_qparams,
+    dequantize,
+    fake_quantize,
+    quantize,
+    quantize_multiplier_tensor,
+    requantize,
+)
+from qtoolkit.packing import pack_int4, unpack_int4
+
+__all__ = ["Int8Layer", "EXECUTIONS", "inference_only"]
+
+EXECUTIONS = ("reference", "integer", "fast")
+
+
+class _InferenceOnly(torch.autograd.Function):
+    """Identity whose backward raises: converted models are inference-only."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, token: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.name = getattr(token, "_qt_name", "converted module")
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        raise RuntimeError(
+            f"{ctx.name}: backward through a converted (int8) model is not supported — it holds integer "
+            "weights and no parameters. Fine-tune the prepared model (qtoolkit.prepare(..., qat=True)) "
+            "and convert afterwards."
+        )
+
+
+_TOKEN = torch.zeros((), requires_grad=True)
+
+
+def inference_only(y: Tensor, name: str) -> Tensor:
+    """Attach a clear backward error to ``y`` when autograd is recording."""
+    if not torch.is_grad_enabled():
+        return y
+    token = _TOKEN.detach().requires_grad_(True)
+    token._qt_name = name  # type: ignore[attr-defined]
+    return _InferenceOnly.apply(y, token)
+
+
+class Int8Layer(nn.Module):
+    """Integer-weight Conv1d/Conv2d/Linear. Build with :meth:`from_quant`."""
+
+    def __init__(self, q: QuantLayer) -> None:
+        super().__init__()
+        self.kind = q.kind
+        self.mode = q.qconfig.mode
+        self.act = q.act
+        self.name = "int8_layer"
+        self.execution = "reference"
+        for attr in ("stride", "padding", "dilation", "groups", "in_channels", "kernel_size", "in_features", "out_features"):
+            if hasattr(q, attr):
+                setattr(self, attr, getattr(q, attr))
+        self.out_channels = q.out_channels
+        wspec = q.weight_quantizer.spec
+        self.weight_bits = wspec.bits
+        self.weight_qmin, self.weight_qmax = wspec.qmin, wspec.qmax
+        self.weight_shape = tuple(q.weight.shape)
+        self.packed = wspec.bits <= 4 and wspec.signed
+        n = self.out_channels
+        if self.packed:
+            k = 1
+            for d in self.weight_shape[1:]:
+                k *= d
+            self.register_buffer("weight_q", torch.zeros(n, (k + 1) // 2, dtype=torch.uint8))
+        else:
+            self.register_buffer("weight_q", torch.zeros(self.weight_shape, dtype=torch.int8 if wspec.signed else torch.uint8))
+        self.register_buffer("weight_scale", torch.ones(n))
+        self.register_buffer("weight_zero_point", torch.zeros(n, dtype=torch.int32))
+        self.register_buffer("bias", torch.zeros(n) if q.bias is not None else None)
+        aspec = q.qconfig.activation.spec if q.qconfig.activation is not None else None
+        self.act_qmin = aspec.qmin if aspec else 0
+        self.act_qmax = aspec.qmax if aspec else 0
+        self.act_symmetric = aspec.symmetric if aspec else False
+        if self.mode == "static":
+            for p in ("input", "output"):
+                self.register_buffer(f"{p}_scale", torch.ones(()))
+                self.register_buffer(f"{p}_zero_point", torch.zeros((), dtype=torch.int32))
+            self.register_buffer("multiplier_m0", torch.zeros(n, dtype=torch.int64))
+            self.register_buffer("multiplier_shift", torch.zeros(n, dtype=torch.int64))
+            self.register_buffer("bias_int32", torch.zeros(n, dtype=torch.int32))
+
+    # ---------------------------------------------------------------- build
+    @classmethod
+    @torch.no_grad()
+    def from_quant(cls, q: QuantLayer, require_calibrated: bool = True) -> Int8Layer:
+        """Convert a prepared :class:`QuantLayer` (its quantizers already calibrated)."""
+        m = cls(q)
+        w, b = q.folded_weight_bias()
+        wq = q.weight_quantizer
+        if bool(wq.observer_enabled) or not wq.is_calibrated:
+            q.calibrate_weight()
+        scale, zp = wq.scale.detach().float(), wq.zero_point.detach()
+        codes = quantize(w.detach().float(), scale, zp, m.weight_qmin, m.weight_qmax, axis=0, dtype=torch.int8 if wq.spec.signed else torch.uint8)
+        m.weight_q = pack_int4(codes) if m.packed else codes
+        m.weight_scale = scale.clone()
+        m.weight_zero_point = zp.to(torch.int32).clone()
+        if b is not None:
+            m.bias = b.detach().float().clone()
+        if m.mode == "static":
+            iq, oq = q.input_quantizer, q.output_quantizer
+            assert iq is not None and oq is not None
+            if iq.is_calibrated and oq.is_calibrated:
+                m.input_scale = iq.scale.detach().float().reshape(()).clone()
+                m.input_zero_point = iq.zero_point.detach().reshape(()).to(torch.int32).clone()
+                m.output_scale = oq.scale.detach().float().reshape(()).clone()
+                m.output_zero_point = oq.zero_point.detach().reshape(()).to(torch.int32).clone()
+                m._update_integer_params()
+            elif require_calibrated:
+                raise RuntimeError(f"{q.weight_quantizer.name}: activation quantizers are not calibrated")
+        return m
+
+    @torch.no_grad()
+    def _update_integer_params(self) -> None:
+        """Fixed-point multipliers and the int32 bias, from the float qparams."""
+        acc_scale = self.input_scale.double() * self.weight_scale.double()
+        m0, shift = quantize_multiplier_tensor(acc_scale / self.output_scale.double())
+        self.multiplier_m0, self.multiplier_shift = m0, shift
+        if self.bias is not None:
+            self.bias_int32 = torch.clamp(torch.round(self.bias.double() / acc_scale), -(2**31), 2**31 - 1).to(torch.int32)
+
+    # ---------------------------------------------------------------- pieces
+    def int_weight(self) -> Tensor:
+        """The integer weight codes, unpacked, as int8 (or uint8)."""
+        if self.packed:
+            return unpack_int4(self.weight_q, self.weight_shape)
+        return self.weight_q
+
+    def dequantized_weight(self) -> Tensor:
+        return dequantize(self.int_weight(), self.weight_scale, self.weight_zero_point, axis=0)
+
+    def _op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        if self.kind == "linear":
+            return F.linear(x, w, b)
+        conv = F.conv2d if self.kind == "conv2d" else F.conv1d
+        return conv(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def _quantize_input(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.mode == "static":
+            s, z = self.input_scale, self.input_zero_point
+        else:
+            lo, hi = x.detach().aminmax()
+            s, z = compute_qparams(lo, hi, self.act_qmin, self.act_qmax, self.act_symmetric)
+        return quantize(x, s, z, self.act_qmin, self.act_qmax), s, z
+
+    # ---------------------------------------------------------------- forward
+    def forward_reference(self, x: Tensor) -> Tensor:
+        """Simulated int8: fake-quantized input, dequantized weight, float op."""
+        if self.mode == "static":
+            x = fake_quantize(x, self.input_scale, self.input_zero_point, self.act_qmin, self.act_qmax)
+        elif self.mode == "dynamic":
+            lo, hi = x.detach().aminmax()
+            s, z = compute_qparams(lo, hi, self.act_qmin, self.act_qmax, self.act_symmetric)
+            x = fake_quantize(x, s, z, self.act_qmin, self.act_qmax)
+        y = self._op(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return apply_activation(y, self.act)
+
+    def forward_integer(self, x: Tensor) -> Tensor:
+        """Integer-only execution (static mode): int32 accumulate, fixed-point requantize."""
+        if self.mode != "static":
+            raise RuntimeError(f"{self.name}: integer-only execution needs static mode (this layer is {self.mode})")
+        qx, _, zx = self._quantize_input(x)
+        xq = qx.double() - zx.double()
+        wq = self.int_weight().double() - self.weight_zero_point.double().reshape([-1] + [1] * (len(self.weight_shape) - 1))
+        acc = torch.round(self._op(xq, wq, None)).to(torch.int64)
+        cshape = [1, -1] + [1] * (acc.dim() - 2) if self.kind != "linear" else [-1]
+        if self.bias is not None:
+            acc = acc + self.bias_int32.to(torch.int64).reshape(cshape)
+        zo = int(self.output_zero_point)
+        lo, hi = self.act_qmin, self.act_qmax
+        if self.act in ("relu", "relu6"):
+            lo = max(lo, zo)
+        if self.act == "relu6":
+            hi = min(hi, zo + int(torch.round(6.0 / self.output_scale)))
+        yq = requantize(acc, self.multiplier_m0.reshape(cshape), self.multiplier_shift.reshape(cshape), zo, lo, hi)
+        return dequantize(yq, self.output_scale, self.output_zero_point).to(x.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not x.is_floating_point():
+            raise TypeError(f"{self.name}: expected a floating-point input, got {x.dtype}")
+        if self.execution == "integer":
+            y = self.forward_integer(x)
+        elif self.execution == "fast":
+            from qtoolkit.kernels.dispatch import fast_forward  # local: optional, heavy
+
+            y = fast_forward(self, x)
+        else:
+            y = self.forward_reference(x)
+        return inference_only(y, self.name)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[override]
+        key = prefix + "bias"
+        if key in state_dict and self.bias is None:
+            self.bias = torch.empty_like(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"kind={self.kind}, weight=int{self.weight_bits}{' packed' if self.packed else ''} {self.weight_shape}, "
+            f"mode={self.mode}, act={self.act}, execution={self.execution}"
+        )

@@ -1,0 +1,206 @@
+"""Quantization-aware Conv1d / Conv2d / Linear (the *prepared* form).
+
+One class covers the three layer kinds: a :class:`QuantLayer` holds the float
+weight and bias, a weight :class:`~qtoolkit.fake_quant.FakeQuantize`
+(per-channel), an input activation quantizer (static or dynamic; none for
+weight-only), an observe-only *output* quantizer that records the range an
+integer engine requantizes to, and an optional fused activation.
+
+BatchNorm:
+
+* PTQ (``qat=False``): BN is folded into weight and bias at prepare time.
+* QAT (``qat=True``): BN stays live with the folded-weight fake quantization
+  scheme of Jacob et al. 2018 / Krishnamoorthi 2018: the weight is scaled by
+  ``γ/σ_running`` before fake quantization, the conv output is un-scaled and the
+  BN normalizes with batch statistics while training (running statistics once
+  frozen with :meth:`freeze_bn` or in ``eval()``).
+
+Example::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from qtoolkit.config import get_qconfig
+    >>> q = QuantLayer(nn.Conv2d(3, 8, 3, padding=1), get_qconfig("w8a8"), act="relu")
+    >>> y = q(torch.randn(2, 3, 8, 8))       # observes + fake-quantizes
+    >>> y.shape
+    torch.Size([2, 8, 8, 8])
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qtoolkit.config import QConfig
+from qtoolkit.fake_quant import FakeQuantize
+from qtoolkit.nn.fused import ACTIVATIONS, apply_activation
+
+__all__ = ["QuantLayer", "layer_kind", "fold_bn"]
+
+_KINDS = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Linear: "linear"}
+
+
+def layer_kind(layer: nn.Module) -> str:
+    """``"conv1d"``, ``"conv2d"`` or ``"linear"`` for a supported float layer."""
+    kind = _KINDS.get(type(layer))
+    if kind is None:
+        raise TypeError(f"unsupported layer type {type(layer).__name__}; expected Conv1d, Conv2d or Linear")
+    return kind
+
+
+def _bn_factors(bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """``(γ/σ, β − μ·γ/σ)`` of an (eval-mode) BatchNorm."""
+    std = torch.sqrt(bn.running_var + bn.eps)
+    gamma = bn.weight if bn.weight is not None else torch.ones_like(std)
+    beta = bn.bias if bn.bias is not None else torch.zeros_like(std)
+    factor = gamma / std
+    return factor, beta - bn.running_mean * factor
+
+
+def fold_bn(weight: Tensor, bias: Tensor | None, bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """Fold an eval-mode BatchNorm into the preceding layer's weight and bias."""
+    factor, shift = _bn_factors(bn)
+    shape = [-1] + [1] * (weight.dim() - 1)
+    w = weight * factor.reshape(shape)
+    b = shift if bias is None else bias * factor + shift
+    return w, b
+
+
+class QuantLayer(nn.Module):
+    """Fake-quantized Conv1d/Conv2d/Linear with optional BN and fused activation.
+
+    Args:
+        layer: the float layer (its parameters are copied).
+        qconfig: weight/activation quantizers and mode.
+        bn: a BatchNorm following the layer (folded, or kept live if ``qat``).
+        act: fused activation (``None``, ``"relu"``, ``"relu6"``).
+        qat: keep BN live for quantization-aware training.
+    """
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        qconfig: QConfig,
+        bn: nn.Module | None = None,
+        act: str | None = None,
+        qat: bool = False,
+    ) -> None:
+        super().__init__()
+        self.kind = layer_kind(layer)
+        if act not in (None, *ACTIVATIONS):
+            raise ValueError(f"QuantLayer: unknown activation {act!r}")
+        if self.kind != "linear":
+            if layer.padding_mode != "zeros":
+                raise ValueError(f"QuantLayer: padding_mode={layer.padding_mode!r} is not supported (only 'zeros')")
+            if isinstance(layer.padding, str):
+                raise ValueError("QuantLayer: string padding ('same'/'valid') is not supported; use integer padding")
+            self.stride = tuple(layer.stride)
+            self.padding = tuple(layer.padding)
+            self.dilation = tuple(layer.dilation)
+            self.groups = int(layer.groups)
+            self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
+            self.kernel_size = tuple(layer.kernel_size)
+        else:
+            self.in_features, self.out_features = layer.in_features, layer.out_features
+            self.out_channels = layer.out_features
+        self.qconfig = qconfig
+        self.act = act
+        weight = layer.weight.detach().clone()
+        bias = None if layer.bias is None else layer.bias.detach().clone()
+        self.bn: nn.Module | None = None
+        if bn is not None and not qat:
+            weight, bias = fold_bn(weight, bias, bn)
+            weight, bias = weight.detach(), bias.detach()
+        elif bn is not None:
+            self.bn = bn
+            self.register_buffer("bn_frozen", torch.tensor(0, dtype=torch.uint8))
+        self.weight = nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
+        self.bias = None if bias is None else nn.Parameter(bias)
+        assert qconfig.weight is not None
+        self.weight_quantizer = FakeQuantize(qconfig.weight, role="weight", channels=self.out_channels)
+        self.input_quantizer: FakeQuantize | None = None
+        self.output_quantizer: FakeQuantize | None = None
+        if qconfig.mode == "static":
+            assert qconfig.activation is not None
+            self.input_quantizer = FakeQuantize(qconfig.activation, role="activation")
+            self.output_quantizer = FakeQuantize(qconfig.activation, role="output")
+        elif qconfig.mode == "dynamic":
+            assert qconfig.activation is not None
+            self.input_quantizer = FakeQuantize(qconfig.activation, role="dynamic")
+
+    # ---------------------------------------------------------------- helpers
+    def _op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        if self.kind == "linear":
+            return F.linear(x, w, b)
+        conv = F.conv2d if self.kind == "conv2d" else F.conv1d
+        return conv(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def _channel_shape(self, ndim: int) -> list[int]:
+        return [1, -1] + [1] * (ndim - 2)
+
+    def folded_weight_bias(self) -> tuple[Tensor, Tensor | None]:
+        """Weight and bias with a live BN folded in (running statistics)."""
+        if self.bn is None:
+            return self.weight, self.bias
+        return fold_bn(self.weight, self.bias, self.bn)
+
+    @torch.no_grad()
+    def calibrate_weight(self) -> None:
+        """Compute the weight quantizer's qparams from the current (folded) weight."""
+        w, _ = self.folded_weight_bias()
+        self.weight_quantizer.observer.reset()
+        self.weight_quantizer.observer(w.detach())
+        self.weight_quantizer.finalize()
+
+    def freeze_bn(self, frozen: bool = True) -> None:
+        """Stop updating BN statistics and normalize with the running ones (QAT)."""
+        if self.bn is not None:
+            self.bn_frozen.fill_(int(frozen))
+
+    @property
+    def bn_is_frozen(self) -> bool:
+        return self.bn is not None and bool(self.bn_frozen)
+
+    # ---------------------------------------------------------------- forward
+    def _forward_live_bn(self, x: Tensor) -> Tensor:
+        bn = self.bn
+        assert bn is not None
+        std = torch.sqrt(bn.running_var + bn.eps)
+        gamma = bn.weight if bn.weight is not None else torch.ones_like(std)
+        factor = gamma / std
+        factor = torch.where(factor.abs() < 1e-12, torch.full_like(factor, 1e-12), factor)
+        wshape = [-1] + [1] * (self.weight.dim() - 1)
+        w = self.weight_quantizer(self.weight * factor.reshape(wshape))
+        y = self._op(x, w, None)
+        cshape = self._channel_shape(y.dim())
+        y = y / factor.reshape(cshape)
+        if self.bias is not None:
+            y = y + self.bias.reshape(cshape)
+        use_batch_stats = self.training and not self.bn_is_frozen
+        return F.batch_norm(
+            y, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+            training=use_batch_stats, momentum=bn.momentum if bn.momentum is not None else 0.1, eps=bn.eps,
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        if self.bn is not None:
+            y = self._forward_live_bn(x)
+        else:
+            y = self._op(x, self.weight_quantizer(self.weight), self.bias)
+        y = apply_activation(y, self.act)
+        if self.output_quantizer is not None:
+            y = self.output_quantizer(y)
+        return y
+
+    def extra_repr(self) -> str:
+        if self.kind == "linear":
+            shape = f"in_features={self.in_features}, out_features={self.out_features}"
+        else:
+            shape = (
+                f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}"
+            )
+        return f"kind={self.kind}, {shape}, mode={self.qconfig.mode}, act={self.act}, live_bn={self.bn is not None}"

@@ -1,0 +1,228 @@
+"""``prepare``: the module-replacement pass.
+
+1. :func:`~qtoolkit.fuse.fuse_model` finds Conv/Linear → BN → ReLU chains and
+   residual adds in the unmodified model (one-level ``torch.fx`` traces per
+   container, positional fusion in ``nn.Sequential``).
+2. Every fused layer, Conv1d/Conv2d/Linear and residual ``Add`` is swapped for its
+   quantization-aware twin (:class:`~qtoolkit.nn.QuantLayer`,
+   :class:`~qtoolkit.nn.QuantAdd`) with the QConfig resolved for its name.
+3. What stays float is recorded (``qtoolkit.summary`` prints it).
+
+Per-module settings: ``overrides`` maps a qualified-name glob (``"layer1.*"``,
+``"fc"``) or a module type (``nn.Linear``, :class:`qtoolkit.nn.Add`) to a QConfig
+or preset name; ``skip`` lists name globs kept in float. Name globs win over
+types; among globs the last matching one wins.
+
+Example::
+
+    >>> import torchvision
+    >>> from qtoolkit import prepare
+    >>> m = torchvision.models.resnet18(num_classes=10)
+    >>> qm = prepare(m, "w4a4", overrides={"conv1": "w8a8", "fc": "w8a8"})
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import warnings
+from collections.abc import Iterable, Mapping
+
+from torch import nn
+
+from qtoolkit.config import QConfig, get_qconfig
+from qtoolkit.fuse import WEIGHT_LAYERS, FloatOp, fuse_model
+from qtoolkit.nn.fused import Add, FusedLayer
+from qtoolkit.nn.quant_add import QuantAdd
+from qtoolkit.nn.quant_layer import QuantLayer
+from qtoolkit.toggles import quantizers
+
+__all__ = ["prepare", "resolve_qconfig", "float_ops"]
+
+_REPORT_ATTR = "_qtoolkit_float_ops"
+_QAT_ATTR = "_qtoolkit_qat"
+
+# modules that hold parameters but have no quantized twin: reported
+_UNSUPPORTED_HINT = (
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Conv3d, nn.LSTM, nn.GRU, nn.RNN,
+    nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention, nn.BatchNorm1d, nn.BatchNorm2d,
+    nn.LayerNorm, nn.GroupNorm, nn.PReLU,
+)
+
+
+OverrideKey = str | type
+
+
+def resolve_qconfig(
+    name: str,
+    module_type: type,
+    default: QConfig,
+    overrides: Mapping[OverrideKey, QConfig | str | None],
+    skip: Iterable[str],
+) -> QConfig | None:
+    """The QConfig for a module (``None`` = keep float)."""
+    if any(fnmatch.fnmatchcase(name, pat) for pat in skip):
+        return None
+    chosen: QConfig | str | None | type[Ellipsis] = ...
+    for key, value in overrides.items():
+        if isinstance(key, str) and fnmatch.fnmatchcase(name, key):
+            chosen = value
+    if chosen is ...:
+        for key, value in overrides.items():
+            if isinstance(key, type) and issubclass(module_type, key):
+                chosen = value
+                break
+    if chosen is ...:
+        return default
+    return None if chosen is None else get_qconfig(chosen)
+
+
+def _check_overrides(overrides: Mapping, skip: Iterable[str]) -> None:
+    for key in overrides:
+        if not isinstance(key, (str, type)):
+            raise TypeError(f"prepare(overrides=...): keys must be name globs (str) or module types, got {key!r}")
+    for pat in skip:
+        if not isinstance(pat, str):
+            raise TypeError(f"prepare(skip=...): entries must be name globs (str), got {pat!r}")
+
+
+def float_ops(model: nn.Module) -> list[FloatOp]:
+    """What ``prepare`` left in float, and why."""
+    return list(getattr(model, _REPORT_ATTR, []))
+
+
+def prepare(
+    model: nn.Module,
+    qconfig: QConfig | str = "w8a8",
+    *,
+    qat: bool = False,
+    inplace: bool = False,
+    overrides: Mapping[OverrideKey, QConfig | str | None] | None = None,
+    skip: Iterable[str] = (),
+) -> nn.Module:
+    """Prepare ``model`` for calibration (PTQ) or quantization-aware training.
+
+    Args:
+        model: a float ``nn.Module`` (used as is, e.g. torchvision's ResNet or
+            MobileNetV2; residual adds in ``forward`` are found automatically).
+        qconfig: a :class:`QConfig` or preset name (``"w8a8"``, ``"w4a8"``,
+            ``"w4a4"``, ``"w8a8-dynamic"``, ``"w8-weight-only"``, ``"w4-weight-only"``).
+        qat: keep BatchNorm live (folded-weight fake quantization) and start with
+            observers and fake quantization on, ready to train. Activation
+            quantizers using ``"minmax"`` switch to ``"ema"`` (moving average), as
+            in torch.ao's QAT defaults.
+        inplace: modify ``model`` instead of a deep copy.
+        overrides: per-module QConfigs by qualified-name glob or module type.
+            A glob that matches nothing triggers a warning naming it.
+        skip: name globs of modules kept in float.
+
+    Returns:
+        The prepared model. Layers become :class:`~qtoolkit.nn.QuantLayer`, adds
+        :class:`~qtoolkit.nn.QuantAdd`. A container whose ``forward`` had to be
+        rewritten (fusions, adds) becomes a ``torch.fx.GraphModule`` with the same
+        submodule names, so ``state_dict`` keys stay recognisable.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from qtoolkit import prepare, calibrate, convert
+        >>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+        >>> qm = prepare(m, "w8a8")
+        >>> qm = calibrate(qm, [torch.randn(4, 3, 16, 16)], progress=False)
+        >>> int8 = convert(qm)
+    """
+    default = get_qconfig(qconfig)
+    overrides = dict(overrides or {})
+    skip = list(skip)
+    _check_overrides(overrides, skip)
+    if any(isinstance(m, (QuantLayer, QuantAdd)) for m in model.modules()):
+        raise ValueError("prepare: this model is already prepared (it holds QuantLayer/QuantAdd modules)")
+    resolved_overrides = {k: (None if v is None else get_qconfig(v)) for k, v in overrides.items()}
+    if qat:
+        resolved_overrides = {k: (_qat_qconfig(v) if v is not None else None) for k, v in resolved_overrides.items()}
+        default = _qat_qconfig(default)
+
+    if not inplace:
+        model = copy.deepcopy(model)
+    names_before = [n for n, _ in model.named_modules()]
+    skipped_exact = {n for n in names_before if n and any(fnmatch.fnmatchcase(n, p) for p in skip)}
+    model, report = fuse_model(model, skip=skipped_exact, inplace=True)
+
+    all_names = [n for n, _ in model.named_modules()]
+    for key in resolved_overrides:
+        if isinstance(key, str) and not any(fnmatch.fnmatchcase(n, key) for n in all_names):
+            warnings.warn(f"prepare: override pattern {key!r} matches no module; it has no effect", stacklevel=2)
+    for pat in skip:
+        if not any(fnmatch.fnmatchcase(n, pat) for n in all_names):
+            warnings.warn(f"prepare: skip pattern {pat!r} matches no module; it has no effect", stacklevel=2)
+
+    model = _swap(model, "", default, resolved_overrides, skip, qat, report)
+    for name, fq in quantizers(model):
+        fq.set_name(name)
+    if qat:
+        model.train()
+    setattr(model, _REPORT_ATTR, report)
+    setattr(model, _QAT_ATTR, qat)
+    return model
+
+
+def _qat_qconfig(qc: QConfig) -> QConfig:
+    if qc.activation is not None and qc.activation.calibrator == "minmax" and qc.mode == "static":
+        return qc.with_activation_calibrator("ema", **qc.activation.options)
+    return qc
+
+
+def _swap(
+    module: nn.Module,
+    prefix: str,
+    default: QConfig,
+    overrides: Mapping[OverrideKey, QConfig | None],
+    skip: list[str],
+    qat: bool,
+    report: list[FloatOp],
+) -> nn.Module:
+    for cname, child in list(module.named_children()):
+        name = f"{prefix}.{cname}" if prefix else cname
+        new = _convert_one(child, name, default, overrides, skip, qat, report)
+        if new is None:
+            _swap(child, name, default, overrides, skip, qat, report)
+        elif new is not child:
+            setattr(module, cname, new)
+    return module
+
+
+def _convert_one(
+    child: nn.Module,
+    name: str,
+    default: QConfig,
+    overrides: Mapping[OverrideKey, QConfig | None],
+    skip: list[str],
+    qat: bool,
+    report: list[FloatOp],
+) -> nn.Module | None:
+    """The quantized twin of ``child``; ``child`` itself to keep it float; None to recurse."""
+    if isinstance(child, FusedLayer):
+        layer, bn, act = child.layer, child.bn, child.act
+    elif type(child) in WEIGHT_LAYERS:
+        layer, bn, act = child, None, None
+    elif isinstance(child, Add):
+        qc = resolve_qconfig(name, Add, default, overrides, skip)
+        if qc is None:
+            report.append(FloatOp(name, "add", "skipped by configuration"))
+            return child
+        if qc.mode != "static":
+            report.append(FloatOp(name, "add", f"mode={qc.mode}: residual adds are quantized in static mode only"))
+            return child
+        return QuantAdd(qc, act=child.act)
+    else:
+        if isinstance(child, _UNSUPPORTED_HINT):
+            report.append(FloatOp(name, type(child).__name__, "no quantized twin (left float)"))
+        elif not child._modules and any(True for _ in child.parameters(recurse=False)):
+            report.append(FloatOp(name, type(child).__name__, "layer type not supported (left float)"))
+        return None
+    qc = resolve_qconfig(name, type(layer), default, overrides, skip)
+    if qc is None:
+        report.append(FloatOp(name, type(layer).__name__, "skipped by configuration"))
+        return child
+    return QuantLayer(layer, qc, bn=bn, act=act, qat=qat)
