@@ -1,0 +1,97 @@
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import qtoolkit as qt
+from tests.conftest import randomize_bn
+
+
+def _net():
+    torch.manual_seed(0)
+    return randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 8 * 8, 5))).eval()
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_calibrate_accepts_pairs_dicts_and_num_batches():
+    qm = qt.prepare(_net())
+    data = [(torch.randn(4, 3, 8, 8), torch.zeros(4)) for _ in range(5)]
+    qt.calibrate(qm, data, num_batches=2, progress=False)
+    assert qm[0].input_quantizer.is_calibrated
+    assert int(qm[0].input_quantizer.observer_enabled) == 0 and int(qm[0].input_quantizer.fake_quant_enabled) == 1
+    qm2 = qt.prepare(_net())
+    qt.calibrate(qm2, [{"input": x} for x, _ in data[:2]], progress=False)
+    # the same two batches through either path give the same ranges
+    assert torch.equal(qm[0].input_quantizer.scale, qm2[0].input_quantizer.scale)
+
+
+def test_calibrate_empty_iterable_is_an_error_and_changes_nothing():
+    qm = qt.prepare(_net())
+    before = _state(qm)
+    with pytest.raises(ValueError, match="no batches"):
+        qt.calibrate(qm, [], progress=False)
+    after = _state(qm)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_nan_batch_names_the_layer_and_restores_state():
+    qm = qt.prepare(_net())
+    qt.calibrate(qm, [torch.randn(4, 3, 8, 8)], progress=False)
+    before = _state(qm)
+    bad = torch.randn(4, 3, 8, 8)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"0\.input_quantizer"):
+        qt.calibrate(qm, [torch.randn(4, 3, 8, 8), bad], progress=False)
+    after = _state(qm)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert int(qm[0].input_quantizer.fake_quant_enabled) == 1  # flags restored too
+
+
+def test_calibrate_without_prepare_is_an_error():
+    with pytest.raises(ValueError, match="prepare"):
+        qt.calibrate(nn.Linear(2, 2), [torch.randn(1, 2)], progress=False)
+
+
+def test_branch_that_never_runs_warns():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.a(x)
+
+    qm = qt.prepare(Branchy())
+    with pytest.warns(UserWarning, match="b.input_quantizer"):
+        qt.calibrate(qm, [torch.randn(2, 4)], progress=False)
+
+
+torch_ao = pytest.importorskip("torch.ao.quantization")
+
+
+def test_minmax_qparams_equal_torch_ao_observers():
+    """Oracle: per-channel weight scales and per-tensor activation qparams equal torch.ao's
+    PerChannelMinMaxObserver / MinMaxObserver configured alike."""
+    net = _net()
+    qm = qt.prepare(net, "w8a8")
+    data = [torch.randn(4, 3, 8, 8) * (i + 1) for i in range(3)]
+    qt.calibrate(qm, data, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        w_obs = torch_ao.PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=-127, quant_max=127)
+        a_obs = torch_ao.MinMaxObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine, quant_min=0, quant_max=255)
+    folded_w, _ = qm[0].folded_weight_bias()
+    w_obs(folded_w.detach())
+    ws, wz = w_obs.calculate_qparams()
+    torch.testing.assert_close(qm[0].weight_quantizer.scale, ws.float(), rtol=1e-6, atol=0)
+    assert torch.equal(qm[0].weight_quantizer.zero_point.long(), wz.long())
+    for x in data:
+        a_obs(x)
+    s, z = a_obs.calculate_qparams()
+    torch.testing.assert_close(qm[0].input_quantizer.scale.reshape(1), s.float(), rtol=1e-6, atol=0)
+    assert int(qm[0].input_quantizer.zero_point) == int(z)
