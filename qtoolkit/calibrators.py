@@ -205,7 +205,17 @@ def percentile_range(hist: Tensor, edges: Tensor, percentile: float, symmetric: 
     return _f32(lo, h.device), _f32(hi, h.device)
 
 
-def _kl_divergences(h: Tensor, num_levels: int, candidates: Tensor, chunk: int = 96) -> Tensor:
+def _xlogx(a: Tensor) -> Tensor:
+    return torch.where(a > 0, a * torch.log(a.clamp(min=1e-300)), torch.zeros_like(a))
+
+
+#: elements per temporary in the vectorized searches: below ATen's parallel grain
+#: size (32768), so each op runs on one thread — no OpenMP barrier per op, which
+#: costs milliseconds on a loaded machine, for tensors this small.
+_SERIAL_ELEMS = 32767
+
+
+def _kl_divergences(h: Tensor, num_levels: int, candidates: Tensor, chunk: int | None = None) -> Tensor:
     """KL(P || Q) for every candidate threshold bin count ``i`` in ``candidates``.
 
     ``P`` = ``h[:i]`` with the outliers' mass (``h[i:]``) added to its last bin;
@@ -213,41 +223,46 @@ def _kl_divergences(h: Tensor, num_levels: int, candidates: Tensor, chunk: int =
     ``num_levels`` groups of consecutive bins (bin ``j`` belongs to group
     ``floor(j · L / i)``), each group's mass spread uniformly over the bins where
     ``P`` is non-zero. Both are normalized; zeros of ``Q`` where ``P > 0`` get
-    :data:`KL_EPS`. Vectorized over ``chunk`` candidates at a time.
+    :data:`KL_EPS`.
+
+    Evaluated per *group* rather than per bin: ``Q`` is constant on a group's
+    non-zero bins, so ``Σ p log q = Σ_g P_g log q_g`` and ``Σ p log p`` comes
+    from a prefix sum of ``h log h``. Every term is a difference of prefix sums
+    at group boundaries: ``O(candidates × levels)`` work, vectorized over
+    ``chunk`` candidates at a time.
     """
     dev = h.device
     L = num_levels
-    zero = torch.zeros(1, dtype=torch.float64, device=dev)
+    f64 = torch.float64
+    zero = torch.zeros(1, dtype=f64, device=dev)
     cs = torch.cat([zero, torch.cumsum(h, 0)])  # cs[k] = sum(h[:k])
     nzh = h > 0
-    cnz = torch.cat([zero, torch.cumsum(nzh.to(torch.float64), 0)])
+    cnz = torch.cat([zero, torch.cumsum(nzh.to(f64), 0)])
+    chl = torch.cat([zero, torch.cumsum(_xlogx(h), 0)])  # sum(h log h) over h[:k]
     total = cs[-1]
+    log_total = torch.log(total)
+    g = torch.arange(L, device=dev).unsqueeze(0)  # [1, L]
+    is_last_group = (g == L - 1).to(f64)
+    log_eps = math.log(KL_EPS)
+    chunk = chunk or max(1, _SERIAL_ELEMS // L)
     out = []
     for start in range(0, candidates.numel(), chunk):
         i = candidates[start : start + chunk].to(torch.int64).unsqueeze(1)  # [c, 1]
-        m = int(i.max())
-        j = torch.arange(m, device=dev).unsqueeze(0)  # [1, m]
-        valid = j < i
-        hj = h[:m].unsqueeze(0)
-        g = torch.clamp((j * L) // i, max=L - 1)
-        g_start = torch.clamp((g * i + L - 1) // L, max=i)
-        g_end = torch.clamp(((g + 1) * i + L - 1) // L, max=i)
         outliers = total - cs[i]  # [c, 1]
-        has_out = outliers > 0
-        last = j == (i - 1)
-        group_mass = cs[g_end] - cs[g_start]
-        # number of bins of the group where P is non-zero: h's non-zeros, plus the
-        # last bin when only the outliers make it non-zero
-        extra = (g == (L - 1)) & has_out & ~nzh[(i - 1).clamp(min=0)]
-        group_nz = cnz[g_end] - cnz[g_start] + extra.to(torch.float64)
-        p_nz = (nzh[:m].unsqueeze(0) | (last & has_out)) & valid
-        q = torch.where(p_nz, group_mass / group_nz.clamp(min=1.0), torch.zeros((), dtype=torch.float64, device=dev))
-        p = torch.where(valid, hj + last.to(torch.float64) * outliers, torch.zeros((), dtype=torch.float64, device=dev))
-        p = p / total
-        q = q / q.sum(1, keepdim=True).clamp(min=1e-300)
-        q = torch.where(q > 0, q, torch.full((), KL_EPS, dtype=torch.float64, device=dev))
-        terms = torch.where(p > 0, p * (torch.log(p.clamp(min=1e-300)) - torch.log(q)), torch.zeros((), dtype=torch.float64, device=dev))
-        out.append(terms.sum(1))
+        h_last = h[i - 1]
+        # sum p log p, p = a / total with a = h[:i] and the outliers added to the last bin
+        s1 = ((chl[i - 1] + _xlogx(h_last + outliers)) / total - log_total).squeeze(1)
+        g_start = (g * i + L - 1) // L  # first bin of each group, [c, L]
+        g_end = ((g + 1) * i + L - 1) // L
+        mass = cs[g_end] - cs[g_start]  # Q's (unnormalized) group mass
+        extra = is_last_group * ((outliers > 0) & (h_last == 0)).to(f64)  # last bin non-zero only via outliers
+        n_nz = cnz[g_end] - cnz[g_start] + extra  # bins where P > 0
+        p_group = (mass + is_last_group * outliers) / total
+        q_sum = cs[i]  # = sum of all group masses
+        log_q = torch.where(mass > 0, torch.log(mass.clamp(min=1e-300) / (n_nz.clamp(min=1.0) * q_sum)),
+                            torch.full_like(mass, log_eps))
+        s2 = torch.where(p_group > 0, p_group * log_q, torch.zeros_like(mass)).sum(1)
+        out.append(s1 - s2)
     return torch.cat(out)
 
 
@@ -361,25 +376,30 @@ def expected_quant_mse(
     lo = torch.as_tensor(lo, device=h.device).reshape(-1)
     hi = torch.as_tensor(hi, device=h.device).reshape(-1)
     scale, zp = compute_qparams(lo, hi, qmin, qmax, symmetric)
-    s = scale.to(torch.float64).unsqueeze(1)  # [K, 1]
-    z = zp.to(torch.float64).unsqueeze(1)
-    a_clip = s * (qmin - z)
-    b_clip = s * (qmax - z)
-    e0 = e[:-1].unsqueeze(0)
-    e1 = e[1:].unsqueeze(0)
-    total = torch.zeros_like(s * e0)
-    # below A
-    u, v = e0, torch.minimum(e1, a_clip)
-    total = total + torch.where(v > u, ((v - a_clip) ** 3 - (u - a_clip) ** 3) / 3.0, torch.zeros_like(total))
-    # above B
-    u, v = torch.maximum(e0, b_clip), e1
-    total = total + torch.where(v > u, ((v - b_clip) ** 3 - (u - b_clip) ** 3) / 3.0, torch.zeros_like(total))
-    # inside [A, B]: rounding error
-    u, v = torch.maximum(e0, a_clip), torch.minimum(e1, b_clip)
-    rnd = s**3 * (_round_err_integral(v / s) - _round_err_integral(u / s))
-    total = total + torch.where(v > u, rnd, torch.zeros_like(total))
-    density = h / (e[1:] - e[:-1])  # counts per unit length
-    return (total * density.unsqueeze(0)).sum(1) / h.sum()
+    occ = h > 0  # empty bins contribute nothing
+    e0, e1, hh = e[:-1][occ], e[1:][occ], h[occ]
+    density = (hh / (e1 - e0)).unsqueeze(0)  # counts per unit length
+    e0, e1 = e0.unsqueeze(0), e1.unsqueeze(0)
+    step = max(1, _SERIAL_ELEMS // max(int(hh.numel()), 1))
+    out = []
+    for k0 in range(0, scale.numel(), step):
+        s = scale[k0 : k0 + step].to(torch.float64).unsqueeze(1)  # [k, 1]
+        z = zp[k0 : k0 + step].to(torch.float64).unsqueeze(1)
+        a_clip = s * (qmin - z)
+        b_clip = s * (qmax - z)
+        zero = torch.zeros((), dtype=torch.float64, device=h.device)
+        # below A: clipped up to A
+        v = torch.minimum(e1, a_clip)
+        total = torch.where(v > e0, ((v - a_clip) ** 3 - (e0 - a_clip) ** 3) / 3.0, zero)
+        # above B: clipped down to B
+        u = torch.maximum(e0, b_clip)
+        total = total + torch.where(e1 > u, ((e1 - b_clip) ** 3 - (u - b_clip) ** 3) / 3.0, zero)
+        # inside [A, B]: rounding error
+        u, v = torch.maximum(e0, a_clip), torch.minimum(e1, b_clip)
+        rnd = s**3 * (_round_err_integral(v / s) - _round_err_integral(u / s))
+        total = total + torch.where(v > u, rnd, zero)
+        out.append((total * density).sum(1))
+    return torch.cat(out) / hh.sum()
 
 
 def mse_range(
@@ -544,21 +564,28 @@ def mse_range_tensor(
         x2 = torch.where(finite, x2, torch.zeros_like(x2))
     lo_x = torch.clamp(mn, max=0.0)
     hi_x = torch.clamp(mx, min=0.0)
-    best_err = torch.full_like(lo_x, float("inf"))
-    best_lo, best_hi = lo_x.clone(), hi_x.clone()
-    for k in range(1, num_candidates + 1):
-        a = k / num_candidates
-        lo_c, hi_c = lo_x * a, hi_x * a
-        s, z = compute_qparams(lo_c, hi_c, qmin, qmax, symmetric)
-        s2, z2 = s.unsqueeze(1), z.to(torch.float32).unsqueeze(1)
-        inv = 1.0 / s2
-        q = torch.clamp(torch.round(x2 * inv) + z2, qmin, qmax)
-        d = (q - z2).mul_(s2).sub_(x2)
+    if symmetric:
+        hi_x = torch.maximum(-lo_x, hi_x)
+        lo_x = -hi_x
+    c, k = x2.shape
+    alphas = torch.arange(1, num_candidates + 1, dtype=torch.float32, device=x2.device) / num_candidates
+    lo_c = alphas.unsqueeze(1) * lo_x.unsqueeze(0)  # [A, C]
+    hi_c = alphas.unsqueeze(1) * hi_x.unsqueeze(0)
+    scale, zp = compute_qparams(lo_c, hi_c, qmin, qmax, symmetric)
+    inv = (1.0 / scale).unsqueeze(2)  # [A, C, 1], x * (1/s) as fake_quantize does
+    s3, z3 = scale.unsqueeze(2), zp.to(torch.float32).unsqueeze(2)
+    errs = []
+    step = max(1, (1 << 22) // max(c * k, 1))  # candidates per chunk: ~4M elements
+    for a0 in range(0, num_candidates, step):
+        sl = slice(a0, a0 + step)
+        q = torch.round(x2.unsqueeze(0) * inv[sl]).add_(z3[sl]).clamp_(qmin, qmax)
+        d = q.sub_(z3[sl]).mul_(s3[sl]).sub_(x2.unsqueeze(0))
         if not all_finite:
             d = d * finite
-        err = (d * d).sum(1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_lo = torch.where(better, lo_c, best_lo)
-        best_hi = torch.where(better, hi_c, best_hi)
+        errs.append(d.square_().sum(2))
+    err = torch.cat(errs)  # [A, C]
+    # least error; on ties the largest range (least clipping)
+    best = num_candidates - 1 - torch.argmin(torch.flip(err, [0]), dim=0)  # [C]
+    best_lo = lo_c.gather(0, best.unsqueeze(0)).squeeze(0)
+    best_hi = hi_c.gather(0, best.unsqueeze(0)).squeeze(0)
     return _out(best_lo, axis), _out(best_hi, axis)

@@ -115,7 +115,7 @@ def compute_qparams(
     Example::
 
         >>> s, z = compute_qparams(torch.tensor(-1.0), torch.tensor(1.0), -127, 127, True)
-        >>> float(s) == 1 / 127, int(z)
+        >>> abs(float(s) - 1 / 127) < 1e-9, int(z)
         (True, 0)
     """
     _check_codes(qmin, qmax)
@@ -216,16 +216,27 @@ class _FakeQuantSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:  # type: ignore[override]
-        codes = _round_codes(x, scale, zero_point)
-        mask = (codes >= qmin) & (codes <= qmax)
-        out = (torch.clamp(codes, qmin, qmax) - zero_point.float()) * scale.float()
+        # Same arithmetic as _round_codes / torch's kernel (x * (1/s), round half
+        # even, + z, clamp, - z, * s), with two full-size temporaries instead of
+        # six: in-place steps, and the mask as ``clamp(codes) == codes`` (False for
+        # NaN, like torch's ``qmin <= codes <= qmax``).
+        s = scale.float()
+        zf = zero_point.float()
+        codes = torch.mul(x.float(), 1.0 / s)
+        codes.round_().add_(zf)
+        out = torch.clamp(codes, qmin, qmax)
+        mask = out == codes
+        del codes
+        out.sub_(zf).mul_(s)
         ctx.save_for_backward(mask)
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         (mask,) = ctx.saved_tensors
-        return grad * mask.to(grad.dtype), None, None, None, None
+        # bool mask promotes on the fly (one pass); ``grad * 0`` keeps NaN/Inf
+        # propagation identical to torch's ``dY * mask``
+        return grad * mask, None, None, None, None
 
 
 def fake_quantize(

@@ -389,9 +389,14 @@ class HistogramObserver(ObserverBase):
     window, the bin width grows by the smallest integer factor that makes
     everything fit and the old counts are merged (bin ``k`` → ``k // factor``):
     exact integer merging, no raw data kept, no information invented. The batch
-    is then counted with ``bincount`` (processed in cache-sized chunks on CPU).
-    One host sync per batch (for the min/max that drive the window and the
-    NaN check).
+    is then counted with ``bincount`` (processed in cache-sized chunks on CPU;
+    a fixed-size ``scatter_add_`` on CUDA). One host sync per batch (for the
+    min/max that drive the window and the NaN check).
+
+    Cost: every element is counted, so a batch costs roughly one ``aminmax`` plus
+    one scatter-increment per element; on 2 CPU cores a 64×64×32×32 batch takes
+    ~7.5 ms vs ~1 ms for :class:`MinMaxObserver` (and ~30 ms for torch.ao's
+    ``HistogramObserver``); see ``scripts/bench_core.py``.
 
     Args:
         spec: per-tensor grid (``spec.axis`` must be None).
@@ -420,7 +425,7 @@ class HistogramObserver(ObserverBase):
     calibrator = "histogram"
     METHODS = ("entropy", "percentile", "mse", "minmax")
     #: elements per chunk when binning on CPU (keeps temporaries in cache)
-    CHUNK = 1 << 18
+    CHUNK = 1 << 17
 
     def __init__(
         self,

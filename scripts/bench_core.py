@@ -1,0 +1,282 @@
+#!/usr/bin/env python
+"""Micro-benchmarks of qtoolkit's core numerics, observers and calibrators.
+
+Prints one Markdown table: our op, its peer / baseline, median times, the ratio
+and PASS/MISS against the target:
+
+(a) ``qtoolkit.numerics.fake_quantize`` forward+backward on a 64×64×32×32 tensor vs
+    ``torch.fake_quantize_per_{tensor,channel}_affine`` forward+backward (≤ 1.5×);
+(b) ``HistogramObserver`` forward per batch vs ``MinMaxObserver`` forward (≤ 3×);
+(c) the entropy search over 2048 bins (≤ 0.5 s), plus the percentile and MSE
+    searches and the per-channel weight calibrators (informational);
+(d) torch.ao's ``HistogramObserver`` (forward per batch, ``calculate_qparams``) on
+    the same batches, as a peer.
+
+Timings: ``torch.set_num_threads(2)``, warm-up, then the median of ``--repeats``
+(≥ 10) runs; the two sides of a comparison are timed interleaved (A, B, A, B, …)
+so that load from other processes hits both alike. ``--wait-idle S`` waits up to
+S seconds before each row for other processes to leave the CPUs alone.
+
+Usage::
+
+    .venv/bin/python scripts/bench_core.py [--repeats 15] [--wait-idle 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qtoolkit import calibrators as cal  # noqa: E402
+from qtoolkit.numerics import compute_qparams, fake_quantize  # noqa: E402
+from qtoolkit.observers import HistogramObserver, MinMaxObserver  # noqa: E402
+from qtoolkit.spec import QuantSpec  # noqa: E402
+
+ARGS: argparse.Namespace
+
+
+# --------------------------------------------------------------------------------------
+# timing helpers
+# --------------------------------------------------------------------------------------
+
+
+def _busy_cpus_of_others(interval: float = 0.5) -> float:
+    """CPUs' worth of time used by other processes over ``interval`` (Linux /proc)."""
+
+    def snap() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(t) for t in f.readline().split()[1:]]
+        with open("/proc/self/stat") as f:
+            st = f.read().rsplit(")", 1)[1].split()
+        return sum(v) - v[3] - v[4], int(st[11]) + int(st[12])
+
+    try:
+        b0, m0 = snap()
+        time.sleep(interval)
+        b1, m1 = snap()
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+    hz = os.sysconf("SC_CLK_TCK")
+    return max(0.0, ((b1 - b0) - (m1 - m0)) / hz / interval)
+
+
+def wait_idle() -> float:
+    """Wait (up to ``--wait-idle`` s) until others use < 0.15 CPU; returns the last reading."""
+    deadline = time.monotonic() + ARGS.wait_idle
+    busy = _busy_cpus_of_others(0.2)
+    while ARGS.wait_idle > 0 and busy >= 0.15 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        busy = _busy_cpus_of_others(0.5)
+    return busy
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def bench_pair(a, b, repeats: int | None = None, warmup: int = 3) -> tuple[float, float, float]:
+    """Interleaved medians (ms) of ``a`` and ``b`` and the median of per-round ratios a/b."""
+    repeats = repeats or ARGS.repeats
+    for _ in range(warmup):
+        a()
+        b()
+    ta, tb = [], []
+    for _ in range(repeats):
+        ta.append(_time(a))
+        tb.append(_time(b))
+    ratios = [x / y for x, y in zip(ta, tb)]
+    return statistics.median(ta), statistics.median(tb), statistics.median(ratios)
+
+
+def bench_one(fn, repeats: int | None = None, warmup: int = 2) -> float:
+    repeats = repeats or ARGS.repeats
+    for _ in range(warmup):
+        fn()
+    return statistics.median(_time(fn) for _ in range(repeats))
+
+
+ROWS: list[tuple[str, ...]] = []
+
+
+def row(what: str, ours: float, peer_name: str, peer: float | None, ratio: float | None, target: float | None,
+        busy: float = float("nan")) -> None:
+    """One table row; ``ratio`` is ours / peer (for the entropy rows: time / 500 ms)."""
+    verdict = "" if target is None or ratio is None else ("PASS" if ratio <= target else "MISS")
+    ROWS.append((
+        what,
+        f"{ours:.2f}",
+        peer_name,
+        "" if peer is None else f"{peer:.2f}",
+        "" if ratio is None else f"{ratio:.2f}×",
+        "" if target is None else f"≤ {target:g}× {verdict}",
+        f"{busy:.2f}",
+    ))
+    print(f"  done: {what}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# benchmarks
+# --------------------------------------------------------------------------------------
+
+
+def bench_fake_quant() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 64, 32, 32, generator=g).requires_grad_(True)
+    up = torch.randn(64, 64, 32, 32, generator=g)
+    s, z = compute_qparams(torch.tensor(-3.0), torch.tensor(3.5), 0, 255, False)
+    sc = torch.rand(64, generator=g) * 0.05 + 0.01
+    zc = torch.zeros(64, dtype=torch.int32)
+
+    def run(fn):
+        def f():
+            x.grad = None
+            fn().backward(up)
+        return f
+
+    busy = wait_idle()
+    a, b, r = bench_pair(run(lambda: fake_quantize(x, s, z, 0, 255)),
+                         run(lambda: torch.fake_quantize_per_tensor_affine(x, s, z, 0, 255)))
+    row("fake_quantize fwd+bwd, per-tensor u8, 64×64×32×32", a, "torch.fake_quantize_per_tensor_affine", b, r, 1.5,
+        busy=busy)
+    busy = wait_idle()
+    a, b, r = bench_pair(run(lambda: fake_quantize(x, sc, zc, -128, 127, axis=1)),
+                         run(lambda: torch.fake_quantize_per_channel_affine(x, sc, zc, 1, -128, 127)))
+    row("fake_quantize fwd+bwd, per-channel (axis 1) s8", a, "torch.fake_quantize_per_channel_affine", b, r, 1.5,
+        busy=busy)
+
+
+def _batches(n: int = 6) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(64, 64, 32, 32, generator=g) * (1.0 + 0.05 * i) for i in range(n)]
+
+
+def bench_observers() -> None:
+    xs = _batches()
+    spec = QuantSpec(8, signed=False, symmetric=False)
+    hist = HistogramObserver(spec, method="entropy")
+    mm = MinMaxObserver(spec)
+    for x in xs:  # reach the steady-state range first
+        hist(x)
+        mm(x)
+    it = {"h": 0, "m": 0}
+
+    def fh():
+        hist(xs[it["h"] % len(xs)])
+        it["h"] += 1
+
+    def fm():
+        mm(xs[it["m"] % len(xs)])
+        it["m"] += 1
+
+    busy = wait_idle()
+    a, b, r = bench_pair(fh, fm)
+    row("HistogramObserver.forward (2048 bins), 64×64×32×32", a, "MinMaxObserver.forward", b, r, 3.0, busy=busy)
+
+    relu = [x.relu() for x in xs]
+    hist_r = HistogramObserver(spec, method="entropy")
+    mm_r = MinMaxObserver(spec)
+    for x in relu:
+        hist_r(x)
+        mm_r(x)
+    busy = wait_idle()
+    a, b, r = bench_pair(lambda: hist_r(relu[0]), lambda: mm_r(relu[0]))
+    row("HistogramObserver.forward, post-ReLU batch", a, "MinMaxObserver.forward", b, r, 3.0, busy=busy)
+
+    # (d) torch.ao's HistogramObserver as a peer on the same batches
+    try:
+        from torch.ao.quantization.observer import HistogramObserver as AOHist
+    except Exception:  # pragma: no cover
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ao = AOHist(dtype=torch.quint8, qscheme=torch.per_tensor_affine, quant_min=0, quant_max=255)
+        for x in xs:
+            ao(x)
+        it["a"] = 0
+
+        def fa():
+            ao(xs[it["a"] % len(xs)])
+            it["a"] += 1
+
+        busy = wait_idle()
+        a, b, r = bench_pair(fh, fa, repeats=max(5, ARGS.repeats // 2))
+        row("HistogramObserver.forward (ours)", a, "torch.ao HistogramObserver.forward", b, r, None, busy=busy)
+        ours_q = HistogramObserver(spec, method="entropy")
+        for x in xs:
+            ours_q(x)
+        busy = wait_idle()
+        a, b, r = bench_pair(ours_q.calculate_qparams, ao.calculate_qparams, repeats=max(5, ARGS.repeats // 2))
+        row("HistogramObserver.calculate_qparams (entropy)", a, "torch.ao HistogramObserver.calculate_qparams (L2 search)",
+            b, r, None, busy=busy)
+
+
+def bench_calibrators() -> None:
+    g = torch.Generator().manual_seed(2)
+    u8 = QuantSpec(8, signed=False, symmetric=False)
+    # one post-ReLU batch: all 2048 bins occupied -> the longest entropy search
+    relu_obs = HistogramObserver(u8, method="entropy")
+    relu_obs(torch.randn(64, 64, 32, 32, generator=g).relu())
+    sym_obs = HistogramObserver(QuantSpec(8, narrow_range=True), method="entropy")
+    for x in _batches(3):
+        sym_obs(x)
+    hr, er = relu_obs.histogram()
+    hs, es = sym_obs.histogram()
+    occupied = int((hr > 0).sum())
+    busy = wait_idle()
+    t = bench_one(lambda: cal.entropy_range(hr, er, 8, symmetric=False))
+    row(f"entropy search, post-ReLU histogram, {occupied} of 2048 bins occupied", t, "target", 500.0, t / 500.0, 1.0,
+        busy=busy)
+    busy = wait_idle()
+    t = bench_one(lambda: cal.entropy_range(hs, es, 8, symmetric=True))
+    row("entropy search, signed data folded to abs(x)", t, "target", 500.0, t / 500.0, 1.0, busy=busy)
+    busy = wait_idle()
+    t = bench_one(lambda: cal.percentile_range(hs, es, 99.99, symmetric=True))
+    row("percentile search (2048 bins)", t, "", None, None, None, busy=busy)
+    busy = wait_idle()
+    t = bench_one(lambda: cal.mse_range(hs, es, -127, 127, symmetric=True))
+    row("mse search (2048 bins × 200 candidates)", t, "", None, None, None, busy=busy)
+    w = torch.randn(256, 256, 3, 3, generator=g)
+    busy = wait_idle()
+    t = bench_one(lambda: cal.percentile_range_tensor(w, 99.99, axis=0), repeats=5)
+    row("per-channel percentile, weight 256×256×3×3", t, "", None, None, None, busy=busy)
+    busy = wait_idle()
+    t = bench_one(lambda: cal.mse_range_tensor(w, -127, 127, True, axis=0), repeats=5)
+    row("per-channel mse (100 candidates), weight 256×256×3×3", t, "", None, None, None, busy=busy)
+
+
+def main() -> None:
+    global ARGS
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=15, help="timed runs per measurement (>= 10)")
+    ap.add_argument("--wait-idle", type=float, default=0.0, help="wait up to S s per row for an idle CPU")
+    ARGS = ap.parse_args()
+    ARGS.repeats = max(10, ARGS.repeats)
+    torch.set_num_threads(2)
+    env = {k: os.environ.get(k, "unset") for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
+    print(f"torch {torch.__version__}, python {platform.python_version()}, {torch.get_num_threads()} threads, "
+          f"{platform.machine()}; " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    print(f"median of {ARGS.repeats} interleaved runs after warm-up; 'others busy' = CPUs used by other processes "
+          "just before the row (0 = idle box)\n")
+    bench_fake_quant()
+    bench_observers()
+    bench_calibrators()
+    print("| op | ours (ms) | peer / baseline | peer (ms) | ratio | target | others busy |")
+    print("|---|---:|---|---:|---:|---|---:|")
+    for r in ROWS:
+        print("| " + " | ".join(r) + " |")
+
+
+if __name__ == "__main__":
+    main()
