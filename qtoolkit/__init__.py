@@ -14,9 +14,11 @@ Example::
 from qtoolkit.calibrate import calibrate
 from qtoolkit.config import PRESETS, QConfig, QuantizerConfig, get_qconfig
 from qtoolkit.convert import convert, set_execution, uncalibrated_sites
+from qtoolkit.export import export_onnx
 from qtoolkit.fake_quant import FakeQuantize
 from qtoolkit.fuse import fuse_model
 from qtoolkit.prepare import float_ops, prepare
+from qtoolkit.qat import QATConfig, QATTrainer, evaluate_top1, fit_qat, sync_quantizers
 from qtoolkit.spec import QuantSpec
 from qtoolkit.summary import summary, summary_rows
 from qtoolkit.toggles import (
@@ -36,6 +38,8 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS",
     "FakeQuantize",
+    "QATConfig",
+    "QATTrainer",
     "QConfig",
     "QuantSpec",
     "QuantizerConfig",
@@ -45,7 +49,10 @@ __all__ = [
     "disable_observers",
     "enable_fake_quant",
     "enable_observers",
+    "evaluate_top1",
+    "export_onnx",
     "fake_quant_disabled",
+    "fit_qat",
     "float_ops",
     "freeze_bn",
     "fuse_model",
@@ -56,6 +63,7 @@ __all__ = [
     "set_execution",
     "summary",
     "summary_rows",
+    "sync_quantizers",
     "uncalibrated_sites",
     "unfreeze_bn",
 ]

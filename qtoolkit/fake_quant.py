@@ -154,7 +154,11 @@ class FakeQuantize(nn.Module):
             if self.role == "weight":
                 self.observer.reset()
             self.observer(x.detach())
-            if self.fake_quant_enabled and not self.uses_histogram or self.role == "weight":
+            # weights: always current; activations: keep qparams current while fake
+            # quant runs (QAT); observe-only output quantizers too, so that a model
+            # trained in a hand-written QAT loop converts without a calibrate() call.
+            live = bool(self.fake_quant_enabled) or self.role == "output"
+            if (live and not self.uses_histogram) or self.role == "weight":
                 self._load_qparams(*self.observer.calculate_qparams())
         if not self.fake_quant_enabled:
             return x

@@ -9,6 +9,9 @@
   ``epoch >= freeze_bn_epoch`` → :func:`~qtoolkit.toggles.freeze_bn` (BN uses its
   running statistics). The trainer only ever *freezes*; it never re-enables
   observers or BN updates you switched off yourself.
+* **output ranges**: after every epoch the observe-only output quantizers get
+  their scale / zero point from what they recorded, so the trained model can go
+  straight to :func:`qtoolkit.convert`.
 * **evaluation** after every epoch: top-1 of the fake-quantized model in eval mode
   with observers disabled (:func:`evaluate_top1`), or your own ``eval_fn``.
 * **checkpoints** after every epoch, atomically (temporary file in the same
@@ -60,7 +63,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from qtoolkit.calibrate import batch_input, model_device
-from qtoolkit.fake_quant import FakeQuantize
 from qtoolkit.nn.quant_layer import QuantLayer
 from qtoolkit.toggles import disable_observers, freeze_bn, observers_disabled, quantizers
 
@@ -263,22 +265,19 @@ def sync_quantizers(model: nn.Module, src: int = 0, *, include_model_buffers: bo
         diff = sorted(mine ^ theirs)[:5] or ["(same names, different order)"]
         problem = RuntimeError(f"sync_quantizers: the models differ between ranks (quantizer state {diff})")
     else:
-        for (owner, attr, name, t, is_param), (_, shape, dtype) in zip(entries, src_meta):
-            if tuple(t.shape) != shape or str(t.dtype) != dtype:
-                if is_param:
-                    problem = RuntimeError(
-                        f"sync_quantizers: parameter {name} has shape {tuple(t.shape)} here and {shape} on rank {src}"
-                    )
-                    break
+        for (_, _, name, t, is_param), (_, shape, dtype) in zip(entries, src_meta):
+            if is_param and (tuple(t.shape) != shape or str(t.dtype) != dtype):
+                problem = RuntimeError(
+                    f"sync_quantizers: parameter {name} has shape {tuple(t.shape)} here and {shape} on rank {src}"
+                )
+                break
     _agree(problem, "sync_quantizers")
     # reallocate lazily sized buffers to the source's shapes
     tensors: list[Tensor] = []
-    for i, ((owner, attr, _name, t, is_param), (_, shape, dtype)) in enumerate(zip(entries, src_meta)):
-        if tuple(t.shape) != shape or str(t.dtype) != dtype:
-            new = torch.empty(shape, dtype=getattr(torch, dtype.split(".")[-1]), device=t.device)
-            owner._buffers[attr] = new
-            entries[i] = (owner, attr, _name, new, is_param)
-            t = new
+    for (owner, attr, _, t, _), (_, shape, dtype) in zip(entries, src_meta):
+        if tuple(t.shape) != shape or str(t.dtype) != dtype:  # a buffer (parameters were checked above)
+            t = torch.empty(shape, dtype=getattr(torch, dtype.split(".")[-1]), device=t.device)
+            owner._buffers[attr] = t
         tensors.append(t)
     comm = _comm_device()
     groups: dict[str, list[Tensor]] = {}
@@ -370,6 +369,7 @@ def evaluate_top1(
         >>> import torch, qtoolkit as qt
         >>> from torch import nn
         >>> m = qt.prepare(nn.Sequential(nn.Linear(4, 3)), qat=True)
+        >>> _ = m(torch.randn(8, 4))           # a training forward records the ranges
         >>> data = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
         >>> 0.0 <= evaluate_top1(m, data) <= 1.0
         True
@@ -526,6 +526,23 @@ def _check_checkpoint_path(path: str) -> None:
         )
     if not os.access(directory, os.W_OK):
         raise PermissionError(f"QATTrainer: cannot write checkpoints to {directory} (no write permission)")
+
+
+def _summarize_keys(keys: list[str], limit: int = 10) -> str:
+    """Parameter / buffer keys first; a quantizer's many buffers as one ``name.*`` entry."""
+    plain: list[str] = []
+    quant: list[str] = []
+    for key in keys:
+        parts = key.split(".")
+        idx = next((i for i, p in enumerate(parts[:-1]) if p.endswith("_quantizer")), None)
+        if idx is None:
+            plain.append(key)
+        else:
+            name = ".".join(parts[: idx + 1]) + ".*"
+            if name not in quant:
+                quant.append(name)
+    items = plain + quant
+    return ", ".join(items[:limit]) + (f" ... (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
 def _check_qat_model(module: nn.Module) -> None:
@@ -722,10 +739,25 @@ class QATTrainer:
                 "before training, or set freeze_observers_epoch > 0 so the observers see data first"
             )
 
+    @torch.no_grad()
+    def _finalize_output_ranges(self) -> None:
+        """Give observe-only ``output`` quantizers their qparams from what they recorded.
+
+        ``FakeQuantize`` loads qparams during training only for quantizers that
+        fake-quantize, so the output quantizers (the requantization ranges an
+        integer engine needs) would stay uncalibrated after QAT and ``convert``
+        would refuse the model. Done after every epoch (on synced state under DDP).
+        """
+        for _, fq in quantizers(self.module):
+            if fq.role == "output" and fq.observer.has_data and (bool(fq.observer_enabled) or not fq.is_calibrated):
+                fq.finalize()
+
     # ------------------------------------------------------------------ training
-    def _progress(self, iterable: Iterable[Any], epoch: int) -> Any:
-        total = getattr(self.train_loader, "__len__", None)
-        n = total() if callable(total) else None
+    def _progress(self, epoch: int) -> Any:
+        try:
+            n: int | None = len(self.train_loader)  # type: ignore[arg-type]
+        except TypeError:  # generators, iterable datasets
+            n = None
         if self.config.max_batches_per_epoch is not None:
             n = self.config.max_batches_per_epoch if n is None else min(n, self.config.max_batches_per_epoch)
         if not self.config.progress or _rank() != 0:
@@ -756,7 +788,7 @@ class QATTrainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         correct = torch.zeros((), dtype=torch.float64, device=dev)
         n_loss = n_acc = 0
-        bar = self._progress(self.train_loader, epoch)
+        bar = self._progress(epoch)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         try:
             for step, batch in enumerate(self._batches()):
@@ -832,6 +864,7 @@ class QATTrainer:
             stats = self.train_one_epoch(epoch)
             if _dist_on():
                 sync_quantizers(self.model, include_model_buffers=True)
+            self._finalize_output_ranges()
             eval_acc = self.evaluate()
             observers_frozen, bn_frozen = self._schedule_flags()
             record = {
@@ -931,7 +964,7 @@ class QATTrainer:
         )
         if missing or unexpected or bad_shapes:
             def _fmt(keys: list[str]) -> str:
-                return ", ".join(keys[:10]) + (f" ... (+{len(keys) - 10} more)" if len(keys) > 10 else "")
+                return _summarize_keys(keys)
 
             parts = []
             if missing:

@@ -8,7 +8,8 @@ Each rank trains one short epoch on its own data shard with
 
 * ``after_fit``: right after ``fit`` (the trainer synchronized the quantizers);
 * ``diverged``: after one more local forward on rank-specific data (observers move);
-* ``after_sync``: after an explicit ``sync_quantizers``.
+* ``after_sync``: after an explicit ``sync_quantizers``;
+* ``resumed``: a fresh DDP model resumed from rank 0's checkpoint.
 
 The tiny model and the synthetic data live here so the test can share them.
 """
@@ -102,9 +103,23 @@ def main() -> None:
                              checkpoint_path=os.path.join(out_dir, "ckpt.pt"))
         history = trainer.fit()
         result = {"after_fit": snapshot(model), "history": history}
+        # every rank resumes a fresh DDP model from rank 0's checkpoint (nothing left to train)
+        torch.manual_seed(1 + rank)
+        fresh = qt.prepare(TinyNet(), "w8a8", qat=True)
+        fresh_ddp = DDP(fresh)
+        resumed = QATTrainer(fresh_ddp, loader, torch.optim.SGD(fresh_ddp.parameters(), lr=0.05, momentum=0.9),
+                             config=QATConfig(epochs=1, progress=False), checkpoint_path=os.path.join(out_dir, "ckpt.pt"),
+                             resume=True)
+        def no_time(hs):
+            return [{k: v for k, v in h.items() if k != "seconds"} for h in hs]
+
+        assert no_time(resumed.fit()) == no_time(history)  # rank 0's history (wall times differ per rank)
+        result["resumed"] = snapshot(fresh)
         model.train()
         with torch.no_grad():  # local forward: this rank's observers move on their own
             model(xs[:16] * (1.0 + rank))
+        if rank == 1:  # lazily sized per-channel statistics: sync must reallocate them to rank 0's shapes
+            model.conv1.weight_quantizer.observer.reset()
         result["diverged"] = snapshot(model)
         sync_quantizers(ddp, include_model_buffers=True)
         result["after_sync"] = snapshot(model)
