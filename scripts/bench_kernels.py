@@ -59,17 +59,68 @@ CL = torch.channels_last
 ARGS: argparse.Namespace
 
 
+def _cpu_snap() -> tuple[float, float, float]:
+    """(wall s, busy CPU-s of the whole machine, CPU-s of this process) from /proc (Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(i) for i in f.readline().split()[1:]]
+        with open("/proc/self/stat") as f:
+            st = f.read().rsplit(")", 1)[1].split()
+        hz = os.sysconf("SC_CLK_TCK")
+        return time.monotonic(), (sum(v) - v[3] - v[4]) / hz, (int(st[11]) + int(st[12])) / hz
+    except (OSError, ValueError, IndexError):
+        return time.monotonic(), 0.0, 0.0
+
+
+def _others_load(a: tuple[float, float, float], b: tuple[float, float, float]) -> float:
+    """Average number of CPUs used by *other* processes between two snapshots."""
+    wall = max(b[0] - a[0], 1e-3)
+    return max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / wall)
+
+
+def _busy_cpus_of_others(interval: float = 0.3) -> float:
+    a = _cpu_snap()
+    time.sleep(interval)
+    return _others_load(a, _cpu_snap())
+
+
+def wait_idle() -> None:
+    """With ``--wait-idle S``: wait (up to S s) until other processes use < 0.15 CPU."""
+    deadline = time.monotonic() + ARGS.wait_idle
+    while ARGS.wait_idle > 0 and time.monotonic() < deadline:
+        if _busy_cpus_of_others() < 0.15:
+            return
+        time.sleep(1.0)
+
+
+CONTAMINATED = [0, 0]  # [measurements still disturbed after retries, total measurements]
+
+
 def bench(fn, repeats: int | None = None, warmup: int | None = None) -> float:
-    """Median (``--stat min``: minimum) wall time of ``fn()`` in ms."""
+    """Median (``--stat min``: minimum) wall time of ``fn()`` in ms.
+
+    At least ``repeats`` timed calls, more (up to 200) until ``--min-time`` seconds have been timed.
+    With ``--wait-idle``, a measurement during which other processes used > 0.15 CPU on average is
+    redone (up to 3 times) after waiting for the machine to go idle.
+    """
     repeats = ARGS.repeats if repeats is None else repeats
     warmup = ARGS.warmup if warmup is None else warmup
     for _ in range(warmup):
         fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
+    for attempt in range(4 if ARGS.wait_idle > 0 else 1):
+        a = _cpu_snap()
+        ts: list[float] = []
+        while len(ts) < repeats or (sum(ts) < ARGS.min_time and len(ts) < 200):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        disturbed = _others_load(a, _cpu_snap()) > 0.15
+        if not disturbed:
+            break
+        if attempt < 3 and ARGS.wait_idle > 0:
+            wait_idle()
+    CONTAMINATED[0] += int(disturbed)
+    CONTAMINATED[1] += 1
     return (min(ts) if ARGS.stat == "min" else statistics.median(ts)) * 1e3
 
 
@@ -88,7 +139,8 @@ def header() -> None:
           f"   safe activation qmax for |w|<=127: {onednn.safe_activation_qmax(127)}")  # fmt: skip
     envs = {k: os.environ.get(k) for k in (*_MALLOC_ENV, "OMP_NUM_THREADS", "KMP_AFFINITY", "ONEDNN_MAX_CPU_ISA")}
     print("env:", ", ".join(f"{k}={v}" for k, v in envs.items() if v is not None) or "(no malloc/omp env vars set)")
-    print(f"warmup {ARGS.warmup}, {ARGS.stat} of {ARGS.repeats}; load average (1 min) at start: {loadavg()}")
+    print(f"warmup {ARGS.warmup}, {ARGS.stat} of >= {ARGS.repeats} repeats (>= {ARGS.min_time}s timed); "
+          f"load average (1 min) at start: {loadavg()}; other processes' CPU use now: {_busy_cpus_of_others():.2f}")  # fmt: skip
     print()
 
 
@@ -193,6 +245,7 @@ def run_conv(cases, N) -> None:
         + f"{'fp32/i8':>9s}{'fp32cl/i8':>10s}{'ao/i8':>7s}{'prepack':>9s}{'1st call':>9s}"
     )
     for case in cases:
+        wait_idle()
         r = conv_case(*case, N=N)
         print(f"{case[0]:26s}" + "".join(f"{r[c]:11.2f}" for c in cols)
               + f"{r['fp32'] / r['i8']:9.2f}{r['fp32_cl'] / r['i8']:10.2f}{r['ao'] / r['i8']:7.2f}{r['prepack']:9.1f}{r['first']:9.1f}")  # fmt: skip
@@ -280,6 +333,7 @@ def run_quantize(shapes) -> None:
     ]
     print(f"{'shape':26s}" + "".join(f"{c:>16s}" for c in cols))
     for name, shape in shapes:
+        wait_idle()
         res, exact = quant_case(shape, qd, compiled)
         cells = [f"{res[c]:15.2f}" + ("*" if exact.get(c) is False else " ") for c in cols]
         print(f"{name:26s}" + "".join(cells))
@@ -348,6 +402,7 @@ def run_linear(shapes) -> None:
     cols = ("fp32", "qlinear", "qlinear_u8", "_int_mm", "_int_mm_T", "w8pack_mm", "ao")
     print(f"{'M x K x N':20s}" + "".join(f"{c:>12s}" for c in cols) + f"{'fp32/ql':>9s}{'fp32/imm':>9s}")
     for M, K, N in shapes:
+        wait_idle()
         r = linear_case(M, K, N)
         print(
             f"{f'{M} x {K} x {N}':20s}"
@@ -367,6 +422,8 @@ def main() -> None:
     p.add_argument(
         "--stat", choices=["median", "min"], default="median", help="statistic over the repeats (min is robust on a busy box)"
     )
+    p.add_argument("--min-time", type=float, default=0.3, help="keep repeating short ops until this many seconds are timed")
+    p.add_argument("--wait-idle", type=float, default=0.0, help="before each shape wait up to S s for other processes to go idle")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--quick", action="store_true", help="ResNet-20 shapes only, fewer repeats, no large linears")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile'd quantize peer")
@@ -396,7 +453,8 @@ def main() -> None:
         run_quantize(qshapes)
     if ARGS.only in (None, "linear"):
         run_linear(LINEAR[:3] if ARGS.quick else LINEAR)
-    print(f"load average (1 min) at end: {loadavg()}")
+    print(f"load average (1 min) at end: {loadavg()}; other processes' CPU use now: {_busy_cpus_of_others():.2f}")
+    print(f"measurements during which other processes used > 0.15 CPU (after retries): {CONTAMINATED[0]} of {CONTAMINATED[1]}")
 
 
 if __name__ == "__main__":

@@ -52,8 +52,14 @@ Behaviour measured on torch 2.14 (see ``tests/kernels/test_onednn.py``, ``script
 * Linear supports ``sum`` (integer ``other`` of the output dtype, in place) and ``add`` (fp32 ``other``,
   not modified, any output dtype).  ``add`` with an integer ``other`` is wrong in oneDNN; not used here.
 * Prepacked weights are **not** tied to an input shape (``x_shape``/``input_shape`` is only a hint) nor to
-  the ``x_scale``/``x_zp`` given at prepack time: the runtime values are used.  Prepack costs ~1–25 ms
-  (primitive creation), so do it once per layer.
+  the ``x_scale``/``x_zp`` given at prepack time: the runtime values are used.  Prepack costs ~0.5–3 ms
+  per layer (weight reorder); the first call for a new input shape also creates a oneDNN primitive
+  (~1x a steady-state call), which oneDNN then caches.
+* Speed (AVX2, 2 threads, N=64 ResNet convs): ~1.4–2x faster than fp32 channels_last conv, 2–3x
+  faster than fp32 NCHW; on par with ``torch.ops.quantized.conv2d``.  No gain for the 3-channel stem,
+  and int8 *depthwise* is slower than fp32 channels_last here.  ``qlinear`` has ~50–60 µs fixed
+  overhead: ~1.8x faster than fp32 for large GEMMs, slower for tiny heads (e.g. 64x512 -> 10).
+  (``torch._int_mm`` / ``torch._weight_int8pack_mm`` are reference-speed loops on AVX2: 50–400x slower.)
 * No Python warnings are raised; the ops create no quantized-dtype tensors.
 
 **int16 saturation on CPUs without VNNI** (AVX2 / AVX-512 without VNNI, e.g. AMD Zen 2/3): oneDNN's
@@ -286,7 +292,7 @@ def prepack_conv_weight(
 
     Returns:
         An opaque MKLDNN tensor (``.shape`` reports ``[OC, IC/groups, kH, kW]``) to pass to :func:`qconv`.
-        It is independent of batch size / spatial size.  Costs ~1–25 ms; do it once per layer.
+        It is independent of batch size / spatial size.  Costs ~0.5–3 ms; do it once per layer.
     """
     if w_int8.dtype != torch.int8 or w_int8.dim() != 4:
         raise TypeError(f"conv weight must be a 4-D torch.int8 tensor, got {w_int8.dtype} {tuple(w_int8.shape)}")
