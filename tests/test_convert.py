@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 
 import qtoolkit as qt
-from qtoolkit.nn import Int8Add, Int8Layer, QuantLayer
+from qtoolkit.nn import Int8Add, Int8Layer
 from tests.conftest import randomize_bn
 
 
