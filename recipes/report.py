@@ -1,0 +1,356 @@
+"""Tables and plots of the quantization recipes' results.
+
+:func:`build_report` merges the JSON files written by :mod:`recipes.evaluate` (FP32),
+:mod:`recipes.ptq` and :mod:`recipes.qat` into
+
+* ``results.json`` — one row per (method, bits) with top-1, drop vs FP32, model size,
+  calibration / training time, plus the converted-model check and the accuracy bars;
+* ``results.md`` — the same as Markdown tables;
+* ``accuracy_vs_bits.png`` — top-1 vs weight/activation bits, one line per method;
+* ``activation_histograms.png`` — calibration histograms of a few layers' input
+  activations with each calibrator's chosen clip range as vertical lines.
+
+Plots use matplotlib's Agg backend (no display needed).
+
+Example:
+    python -m recipes.report --fp32 runs/eval/eval_results.json --ptq runs/ptq/ptq_results.json \\
+        --qat runs/qat/qat_results.json --out report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TARGETS", "build_report", "fmt_bytes", "md_table", "plot_accuracy_vs_bits", "plot_activation_histograms"]
+
+#: Accuracy bars of the main job (issue 3/5).
+TARGETS = {
+    "fp32_min_top1": 93.5,
+    "w8a8_max_drop_pt": 0.2,
+    "converted_within_pt": 0.05,
+    "integer_agreement_pct": 99.9,
+    "w4a4_qat_max_drop_pt": 1.0,
+}
+
+CALIBRATOR_COLORS = {"minmax": "tab:blue", "percentile": "tab:orange", "entropy": "tab:green", "mse": "tab:red",
+                     "ema": "tab:purple"}
+BITS_ORDER = ["W8A8", "W4A8", "W4A4"]
+
+
+def md_table(headers: list[str], rows: list[list[Any]]) -> list[str]:
+    """Markdown table lines. Example: ``md_table(["a"], [[1]])`` -> ``['| a |', '|---|', '| 1 |']``."""
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return out
+
+
+def fmt_bytes(n: int | float | None) -> str:
+    """``276480`` -> ``'270.0 KiB'``."""
+    if n is None:
+        return "-"
+    if n >= 1 << 20:
+        return f"{n / (1 << 20):.2f} MiB"
+    return f"{n / 1024:.1f} KiB"
+
+
+def _bits_label(wb: int | None, ab: int | None) -> str:
+    if wb is None:
+        return "FP32"
+    return f"W{wb}A{ab}" if ab is not None else f"W{wb}"
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def _rows(fp32: dict[str, Any], ptq: dict[str, Any] | None, qat: dict[str, Any] | None) -> list[dict[str, Any]]:
+    base = fp32["top1"]
+    rows: list[dict[str, Any]] = [{
+        "method": "FP32", "bits": "FP32", "weight_bits": 32, "activation_bits": 32, "top1": base, "drop_pt": 0.0,
+        "size_bytes": fp32.get("size_bytes"), "time_s": fp32.get("train_time_s"), "time_kind": "FP32 training",
+        "notes": "shipped checkpoint" if fp32.get("shipped") else "",
+    }]
+    if ptq:
+        keep = ptq.get("keep_8bit") or []
+        for r in ptq["results"]:
+            bits = _bits_label(r["weight_bits"], r["activation_bits"])
+            note = []
+            if r.get("best_of_preset"):
+                note.append("best of preset")
+            if keep and r["preset"] != "w8a8":
+                note.append(f"{', '.join(keep)} at W8A8")
+            if ptq["args"].get("per_tensor_weights"):
+                note.append("per-tensor weights")
+            rows.append({
+                "method": f"PTQ {r['calibrator']}", "bits": bits, "weight_bits": r["weight_bits"],
+                "activation_bits": r["activation_bits"], "top1": r["top1"], "drop_pt": base - r["top1"],
+                "size_bytes": r["size_bytes"], "time_s": r["calibration_s"], "time_kind": "calibration",
+                "notes": "; ".join(note),
+            })
+        ic = ptq.get("integer_check")
+        if ic:
+            for ex, e in ic["executions"].items():
+                if "error" in e:
+                    continue
+                rows.append({
+                    "method": f"int8 converted ({ex})", "bits": "W8A8", "weight_bits": 8, "activation_bits": 8,
+                    "top1": e["top1"], "drop_pt": base - e["top1"], "size_bytes": ic["size_bytes"],
+                    "time_s": ic["convert_s"], "time_kind": "conversion",
+                    "notes": f"from PTQ {ic['calibrator']}; argmax agreement with fake quant {e['agreement_vs_fake_quant']:.2f}%",
+                })
+    if qat:
+        bits = _bits_label(qat["weight_bits"], qat["activation_bits"])
+        keep = qat.get("keep_8bit") or []
+        tag = " + LSQ" if qat["args"].get("lsq") else ""
+        if qat.get("init") and qat["init"].get("top1") is not None:
+            init = qat["init"]
+            rows.append({
+                "method": f"PTQ {init['calibrator']} (QAT init)", "bits": bits, "weight_bits": qat["weight_bits"],
+                "activation_bits": qat["activation_bits"], "top1": init["top1"], "drop_pt": base - init["top1"],
+                "size_bytes": qat.get("size_bytes"), "time_s": init.get("calibration_s"), "time_kind": "calibration",
+                "notes": f"{', '.join(keep)} at W8A8" if keep else "",
+            })
+        rows.append({
+            "method": f"QAT{tag}", "bits": bits, "weight_bits": qat["weight_bits"],
+            "activation_bits": qat["activation_bits"], "top1": qat["top1"], "drop_pt": base - qat["top1"],
+            "size_bytes": qat.get("size_bytes"), "time_s": qat["train_time_s"], "time_kind": "training",
+            "notes": "; ".join(filter(None, [
+                f"{qat['epochs_done']} epoch(s) on {100 * qat['args']['train_fraction']:.0f}% of the training set",
+                f"{', '.join(keep)} at W8A8" if keep else ""])),
+        })
+    return rows
+
+
+def _checks(rows: list[dict[str, Any]], ptq: dict[str, Any] | None, qat: dict[str, Any] | None,
+            fp32: dict[str, Any]) -> list[dict[str, Any]]:
+    t = TARGETS
+    checks = [{"bar": f"FP32 top-1 >= {t['fp32_min_top1']}%", "value": f"{fp32['top1']:.2f}%",
+               "pass": fp32["top1"] >= t["fp32_min_top1"]}]
+    if ptq:
+        w8 = [r for r in ptq["results"] if r["preset"] == "w8a8"]
+        if w8:
+            b = max(w8, key=lambda r: r["top1"])
+            drop = fp32["top1"] - b["top1"]
+            checks.append({"bar": f"W8A8 PTQ best calibrator drop <= {t['w8a8_max_drop_pt']} pt",
+                           "value": f"{drop:+.2f} pt ({b['calibrator']})", "pass": drop <= t["w8a8_max_drop_pt"] + 1e-9})
+        ic = ptq.get("integer_check")
+        if ic:
+            if ic.get("error"):
+                checks.append({"bar": "best W8A8 model converts to int8", "value": ic["error"][:120], "pass": False})
+            for ex, e in ic["executions"].items():
+                if "error" in e:
+                    continue
+                checks.append({"bar": f"converted int8 ({ex}) within {t['converted_within_pt']} pt of fake quant",
+                               "value": f"{e['delta_vs_fake_quant_pt']:+.2f} pt",
+                               "pass": abs(e["delta_vs_fake_quant_pt"]) <= t["converted_within_pt"] + 1e-9})
+                if ex == "integer":
+                    checks.append({"bar": f"integer-only argmax agreement with fake quant >= {t['integer_agreement_pct']}%",
+                                   "value": f"{e['agreement_vs_fake_quant']:.2f}%",
+                                   "pass": e["agreement_vs_fake_quant"] >= t["integer_agreement_pct"]})
+        w4 = [r for r in ptq["results"] if r["preset"] == "w4a8"]
+        if w4:
+            checks.append({"bar": "W4A8 PTQ: every calibrator reported", "value": ", ".join(
+                f"{r['calibrator']} {r['top1']:.2f}%" for r in w4), "pass": True})
+    if qat:
+        drop = fp32["top1"] - qat["top1"]
+        checks.append({"bar": f"{_bits_label(qat['weight_bits'], qat['activation_bits'])} QAT drop <= "
+                              f"{t['w4a4_qat_max_drop_pt']} pt after <= 3 epochs",
+                       "value": f"{drop:+.2f} pt after {qat['epochs_done']} epoch(s) on "
+                                f"{100 * qat['args']['train_fraction']:.0f}% of the training set",
+                       "pass": drop <= t["w4a4_qat_max_drop_pt"] + 1e-9})
+    return checks
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy_vs_bits(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Top-1 vs bits (W8A8, W4A8, W4A4), one line per method, FP32 as a dashed line."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fp32 = next((r["top1"] for r in rows if r["method"] == "FP32"), None)
+    series: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if r["method"] == "FP32" or r["method"].startswith("int8") or r["bits"] not in BITS_ORDER:
+            continue
+        name = r["method"]
+        series.setdefault(name, {})[r["bits"]] = r["top1"]
+    xs = {b: i for i, b in enumerate(BITS_ORDER)}
+    for name, pts in series.items():
+        order = [b for b in BITS_ORDER if b in pts]
+        cal = name.split()[1] if name.startswith("PTQ") else None
+        color = CALIBRATOR_COLORS.get(cal or "", "black")
+        style = "-o" if name.startswith("PTQ") else "-*"
+        ax.plot([xs[b] for b in order], [pts[b] for b in order], style, color=color, label=name,
+                markersize=10 if style == "-*" else 6)
+    if fp32 is not None:
+        ax.axhline(fp32, ls="--", color="gray", label=f"FP32 {fp32:.2f}%")
+    ax.set_xticks(range(len(BITS_ORDER)), BITS_ORDER)
+    ax.set_xlim(-0.3, len(BITS_ORDER) - 0.7)
+    ax.set_xlabel("weight / activation bits")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(title or "Top-1 vs bits")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.12, top=0.92)
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_activation_histograms(hist: dict[str, Any], path: str | Path, preset: str = "w8a8") -> Path | None:
+    """Calibration histograms (log counts) of a few layers' input activations with each
+    calibrator's clip range (``preset``'s configurations) as vertical lines."""
+    layers = hist.get("histograms", {}).get(preset) or next(iter(hist.get("histograms", {}).values()), {})
+    if not layers:
+        return None
+    plt = _plt()
+    names = list(layers)
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.8), squeeze=False)
+    clips = {k.split("/", 1)[1]: v for k, v in hist.get("clip_ranges", {}).items() if k.split("/", 1)[0] == preset}
+    for ax, name in zip(axes[0], names):
+        h = layers[name]
+        edges, counts = h["edges"], h["counts"]
+        group = max(1, -(-len(counts) // 256))  # at most 256 bars
+        if group > 1:
+            counts = [sum(counts[i:i + group]) for i in range(0, len(counts), group)]
+            edges = edges[::group][: len(counts)] + [h["edges"][-1]]
+        ax.stairs(counts, edges, fill=True, alpha=0.5, color="tab:gray", label="calibration histogram")
+        ax.set_yscale("log")
+        for cal, ranges in clips.items():
+            if name not in ranges:
+                continue
+            lo, hi = ranges[name]
+            color = CALIBRATOR_COLORS.get(cal, "black")
+            ax.axvline(hi, color=color, lw=1.5, label=f"{cal}: [{lo:.2f}, {hi:.2f}]")
+            if lo < -1e-6:
+                ax.axvline(lo, color=color, lw=1.5)
+        ax.set_title(f"{name} input (max {h['max']:.2f})", fontsize=10)
+        ax.set_xlabel("activation value")
+        ax.set_ylabel("count")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Activation clip ranges per calibrator ({preset.upper()})", fontsize=11)
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.14, top=0.84, wspace=0.25)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fmt_time(s: float | None) -> str:
+    if s is None or (isinstance(s, float) and math.isnan(s)):
+        return "-"
+    return f"{s:.0f} s" if s >= 10 else f"{s:.1f} s"
+
+
+def build_report(
+    out: str | Path,
+    fp32: dict[str, Any],
+    ptq: dict[str, Any] | None = None,
+    qat: dict[str, Any] | None = None,
+    hist: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``results.json``, ``results.md`` and the PNG plots into ``out``.
+
+    Args:
+        fp32: ``{"top1", "size_bytes", "samples", "shipped", "train_time_s"?, "checkpoint"?}``.
+        ptq: ``ptq_results.json`` contents. qat: ``qat_results.json`` contents.
+        hist: ``ptq_histograms.json`` contents. meta: anything else to record
+            (commands, wall time, dataset, smoke flag).
+    """
+    from recipes.common import write_json, write_text
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta or {})
+    rows = _rows(fp32, ptq, qat)
+    checks = _checks(rows, ptq, qat, fp32)
+    plots = {"accuracy_vs_bits": str(plot_accuracy_vs_bits(rows, out / "accuracy_vs_bits.png", meta.get("title", "")))}
+    if hist:
+        p = plot_activation_histograms(hist, out / "activation_histograms.png")
+        if p is not None:
+            plots["activation_histograms"] = str(p)
+    results = {"meta": meta, "fp32": fp32, "rows": rows, "checks": checks, "plots": plots,
+               "ptq": ptq, "qat": qat}
+    write_json(out / "results.json", results)
+
+    lines = [f"# {meta.get('title', 'Quantization results')}", ""]
+    if meta.get("smoke"):
+        lines += ["**SMOKE RUN** (`--max-batches`): numbers are on a few batches only and mean nothing.", ""]
+    labels = {"dataset": "dataset", "model": "model", "checkpoint": "FP32 checkpoint", "wall_time_s": "wall time",
+              "threads": "torch threads", "host": "host", "started_utc": "started"}
+    for key, label in labels.items():
+        if key in meta:
+            val = _fmt_time(meta[key]) + f" ({meta[key] / 60:.1f} min)" if key == "wall_time_s" else meta[key]
+            lines.append(f"- {label}: {val}")
+    if meta.get("steps_s"):
+        lines.append("- time per step: " + ", ".join(f"{k} {_fmt_time(v)}" for k, v in meta["steps_s"].items()))
+    lines += ["", "## Results (test set top-1)", ""]
+    lines += md_table(
+        ["method", "bits", "top-1 (%)", "drop vs FP32 (pt)", "model size", "time", "notes"],
+        [[r["method"], r["bits"], f"{r['top1']:.2f}", f"{r['drop_pt']:+.2f}", fmt_bytes(r["size_bytes"]),
+          f"{_fmt_time(r['time_s'])} {r['time_kind']}" if r["time_s"] is not None else "-", r["notes"]] for r in rows],
+    )
+    lines += ["", "Model size = bytes of `torch.save(state_dict)` of the converted model (int8 weights, int4 packed "
+              "two per byte, float scales); FP32 = the float checkpoint.", "", "## Accuracy bars", ""]
+    lines += md_table(["bar", "measured", "status"],
+                      [[c["bar"], c["value"], "PASS" if c["pass"] else "**MISSED**"] for c in checks])
+    if qat and qat.get("history"):
+        lines += ["", "## QAT per epoch", ""]
+        lines += md_table(["epoch", "lr (start)", "train loss", "train top-1 (%)", "test top-1 (%)", "time",
+                           "observers frozen", "BN frozen"],
+                          [[h["epoch"], f"{h['lr']:.5f}", f"{h['train_loss']:.4f}",
+                            f"{100 * h['train_acc']:.2f}" if h.get("train_acc") is not None else "-",
+                            f"{100 * h['eval_acc']:.2f}" if h.get("eval_acc") is not None else "-",
+                            _fmt_time(h["seconds"]), h["observers_frozen"], h["bn_frozen"]] for h in qat["history"]])
+    lines += ["", "## Plots", ""]
+    for name, p in plots.items():
+        lines.append(f"![{name}]({Path(p).name})")
+    if meta.get("commands"):
+        lines += ["", "## Commands", ""] + [f"- `{c}`" for c in meta["commands"]]
+    lines.append("")
+    write_text(out / "results.md", "\n".join(lines))
+    return results
+
+
+def _load(path: str | None) -> dict[str, Any] | None:
+    return json.loads(Path(path).read_text()) if path else None
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Rebuild the report from saved JSON files."""
+    p = argparse.ArgumentParser(prog="python -m recipes.report", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--fp32", required=True, help="eval_results.json of recipes.evaluate (its 'fp32' entry is used)")
+    p.add_argument("--ptq", default=None, help="ptq_results.json")
+    p.add_argument("--hist", default=None, help="ptq_histograms.json (default: next to --ptq)")
+    p.add_argument("--qat", default=None, help="qat_results.json")
+    p.add_argument("--out", default="report", help="output folder")
+    args = p.parse_args(argv)
+    ev = _load(args.fp32)
+    assert ev is not None
+    fp32 = ev.get("fp32", ev)
+    hist_path = args.hist or (str(Path(args.ptq).with_name("ptq_histograms.json")) if args.ptq else None)
+    hist = _load(hist_path) if hist_path and Path(hist_path).is_file() else None
+    return build_report(args.out, fp32, _load(args.ptq), _load(args.qat), hist)
+
+
+if __name__ == "__main__":
+    main()
