@@ -9,6 +9,15 @@ def _seed_and_threads():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Small tensors: one intra-op thread is faster and robust on a shared, loaded box."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def randomize_bn(model: torch.nn.Module) -> torch.nn.Module:
     """Give BatchNorms non-trivial statistics so folding is really exercised."""
     g = torch.Generator().manual_seed(1)

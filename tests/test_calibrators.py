@@ -21,14 +21,7 @@ from qtoolkit.calibrators import (
 )
 from qtoolkit.numerics import compute_qparams
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is faster and robust on a shared, loaded box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hist_of(x: torch.Tensor, bins: int = 2048, lo: float | None = None, hi: float | None = None):

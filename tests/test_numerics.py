@@ -22,14 +22,7 @@ from qtoolkit.numerics import (
 )
 from qtoolkit.spec import QuantSpec, quant_range
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is faster and robust on a shared, loaded box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------

@@ -28,13 +28,7 @@ except Exception:  # pragma: no cover - torch built without torch.ao
 
 needs_ao = pytest.mark.skipif(ao_obs is None, reason="torch.ao.quantization not available")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is faster and robust on a shared, loaded box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 U8_ASYM = QuantSpec(8, signed=False, symmetric=False)

@@ -56,12 +56,7 @@ INT_CONV_OPS = {"QLinearConv", "ConvInteger", "NhwcQLinearConv"}
 
 
 # --------------------------------------------------------------------------- helpers
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calibrated(model: nn.Module, preset="w8a8", shape=(1, 28, 28), n=3, bs=8, **kw) -> nn.Module:
