@@ -139,6 +139,9 @@ Uint4ActPerTensor = uint_activation_per_tensor(4)
 
 PRESETS: dict[str, QConfig] = {
     "w8a8": QConfig(Int8WeightPerChannel, Uint8ActPerTensor, "static"),
+    # 7-bit unsigned activations ([0, 127], torch.ao's x86 "reduce_range"): the int8 fast path is exact
+    # on every x86 CPU, including those without VNNI (see qtoolkit.kernels.onednn on int16 saturation)
+    "w8a8-x86": QConfig(Int8WeightPerChannel, uint_activation_per_tensor(7), "static"),
     "w4a8": QConfig(Int4WeightPerChannel, Uint8ActPerTensor, "static"),
     "w4a4": QConfig(Int4WeightPerChannel, Uint4ActPerTensor, "static"),
     "w8a8-dynamic": QConfig(Int8WeightPerChannel, Uint8ActPerTensor, "dynamic"),
@@ -151,7 +154,8 @@ def get_qconfig(qconfig: str | QConfig) -> QConfig:
     """A :class:`QConfig` from a preset name (or the config itself).
 
     Presets: ``w8a8`` (int8 per-channel symmetric weights, uint8 asymmetric
-    per-tensor activations), ``w4a8``, ``w4a4``, ``w8a8-dynamic``,
+    per-tensor activations), ``w8a8-x86`` (same with 7-bit activations ``[0, 127]``:
+    exact int8 kernels on x86 CPUs without VNNI), ``w4a8``, ``w4a4``, ``w8a8-dynamic``,
     ``w8-weight-only``, ``w4-weight-only``.
 
     Example::

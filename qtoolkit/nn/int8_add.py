@@ -4,7 +4,8 @@
 float (the prepared model's arithmetic). ``"integer"``: TFLite-style integer add —
 both operands are rescaled to a common fixed-point grid with ``2^20`` headroom using
 fixed-point multipliers, summed, requantized to the output grid, clamped (the
-fused ReLU is the clamp).
+fused ReLU is the clamp). ``"fast"``: a uint8 add on the codes, or fused into the
+preceding conv's ``sum`` post-op (see :mod:`qtoolkit.kernels.dispatch`).
 
 Example::
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from qtoolkit.kernels.qtensor import QuantizedActivation
 from qtoolkit.nn.fused import apply_activation
 from qtoolkit.nn.int8_layer import inference_only
 from qtoolkit.nn.quant_add import QuantAdd
@@ -44,6 +46,8 @@ class Int8Add(nn.Module):
         self.act = q.act
         self.name = "int8_add"
         self.execution = "reference"
+        self.fast_float_output = False  # set by convert() where the sum feeds float code
+        self.fast_donate: int | None = None  # set by convert(): operand the fast add may overwrite in place
         for p in ("lhs", "rhs", "output"):
             self.register_buffer(f"{p}_scale", torch.ones(()))
             self.register_buffer(f"{p}_zero_point", torch.zeros((), dtype=torch.int32))
@@ -86,17 +90,30 @@ class Int8Add(nn.Module):
         return dequantize(torch.clamp(y, lo, hi), self.output_scale, self.output_zero_point).to(a.dtype)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        """Add ``a + b`` (floats or :class:`~qtoolkit.kernels.qtensor.QuantizedActivation` carriers)."""
         if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
             return a + b
+        if self.execution == "fast":
+            from qtoolkit.kernels.dispatch import fast_add  # local: optional kernels
+
+            return fast_add(self, a, b)
+        if isinstance(a, QuantizedActivation):
+            a = a.dequantize()
+        if isinstance(b, QuantizedActivation):
+            b = b.dequantize()
         if self.execution == "integer":
             y = self.forward_integer(a, b)
-        elif self.execution == "fast":
-            from qtoolkit.kernels.dispatch import fast_add  # local: optional, heavy
-
-            y = fast_add(self, a, b)
         else:
             y = self.forward_reference(a, b)
         return inference_only(y, self.name)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        self.__dict__.pop("_qt_fast", None)
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[override]
+        self.__dict__.pop("_qt_fast", None)
+        super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"act={self.act}, execution={self.execution}"

@@ -13,7 +13,9 @@ Execution paths (``module.execution``):
   scale ``s_x·s_w``, requantized with the fixed-point multiplier
   ``M = s_x·s_w/s_y = M0·2^-31·2^-n`` (rounding right shift), ``+ z_y``, clamped —
   the fused ReLU/ReLU6 is the clamp. The codes are returned dequantized.
-* ``"fast"``: optimized int8 kernels where available (see :mod:`qtoolkit.kernels`).
+* ``"fast"``: oneDNN int8 kernels on uint8 codes, prepacked weights, activations kept as
+  uint8 codes between layers (see :mod:`qtoolkit.kernels.dispatch`); falls back to
+  ``"reference"`` with a one-time warning where the kernels cannot be used.
 
 Example::
 
@@ -33,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qtoolkit.kernels.qtensor import QuantizedActivation
 from qtoolkit.nn.fused import apply_activation
 from qtoolkit.nn.quant_layer import QuantLayer
 from qtoolkit.numerics import (
@@ -89,6 +92,7 @@ class Int8Layer(nn.Module):
         self.act = q.act
         self.name = "int8_layer"
         self.execution = "reference"
+        self.fast_float_output = False  # set by convert() where the output feeds float code (model output, avgpool)
         for attr in ("stride", "padding", "dilation", "groups", "in_channels", "kernel_size", "in_features", "out_features"):
             if hasattr(q, attr):
                 setattr(self, attr, getattr(q, attr))
@@ -217,19 +221,31 @@ class Int8Layer(nn.Module):
         return dequantize(yq, self.output_scale, self.output_zero_point).to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Run the selected execution path.
+
+        ``x`` is a float tensor or a :class:`~qtoolkit.kernels.qtensor.QuantizedActivation` (the int8
+        carrier the fast path passes between converted modules; other paths take its float value).
+        """
+        if self.execution == "fast":
+            from qtoolkit.kernels.dispatch import fast_forward  # local: optional kernels
+
+            return fast_forward(self, x)
+        if isinstance(x, QuantizedActivation):
+            x = x.dequantize()
         if not x.is_floating_point():
             raise TypeError(f"{self.name}: expected a floating-point input, got {x.dtype}")
         if self.execution == "integer":
             y = self.forward_integer(x)
-        elif self.execution == "fast":
-            from qtoolkit.kernels.dispatch import fast_forward  # local: optional, heavy
-
-            y = fast_forward(self, x)
         else:
             y = self.forward_reference(x)
         return inference_only(y, self.name)
 
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        self.__dict__.pop("_qt_fast", None)  # prepacked kernel state follows the buffers
+        return super()._apply(fn, recurse)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[override]
+        self.__dict__.pop("_qt_fast", None)  # prepacked kernel state is rebuilt from the new buffers
         key = prefix + "bias"
         if key in state_dict and self.bias is None:
             self.bias = torch.empty_like(state_dict[key])

@@ -1,0 +1,796 @@
+"""The ``"fast"`` execution of converted modules: real int8 oneDNN kernels on plain uint8/int8 tensors.
+
+What runs where (CPU, :func:`qtoolkit.kernels.onednn.is_available`):
+
+* **static Conv2d / Linear** (:class:`~qtoolkit.nn.Int8Layer`): the input is taken as uint8 codes —
+  straight from a :class:`~qtoolkit.kernels.qtensor.QuantizedActivation` produced by the previous
+  converted module when its grid is the layer's input grid (no float round trip), otherwise quantized
+  once — and fed to ``onednn::qconv_pointwise`` / ``qlinear_pointwise`` with the weight prepacked once
+  (cached on the module, never in the ``state_dict``).  Bias and ReLU are fused (ReLU6 = ReLU + a clamp
+  on the codes), the output is requantized in-kernel to the layer's output grid and returned as a new
+  carrier (channels_last uint8).  A layer whose output is the model's output returns fp32 instead.
+* **residual add**: :func:`fuse_residual_adds` (run by :func:`qtoolkit.convert`) rewrites, in the
+  ``torch.fx`` graphs of the converted model, ``add(conv(x), other)`` — a static conv without its own
+  activation whose only user is an :class:`~qtoolkit.nn.Int8Add` — into :func:`fused_conv_add`: one
+  ``qconv2d_pointwise.binary`` call with oneDNN's ``sum`` post-op (the other operand's uint8 codes are the
+  accumulator), the add's ReLU and the add's output requantization.  The conv's output is not rounded to a
+  grid before the add (one rounding fewer than the reference path).  Other adds run :func:`fast_add`:
+  a uint8 add on the codes.
+* **dynamic** layers: per-batch activation range (the same qparams as the reference path), the input
+  quantized once, int8 GEMM / conv with fp32 output.
+* **weight-only** layers run the reference path (there is no int8-activation kernel to use).
+
+Fallback rule: when the kernels are unavailable (torch build / CPU), the input is on another device,
+or the layer is not supported (Conv1d, asymmetric or unsigned weights, activations wider than 8 bit),
+the module runs its reference path — same results — and warns **once**, naming the layer
+(:class:`FastPathWarning`).
+
+Saturation policy (CPUs without VNNI): there oneDNN's u8×s8 kernels add pairs of products in int16
+with saturation; a layer is exact only if ``2 · (largest input code) · max|q_w| ≤ 32767``.  The fast
+path checks this per layer when it prepacks; a layer that can exceed it still runs the fast kernel and
+:func:`prepare_fast` warns once, naming every such layer (use the ``"w8a8-x86"`` preset — 7-bit
+activations, exact everywhere — or ``set_execution(model, "reference")``).  On CPUs with VNNI / AMX
+(probed by :func:`~qtoolkit.kernels.onednn.saturates_u8s8`) every layer is exact and nothing is said.
+
+Example::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from qtoolkit import prepare, calibrate, convert
+    >>> m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    >>> q = convert(calibrate(prepare(m), [torch.randn(4, 3, 8, 8)], progress=False))
+    >>> y = q(torch.randn(2, 3, 8, 8))          # "fast" where the kernels are available
+    >>> y.shape, y.dtype
+    (torch.Size([2, 4, 6, 6]), torch.float32)
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from qtoolkit.kernels import onednn
+from qtoolkit.kernels.qtensor import QuantizedActivation, dequantize_tree
+from qtoolkit.nn.int8_add import Int8Add
+from qtoolkit.nn.int8_layer import Int8Layer, inference_only
+from qtoolkit.numerics import compute_qparams
+
+__all__ = [
+    "FastPathWarning",
+    "fast_forward",
+    "fast_add",
+    "fused_conv_add",
+    "fuse_residual_adds",
+    "mark_float_outputs",
+    "mark_donations",
+    "prepare_fast",
+    "supports_fast",
+    "fast_status",
+    "dequantize_output_hook",
+]
+
+_CL = torch.channels_last
+_QA = QuantizedActivation
+
+
+# below this many elements the float arithmetic add beats the oneDNN identity-conv add (fixed ~35 µs)
+_ADD_KERNEL_MIN_NUMEL = 65536
+
+
+class FastPathWarning(UserWarning):
+    """A converted module could not use (or cannot be exact on) the int8 kernels."""
+
+
+# ------------------------------------------------------------------------------------------- cache
+
+
+class _Slot:
+    """Holds a module's prepacked kernel state; dropped by deepcopy / pickle (rebuilt lazily)."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: Any = None) -> None:
+        self.state = state
+
+    def __deepcopy__(self, memo: dict) -> _Slot:
+        return _Slot()
+
+    def __reduce__(self) -> tuple:
+        return (_Slot, ())
+
+
+def _get_state(m: nn.Module) -> Any:
+    slot = m.__dict__.get("_qt_fast")
+    return None if slot is None else slot.state
+
+
+def _set_state(m: nn.Module, state: Any) -> Any:
+    m.__dict__["_qt_fast"] = _Slot(state)
+    return state
+
+
+def invalidate(m: nn.Module) -> None:
+    """Forget the prepacked state of ``m`` and its submodules (rebuilt on the next fast call)."""
+    for mod in m.modules():
+        mod.__dict__.pop("_qt_fast", None)
+
+
+# ------------------------------------------------------------------------------------------- state
+
+
+@dataclass
+class _LayerState:
+    kind: str
+    mode: str
+    packed: Tensor
+    w_scale: Tensor
+    w_zp: Tensor
+    bias: Optional[Tensor]
+    stride: list
+    padding: list
+    dilation: list
+    groups: int
+    shift: int  # added to codes to bring the activation grid into uint8
+    qmin: int  # activation code range, uint8 space
+    qmax: int
+    x_scale: float
+    x_zp: int  # uint8 space
+    symmetric: bool
+    act_qmin: int  # original activation grid (for dynamic qparams)
+    act_qmax: int
+    out_scale: float
+    out_zp: int
+    post_op: str
+    clamp_lo: int
+    clamp_hi: int
+    need_clamp: bool
+    out_dtype: torch.dtype  # int8 when a [.., 127] grid after ReLU can use the kernel's own int8 clamp
+    relu6: bool
+    float_out: bool
+    saturation_risk: bool
+
+
+@dataclass
+class _AddState:
+    lhs_scale: float
+    lhs_zp: int
+    rhs_scale: float
+    rhs_zp: int
+    out_scale: float
+    out_zp: int
+    shift: int
+    qmin: int
+    qmax: int
+    lo: int
+    hi: int
+    post_op: str
+    need_clamp: bool
+    out_dtype: torch.dtype  # see _LayerState.out_dtype
+    float_out: bool
+    identity: dict  # channels -> prepacked 1x1 depthwise identity conv (uint8 add kernel)
+
+
+def _unsupported_reason(m: Int8Layer) -> Optional[str]:
+    if not onednn.is_available():
+        return "the oneDNN int8 kernels are not available in this torch build / on this CPU"
+    if m.mode == "weight_only":
+        return "weight-only"
+    if m.kind not in ("conv2d", "linear"):
+        return f"{m.kind} has no int8 kernel here"
+    if m.weight_q.device.type != "cpu":
+        return f"weights on {m.weight_q.device.type}"
+    if m.weight_qmin < -128 or m.weight_qmax > 127 or (not m.packed and m.weight_q.dtype != torch.int8):
+        return "weights are not signed <=8-bit"
+    if bool((m.weight_zero_point != 0).any()):
+        return "asymmetric weights (non-zero weight zero point)"
+    if m.act_qmax - m.act_qmin > 255:
+        return f"activations wider than 8 bit ([{m.act_qmin}, {m.act_qmax}])"
+    return None
+
+
+def supports_fast(m: nn.Module) -> bool:
+    """True if ``m`` (an Int8Layer / Int8Add) can run on the int8 kernels here (weight-only: False).
+
+    Example::
+
+        >>> supports_fast(nn.Linear(2, 2))
+        False
+    """
+    if isinstance(m, Int8Layer):
+        return _unsupported_reason(m) is None
+    if isinstance(m, Int8Add):
+        return onednn.is_available() and m.qmax - m.qmin <= 255
+    return False
+
+
+@torch.no_grad()
+def _build_layer(m: Int8Layer) -> Any:
+    reason = _unsupported_reason(m)
+    if reason is not None:
+        return _set_state(m, reason)
+    w = m.int_weight().to(torch.int8)
+    w_scale = m.weight_scale.detach().to(torch.float32).reshape(-1).contiguous()
+    shift = -m.act_qmin if m.act_qmin < 0 else 0
+    qmin, qmax = m.act_qmin + shift, m.act_qmax + shift
+    static = m.mode == "static"
+    x_scale = float(m.input_scale) if static else 1.0
+    x_zp = int(m.input_zero_point) + shift if static else qmin
+    if m.kind == "conv2d":
+        stride, padding, dilation = list(m.stride), list(m.padding), list(m.dilation)
+        if isinstance(m.padding, str):
+            return _set_state(m, f"padding={m.padding!r}")
+        packed = onednn.prepack_conv_weight(w, w_scale, x_scale, x_zp, stride, padding, dilation, m.groups)
+        groups = int(m.groups)
+        depthwise = groups > 1 and w.shape[1] == 1
+    else:
+        stride = padding = dilation = []
+        packed = onednn.prepack_linear_weight(w)
+        groups, depthwise = 1, False
+    wmax = int(w.abs().max()) if w.numel() else 0
+    risk = (not depthwise) and onednn.saturates_u8s8() and 2 * qmax * wmax > 32767
+    out_scale, out_zp = (float(m.output_scale), int(m.output_zero_point) + shift) if static else (1.0, 0)
+    relu6 = m.act == "relu6"
+    post_op = "relu" if m.act in ("relu", "relu6") else "none"
+    float_out = (not static) or bool(getattr(m, "fast_float_output", False))
+    lo, hi = qmin, qmax
+    if post_op == "relu":
+        lo = max(lo, out_zp)
+    if relu6 and not float_out:
+        hi = min(hi, out_zp + round(6.0 / out_scale))
+    need_clamp = (not float_out) and (lo > 0 or hi < 255)
+    out_dtype = torch.uint8
+    if need_clamp and hi == 127 and post_op == "relu" and lo == out_zp:
+        # ReLU keeps codes >= out_zp >= 0 and an int8 output saturates at 127: the kernel does the clamp,
+        # and its int8 output is the same bytes as the uint8 codes.
+        need_clamp, out_dtype = False, torch.int8
+    st = _LayerState(
+        m.kind, m.mode, packed, w_scale, torch.zeros(w_scale.numel(), dtype=torch.long),
+        None if m.bias is None else m.bias.detach().to(torch.float32).contiguous(),
+        stride, padding, dilation, groups, shift, qmin, qmax, x_scale, x_zp, bool(m.act_symmetric),
+        m.act_qmin, m.act_qmax, out_scale, out_zp, post_op, lo, hi, need_clamp, out_dtype, relu6, float_out, risk,
+    )  # fmt: skip
+    return _set_state(m, st)
+
+
+def _build_add(m: Int8Add) -> Any:
+    if not supports_fast(m):
+        return _set_state(
+            m, "the oneDNN int8 kernels are not available" if not onednn.is_available() else "codes wider than 8 bit"
+        )
+    shift = -m.qmin if m.qmin < 0 else 0
+    qmin, qmax = m.qmin + shift, m.qmax + shift
+    zo = int(m.output_zero_point) + shift
+    so = float(m.output_scale)
+    lo, hi = qmin, qmax
+    if m.act in ("relu", "relu6"):
+        lo = max(lo, zo)
+    if m.act == "relu6":
+        hi = min(hi, zo + round(6.0 / so))
+    need_clamp, out_dtype = lo > 0 or hi < 255, torch.uint8
+    if need_clamp and hi == 127 and qmax == 127 and m.act == "relu" and lo == zo:
+        need_clamp, out_dtype = False, torch.int8  # as in _build_layer: the kernel's int8 saturation is the clamp
+    st = _AddState(
+        float(m.lhs_scale), int(m.lhs_zero_point) + shift, float(m.rhs_scale), int(m.rhs_zero_point) + shift,
+        so, zo, shift, qmin, qmax, lo, hi, "relu" if m.act in ("relu", "relu6") else "none",
+        need_clamp, out_dtype, bool(getattr(m, "fast_float_output", False)), {},
+    )  # fmt: skip
+    return _set_state(m, st)
+
+
+# ------------------------------------------------------------------------------------------- warnings
+
+
+def _warn_once(m: nn.Module, key: str, message: str) -> None:
+    flags = m.__dict__.setdefault("_qt_warned", set())
+    if key in flags:
+        return
+    flags.add(key)
+    warnings.warn(message, FastPathWarning, stacklevel=4)
+
+
+def _fallback(m: nn.Module, reason: str, *inputs: Any) -> Tensor:
+    inputs = dequantize_tree(inputs)
+    if reason != "weight-only":
+        _warn_once(m, "fallback:" + reason, f"{m.name}: int8 fast path unavailable ({reason}); running the reference path")
+    y = m.forward_reference(*inputs)  # type: ignore[operator]
+    return inference_only(y, m.name)
+
+
+def _saturation_message(names: list[str]) -> str:
+    shown = ", ".join(names[:12]) + (f" ... ({len(names)} in all)" if len(names) > 12 else "")
+    return (
+        f"int8 fast path: this CPU has no VNNI, so oneDNN sums pairs of u8*s8 products in int16 with saturation; "
+        f"{len(names)} layer(s) can exceed it (2*max input code*max|q_w| > 32767) and may deviate from the reference "
+        f"path: {shown}. Use the 'w8a8-x86' preset (7-bit activations, exact) or set_execution(model, 'reference')."
+    )
+
+
+# ------------------------------------------------------------------------------------------- layers
+
+
+def _input_codes(st: Any, x: Tensor, scale: float, zp: int) -> Tensor:
+    """uint8 codes of ``x`` on the grid ``(scale, zp)`` / ``[st.qmin, st.qmax]`` (uint8 space)."""
+    if type(x) is _QA:
+        if x.q_scale == scale and x.q_zero_point == zp and x.q_min >= st.qmin and x.q_max <= st.qmax and x.codes is not None:
+            return x.codes
+        x = x.dequantize()
+    elif not x.is_floating_point():
+        raise TypeError(f"expected a floating-point input or a QuantizedActivation, got {x.dtype}")
+    return onednn.quantize_u8(x, scale, zp, st.qmin, st.qmax)
+
+
+def _finish(m: Int8Layer, st: _LayerState, y: Tensor) -> Tensor:
+    if st.float_out:
+        if st.relu6:
+            y = y.clamp_(max=6.0)
+        return y  # the caller attaches inference_only outside no_grad
+    if st.need_clamp:
+        y = y.clamp_(st.clamp_lo, st.clamp_hi)
+    elif y.dtype == torch.int8:
+        y = y.view(torch.uint8)
+    return _QA.wrap(y, st.out_scale, st.out_zp, st.qmin, st.qmax)
+
+
+def _run_layer(st: _LayerState, xq: Tensor, x_scale: float, x_zp: int, residual: Optional[Tensor] = None,
+               r_scale: float = 1.0, r_zp: int = 0, out_scale: float = 1.0, out_zp: int = 0,
+               out_dtype: torch.dtype = torch.uint8, post_op: str = "none") -> Tensor:  # fmt: skip
+    if st.kind == "conv2d":
+        if xq.dim() != 4:
+            raise ValueError(f"conv2d expects a 4-D input, got {tuple(xq.shape)}")
+        if residual is None:
+            return torch.ops.onednn.qconv_pointwise(
+                xq, x_scale, x_zp, st.packed, st.w_scale, st.w_zp, st.bias, st.stride, st.padding, st.dilation,
+                st.groups, out_scale, out_zp, out_dtype, post_op, [], "",
+            )  # fmt: skip
+        return torch.ops.onednn.qconv2d_pointwise.binary(
+            xq, x_scale, x_zp, st.packed, st.w_scale, st.w_zp, residual, st.bias, st.stride, st.padding, st.dilation,
+            st.groups, out_scale, out_zp, out_dtype, r_scale, r_zp, "sum", 1.0, post_op, [], "",
+        )  # fmt: skip
+    if not xq.is_contiguous():
+        xq = xq.contiguous()
+    return torch.ops.onednn.qlinear_pointwise(
+        xq, x_scale, x_zp, st.packed, st.w_scale, st.w_zp, st.bias, out_scale, out_zp, out_dtype, post_op, [], "none"
+    )
+
+
+def fast_forward(m: Int8Layer, x: Tensor) -> Tensor:
+    """``Int8Layer`` forward on the int8 kernels (see the module docstring); falls back when needed."""
+    st = _get_state(m)
+    if st is None:
+        st = _build_layer(m)
+        if type(st) is _LayerState and st.saturation_risk:
+            _warn_once(m, "saturation", _saturation_message([m.name]))
+    if type(st) is str:
+        return _fallback(m, st, x)
+    if type(x) is not _QA and x.device.type != "cpu":  # carriers are made by the CPU kernels only
+        return _fallback(m, f"input on {x.device.type}", x)
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            y = _fast_forward(m, st, x)
+        return _out(m, y)
+    return _fast_forward(m, st, x)
+
+
+def _fast_forward(m: Int8Layer, st: _LayerState, x: Tensor) -> Tensor:
+    if st.mode == "static":
+        xq = _input_codes(st, x, st.x_scale, st.x_zp)
+        if st.float_out:
+            y = _run_layer(st, xq, st.x_scale, st.x_zp, out_dtype=torch.float32, post_op=st.post_op)
+        else:
+            y = _run_layer(st, xq, st.x_scale, st.x_zp, out_scale=st.out_scale, out_zp=st.out_zp,
+                           out_dtype=st.out_dtype, post_op=st.post_op)  # fmt: skip
+        return _finish(m, st, y)
+    # dynamic: per-batch qparams exactly as the reference path computes them
+    if type(x) is _QA:
+        x = x.dequantize()
+    if not x.is_floating_point():
+        raise TypeError(f"{m.name}: expected a floating-point input, got {x.dtype}")
+    lo, hi = x.detach().aminmax()
+    s, z = compute_qparams(lo, hi, st.act_qmin, st.act_qmax, st.symmetric)
+    sf, zf = float(s), int(z) + st.shift
+    xq = onednn.quantize_u8(x, sf, zf, st.qmin, st.qmax)
+    y = _run_layer(st, xq, sf, zf, out_dtype=torch.float32, post_op=st.post_op)
+    if st.relu6:
+        y = y.clamp_(max=6.0)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------- adds
+
+
+def _operand_codes(st: _AddState, t: Tensor, scale: float, zp: int) -> Tensor:
+    if type(t) is _QA:
+        if t.q_scale == scale and t.q_zero_point == zp and t.q_min >= st.qmin and t.q_max <= st.qmax and t.codes is not None:
+            return t.codes
+        t = t.dequantize()
+    return onednn.quantize_u8(t, scale, zp, st.qmin, st.qmax)
+
+
+def fast_add(m: Int8Add, a: Tensor, b: Tensor) -> Tensor:
+    """``Int8Add`` forward on uint8 codes: ``clamp(round(((qa−za)·sa + (qb−zb)·sb) / so) + zo)``."""
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            y = _fast_add(m, a, b)
+        return _out(m, y)
+    return _fast_add(m, a, b)
+
+
+def _fast_add(m: Int8Add, a: Tensor, b: Tensor) -> Tensor:
+    st = _get_state(m)
+    if st is None:
+        st = _build_add(m)
+    if type(st) is str:
+        return _fallback(m, st, a, b)
+    ca = a.codes if type(a) is _QA else a
+    cb = b.codes if type(b) is _QA else b
+    if ca is None or cb is None:
+        raise RuntimeError((a if ca is None else b)._consumed_message())
+    if ca.device.type != "cpu" or cb.device.type != "cpu":
+        return _fallback(m, f"input on {ca.device.type if ca.device.type != 'cpu' else cb.device.type}", a, b)
+    if ca.shape != cb.shape:
+        return _fallback(m, "broadcasting add", a, b)
+    qa = _operand_codes(st, a, st.lhs_scale, st.lhs_zp)
+    qb = _operand_codes(st, b, st.rhs_scale, st.rhs_zp)
+    if qa.dim() == 4 and qa.numel() >= _ADD_KERNEL_MIN_NUMEL:
+        # oneDNN: 1x1 depthwise identity conv on qa with qb as the ``sum`` accumulator — one kernel,
+        # one rounding, ReLU fused (measured 1.4-3x faster than the float arithmetic below).
+        c = qa.shape[1]
+        packed = st.identity.get(c)
+        if packed is None:
+            ones = torch.ones(c, 1, 1, 1, dtype=torch.int8)
+            packed = st.identity[c] = (onednn.prepack_conv_weight(ones, torch.ones(c), 1.0, 0, 1, 0, 1, c), torch.ones(c),
+                                       torch.zeros(c, dtype=torch.long))  # fmt: skip
+        x_codes, x_scale, x_zp = qa, st.lhs_scale, st.lhs_zp
+        donate = getattr(m, "fast_donate", None)
+        donor = a if donate == 0 else b if donate == 1 else None
+        if donor is not None and not st.float_out and type(donor) is _QA and donor.codes is (qa if donor is a else qb):
+            # the graph proved this operand is dead after the add: it becomes the in-place accumulator (no copy)
+            acc, r_scale, r_zp = (
+                donor.codes,
+                (st.lhs_scale if donor is a else st.rhs_scale),
+                (st.lhs_zp if donor is a else st.rhs_zp),
+            )
+            if donor is a:
+                x_codes, x_scale, x_zp = qb, st.rhs_scale, st.rhs_zp
+            if st.out_dtype == torch.int8:
+                acc = acc.view(torch.int8)
+            o_scale, o_zp, o_dtype = st.out_scale, st.out_zp, st.out_dtype
+            donor.consume(m.name)
+        else:
+            acc, r_scale, r_zp, o_scale, o_zp, o_dtype = _accumulator(st, qb, st.rhs_scale, st.rhs_zp)
+        y = torch.ops.onednn.qconv2d_pointwise.binary(
+            x_codes, x_scale, x_zp, packed[0], packed[1], packed[2], acc, None, [1, 1], [0, 0], [1, 1], c,
+            o_scale, o_zp, o_dtype, r_scale, r_zp, "sum", 1.0, st.post_op, [], "",
+        )  # fmt: skip
+        return _finish_add(m, st, y)
+    if st.float_out:
+        y = qa.to(torch.float32).sub_(st.lhs_zp).mul_(st.lhs_scale)
+        y.add_(qb.to(torch.float32).sub_(st.rhs_zp).mul_(st.rhs_scale))
+        if st.post_op == "relu":
+            y = y.clamp_(min=0.0)
+        return _finish_add(m, st, y)
+    ka, kb = st.lhs_scale / st.out_scale, st.rhs_scale / st.out_scale
+    y = qa.to(torch.float32).mul_(ka)
+    y.add_(qb, alpha=kb).add_(st.out_zp - st.lhs_zp * ka - st.rhs_zp * kb).round_().clamp_(st.lo, st.hi)
+    return _QA.wrap(y.to(torch.uint8), st.out_scale, st.out_zp, st.qmin, st.qmax)
+
+
+def _accumulator(st: _AddState, r: Tensor, r_scale: float, r_zp: int) -> tuple:
+    """oneDNN ``sum`` accumulator for the residual codes ``r`` (a copy: it is written in place)."""
+    if st.float_out:  # fp32 output needs an fp32 accumulator holding real values (scale 1, zp 0)
+        acc = r.to(torch.float32, memory_format=_CL).sub_(r_zp).mul_(r_scale)
+        return acc, 1.0, 0, 1.0, 0, torch.float32
+    acc = r.clone(memory_format=_CL)
+    if st.out_dtype == torch.int8:  # codes in [0, 127]: the same bytes as int8
+        acc = acc.view(torch.int8)
+    return acc, r_scale, r_zp, st.out_scale, st.out_zp, st.out_dtype
+
+
+def _out(m: nn.Module, y: Tensor) -> Tensor:
+    """Float results get :func:`inference_only` (needs grad mode on); carriers are returned as they are."""
+    return y if type(y) is _QA else inference_only(y, m.name)
+
+
+def _finish_add(m: Int8Add, st: _AddState, y: Tensor) -> Tensor:
+    if st.float_out:
+        if m.act == "relu6":
+            y = y.clamp_(max=6.0)
+        return y  # the caller attaches inference_only outside no_grad
+    if st.need_clamp:
+        y = y.clamp_(st.lo, st.hi)
+    elif y.dtype == torch.int8:
+        y = y.view(torch.uint8)
+    return _QA.wrap(y, st.out_scale, st.out_zp, st.qmin, st.qmax)
+
+
+def fused_conv_add(conv: Int8Layer, add: Int8Add, x: Tensor, other: Tensor, conv_is_lhs: bool) -> Tensor:
+    """``add(conv(x), other)`` (or ``add(other, conv(x))``) as one oneDNN conv with a ``sum`` post-op.
+
+    Used by the graphs :func:`fuse_residual_adds` rewrites.  Runs the two modules one after the other
+    (exactly the original graph) unless both are in ``"fast"`` execution, have no hooks, and the shapes match.
+    """
+    y = _fused_conv_add(conv, add, x, other, conv_is_lhs)
+    if y is not None:
+        return _out(add, y)
+    y = conv(x)
+    return add(y, other) if conv_is_lhs else add(other, y)
+
+
+def _fused_conv_add(conv: Int8Layer, add: Int8Add, x: Tensor, other: Tensor, conv_is_lhs: bool) -> Optional[Tensor]:
+    if conv.execution == "fast" and add.execution == "fast" and not (conv._forward_hooks or conv._forward_pre_hooks
+                                                                     or add._forward_hooks or add._forward_pre_hooks):  # fmt: skip
+        st = _get_state(conv)
+        if st is None:
+            st = _build_layer(conv)
+        ast = _get_state(add)
+        if ast is None:
+            ast = _build_add(add)
+        if (type(st) is _LayerState and type(ast) is _AddState and st.mode == "static" and st.kind == "conv2d"
+                and st.post_op == "none" and x.device.type == "cpu" and other.device.type == "cpu" and x.dim() == 4):  # fmt: skip
+            if st.saturation_risk:
+                _warn_once(conv, "saturation", _saturation_message([conv.name]))
+            with torch.no_grad():
+                xq = _input_codes(st, x, st.x_scale, st.x_zp)
+                oh, ow = onednn._conv_out_hw(xq.shape[2], xq.shape[3], st.packed.shape[2:], st.stride, st.padding, st.dilation)
+                if tuple(other.shape) == (xq.shape[0], st.packed.shape[0], oh, ow):
+                    r_scale, r_zp = (ast.rhs_scale, ast.rhs_zp) if conv_is_lhs else (ast.lhs_scale, ast.lhs_zp)
+                    r = _operand_codes(ast, other, r_scale, r_zp)
+                    acc, r_scale, r_zp, o_scale, o_zp, o_dtype = _accumulator(ast, r, r_scale, r_zp)
+                    y = _run_layer(st, xq, st.x_scale, st.x_zp, acc, r_scale, r_zp, o_scale, o_zp, o_dtype, ast.post_op)
+                    return _finish_add(add, ast, y)
+    return None
+
+
+# ------------------------------------------------------------------------------------------- model passes
+
+
+def fuse_residual_adds(model: nn.Module) -> int:
+    """Rewrite ``Int8Add(Int8Layer_conv(x), other)`` in the model's fx graphs into :func:`fused_conv_add`.
+
+    Only where the conv is static, has no activation of its own and the add is its only user.  The
+    modules (and the ``state_dict``) are unchanged; the rewritten call runs the original modules in
+    the original order whenever the fused kernel cannot be used.  Returns the number of rewrites.
+
+    Example::
+
+        >>> fuse_residual_adds(nn.Sequential(nn.Linear(2, 2)))
+        0
+    """
+    n = 0
+    for gm in model.modules():
+        if not isinstance(gm, fx.GraphModule):
+            continue
+        changed = False
+        for node in list(gm.graph.nodes):
+            if node.op != "call_module" or not isinstance(gm.get_submodule(str(node.target)), Int8Add):
+                continue
+            if len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
+                continue
+            for i, src in enumerate(node.args):
+                if src.op != "call_module" or len(src.users) != 1 or len(src.args) != 1 or src.kwargs:
+                    continue
+                conv = gm.get_submodule(str(src.target))
+                if not (isinstance(conv, Int8Layer) and conv.kind == "conv2d" and conv.mode == "static" and conv.act is None):
+                    continue
+                other = node.args[1 - i]
+                with gm.graph.inserting_before(node):
+                    cm = gm.graph.get_attr(str(src.target))
+                    am = gm.graph.get_attr(str(node.target))
+                    new = gm.graph.call_function(fused_conv_add, (cm, am, src.args[0], other, i == 0))
+                node.replace_all_uses_with(new)
+                gm.graph.erase_node(node)
+                gm.graph.erase_node(src)
+                n += 1
+                changed = True
+                break
+        if changed:
+            gm.graph.lint()
+            gm.recompile()
+    return n
+
+
+_TRANSPARENT = (nn.Identity, nn.Dropout)
+
+
+def _graph_of(mod: nn.Module, cache: dict) -> Optional[fx.Graph]:
+    """The module's fx graph (GraphModule), or a one-level trace of its ``forward`` (None if untraceable)."""
+    if isinstance(mod, fx.GraphModule):
+        return mod.graph
+    key = id(mod)
+    if key not in cache:
+        from qtoolkit.fuse import _OneLevelTracer
+
+        try:
+            cache[key] = _OneLevelTracer().trace(mod)
+        except Exception:  # noqa: BLE001 - data-dependent forward: unknown consumers, assume float
+            cache[key] = None
+    return cache[key]
+
+
+def _consumes_codes(mod: nn.Module, cache: dict) -> bool:
+    """Does ``mod`` start by feeding its input to a module that takes int8 codes (static Int8Layer / Int8Add)?"""
+    if isinstance(mod, Int8Layer):
+        return mod.mode == "static"
+    if isinstance(mod, Int8Add):
+        return True
+    if isinstance(mod, nn.Sequential):
+        kids = [c for c in mod if not isinstance(c, _TRANSPARENT)]
+        return bool(kids) and _consumes_codes(kids[0], cache)
+    if not mod._modules:
+        return False
+    graph = _graph_of(mod, cache)
+    if graph is None:
+        return False
+    users = [u for n in graph.nodes if n.op == "placeholder" for u in n.users]
+    return bool(users) and all(_node_consumes_codes(mod, u, cache) for u in users)
+
+
+def _node_consumes_codes(owner: nn.Module, node: fx.Node, cache: dict) -> bool:
+    if node.op == "call_module":
+        return _consumes_codes(owner.get_submodule(str(node.target)), cache)
+    return node.op == "call_function" and node.target is fused_conv_add
+
+
+def mark_float_outputs(model: nn.Module) -> list[str]:
+    """Mark converted modules whose output goes to float code (or out of the model) to return fp32.
+
+    In ``"fast"`` execution a static module normally returns int8 codes (a
+    :class:`~qtoolkit.kernels.qtensor.QuantizedActivation`) for the next quantized module.  Where the
+    consumer is not a quantized module (e.g. ``avgpool`` before the classifier, or the model's output),
+    an fp32 output avoids a rounding the reference path does not have.  Follows ``nn.Sequential``
+    order and the ``torch.fx`` graphs of the converted model (other containers are traced one level
+    for this analysis only; untraceable ones count as float consumers).  Returns the marked names.
+
+    Example::
+
+        >>> mark_float_outputs(nn.Sequential(nn.ReLU()))
+        []
+    """
+    marked: list[str] = []
+    cache: dict = {}
+    for m in model.modules():
+        if isinstance(m, (Int8Layer, Int8Add)):
+            m.fast_float_output = False
+            invalidate(m)
+
+    def visit(mod: nn.Module, out_float: bool) -> None:
+        if isinstance(mod, (Int8Layer, Int8Add)):
+            if out_float and not mod.fast_float_output:  # a module called from several sites: any float consumer
+                mod.fast_float_output = True
+                invalidate(mod)
+                marked.append(mod.name)
+        elif isinstance(mod, nn.Sequential):
+            kids = [c for c in mod if not isinstance(c, _TRANSPARENT)]
+            for i, c in enumerate(kids):
+                visit(c, out_float if i == len(kids) - 1 else not _consumes_codes(kids[i + 1], cache))
+        elif mod._modules:
+            graph = _graph_of(mod, cache)
+            if graph is None:
+                for c in mod.children():
+                    visit(c, True)
+                return
+            for node in graph.nodes:
+                if node.op == "call_module":
+                    target = mod.get_submodule(str(node.target))
+                elif node.op == "call_function" and node.target is fused_conv_add:
+                    target = mod.get_submodule(str(node.args[1].target))  # the add
+                else:
+                    continue
+                flt = any((u.op == "output" and out_float) or (u.op != "output" and not _node_consumes_codes(mod, u, cache))
+                          for u in node.users)  # fmt: skip
+                visit(target, flt)
+
+    visit(model, True)
+    return marked
+
+
+def _returns_fresh(mod: nn.Module) -> bool:
+    """Does calling ``mod`` always return a new tensor (never its input)?"""
+    if isinstance(mod, (Int8Layer, Int8Add)):
+        return True
+    if isinstance(mod, nn.Sequential):
+        kids = [c for c in mod if not isinstance(c, _TRANSPARENT)]
+        return bool(kids) and _returns_fresh(kids[-1])
+    return False
+
+
+def mark_donations(model: nn.Module) -> int:
+    """Let residual adds overwrite an operand in place where the fx graph proves it is dead afterwards.
+
+    An :class:`~qtoolkit.nn.Int8Add` operand qualifies when it is the output of a module call that always
+    returns a fresh tensor (an Int8Layer / Int8Add, or a Sequential ending in one) and the add is its only
+    user.  The fast add then uses those int8 codes as oneDNN's in-place ``sum`` accumulator instead of
+    copying them; the consumed activation object raises if touched again (e.g. kept by a forward hook).
+    Returns the number of adds marked.
+
+    Example::
+
+        >>> mark_donations(nn.Sequential(nn.ReLU()))
+        0
+    """
+    n = 0
+    for gm in model.modules():
+        if not isinstance(gm, fx.GraphModule):
+            continue
+        for node in gm.graph.nodes:
+            if node.op != "call_module":
+                continue
+            add = gm.get_submodule(str(node.target))
+            if not isinstance(add, Int8Add):
+                continue
+            add.fast_donate = None
+            if len(node.args) != 2 or node.kwargs:
+                continue
+            for i, src in enumerate(node.args):
+                if (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1
+                        and node.args.count(src) == 1 and _returns_fresh(gm.get_submodule(str(src.target)))):  # fmt: skip
+                    add.fast_donate = i
+                    n += 1
+                    break
+    return n
+
+
+def _nodes(args: Any) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_arg(args, lambda n: out.append(n) or n)  # type: ignore[func-returns-value]
+    return out
+
+
+def dequantize_output_hook(module: nn.Module, args: Any, output: Any) -> Any:
+    """Forward hook (on the converted model's root): int8 carriers never leave the model."""
+    if type(output) is Tensor:
+        return None
+    return dequantize_tree(output)
+
+
+def prepare_fast(model: nn.Module) -> dict[str, str]:
+    """Prepack every fast-capable module now; one warning for all layers at risk of int16 saturation.
+
+    Returns ``{layer name: "fast" | reason for the reference fallback}``.
+
+    Example::
+
+        >>> prepare_fast(nn.Sequential(nn.Linear(2, 2)))
+        {}
+    """
+    status: dict[str, str] = {}
+    risky: list[str] = []
+    for m in model.modules():
+        if isinstance(m, Int8Layer) and m.execution == "fast":
+            st = _build_layer(m)
+            status[m.name] = st if isinstance(st, str) else "fast"
+            if isinstance(st, _LayerState) and st.saturation_risk:
+                risky.append(m.name)
+                m.__dict__.setdefault("_qt_warned", set()).add("saturation")
+        elif isinstance(m, Int8Add) and m.execution == "fast":
+            st = _build_add(m)
+            status[m.name] = st if isinstance(st, str) else "fast"
+    if risky:
+        warnings.warn(_saturation_message(risky), FastPathWarning, stacklevel=3)
+    return status
+
+
+def fast_status(model: nn.Module) -> dict[str, str]:
+    """``{name: execution}`` of the converted modules, with the fast path's fallback reason if any.
+
+    Example::
+
+        >>> fast_status(nn.Sequential(nn.Linear(2, 2)))
+        {}
+    """
+    out: dict[str, str] = {}
+    for m in model.modules():
+        if isinstance(m, (Int8Layer, Int8Add)):
+            if m.execution != "fast":
+                out[m.name] = m.execution
+                continue
+            st = _get_state(m)
+            if st is None:
+                st = _build_layer(m) if isinstance(m, Int8Layer) else _build_add(m)
+            out[m.name] = "fast" if not isinstance(st, str) else f"reference ({st})"
+    return out
