@@ -2,4 +2,8 @@
 
 * :mod:`qtoolkit.kernels.onednn` — oneDNN int8 Conv2d / Linear (``torch.ops.onednn.*``),
   with fused bias, ReLU, residual sum(+ReLU) and fp32 or requantized uint8/int8 output.
+* :mod:`qtoolkit.kernels.qtensor` — :class:`~qtoolkit.kernels.qtensor.QuantizedActivation`, the
+  uint8 activation carrier passed between converted modules.
+* :mod:`qtoolkit.kernels.dispatch` — the ``"fast"`` execution of converted modules (prepacking,
+  int8 activations between layers, residual adds, fallback and saturation policy).
 """
