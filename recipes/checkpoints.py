@@ -47,7 +47,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 TRAIN_COMMAND_RESNET20_FMNIST = (
     "python -m recipes.train_fp32 --model resnet20 --dataset fashion-mnist "
-    "--epochs 15 --out recipes/checkpoints --threads 1"
+    "--epochs 16 --out recipes/checkpoints --threads 1 --no-progress"
 )
 
 #: Shipped FP32 checkpoints. ``path`` is relative to the repository root.
@@ -59,8 +59,8 @@ SHIPPED: dict[str, dict[str, Any]] = {
         "path": "recipes/checkpoints/resnet20_fashion-mnist.pt",
         "model": "resnet20",
         "dataset": "fashion-mnist",
-        "sha256": None,
-        "test_top1": None,
+        "sha256": "47bc8243311b6cb033a5decc459d7882f48a9f9b92eade1b4892a7ed4a2df7e4",
+        "test_top1": 94.18,
         "command": TRAIN_COMMAND_RESNET20_FMNIST,
     },
 }
