@@ -141,7 +141,7 @@ def set_execution(model: nn.Module, execution: str) -> nn.Module:
 
         >>> from torch import nn
         >>> import qtoolkit as qt
-        >>> q = qt.convert(qt.calibrate(qt.prepare(nn.Linear(4, 2)), [torch.randn(3, 4)], progress=False))
+        >>> q = qt.convert(qt.calibrate(qt.prepare(nn.Sequential(nn.Linear(4, 2))), [torch.randn(3, 4)], progress=False))
         >>> _ = set_execution(q, "reference")
     """
     if execution not in EXECUTIONS:
