@@ -352,3 +352,26 @@ def test_tensor_calibrator_errors() -> None:
         percentile_range_tensor(torch.arange(10), 99.0)
     with pytest.raises(ValueError, match="axis"):
         mse_range_tensor(torch.randn(3, 4), -8, 7, True, axis=2)
+
+
+def test_entropy_asymmetric_spike_in_one_tail_does_not_clip_the_other():
+    """Normalized images: half the pixels sit at the background value (a spike at
+    -0.8); the bright tail spreads to +2. Folding |x| lets the spike pick the
+    threshold (clipping at 0.8); the per-tail search must keep most of the
+    positive tail, and the spike itself exactly."""
+    g = torch.Generator().manual_seed(3)
+    spike = torch.full((100_000,), -0.8)
+    bright = torch.rand(100_000, generator=g) ** 0.5 * 2.0
+    x = torch.cat([spike, bright])
+    lo_e, hi_e = -1.0, 2.0
+    h = torch.histc(x, 3072, lo_e, hi_e).double()
+    e = torch.linspace(lo_e, hi_e, 3073, dtype=torch.float64)
+    lo, hi = entropy_range(h, e, bits=8, symmetric=False)
+    assert float(lo) <= -0.8 + 1e-3  # spike representable
+    assert float(hi) > 1.5  # the folded search clipped this at ~0.8
+    # and it stays a real calibrator: heavy outliers on the positive side are still clipped
+    out = torch.cat([x, torch.full((5,), 40.0)])
+    h2 = torch.histc(out, 2048 * 41 // 3, -1.0, 40.0).double()
+    e2 = torch.linspace(-1.0, 40.0, h2.numel() + 1, dtype=torch.float64)
+    _, hi2 = entropy_range(h2, e2, bits=8, symmetric=False)
+    assert float(hi2) < 20.0
