@@ -147,3 +147,33 @@ def test_dynamic_and_weight_only_convert():
             torch.testing.assert_close(q(x), qm(x), rtol=1e-5, atol=1e-5)
         with pytest.raises(ValueError, match="static"):
             qt.set_execution(q, "integer")
+
+
+@pytest.mark.parametrize(
+    "cin,cout,k,groups,n,hw",
+    [(64, 64, 3, 1, 32, 12), (3, 16, 3, 1, 20, 28), (32, 32, 3, 32, 17, 9), (512, 8, 3, 1, 2, 4)],  # last: float64 fallback
+)
+def test_integer_accumulation_is_exact(cin, cout, k, groups, n, hw):
+    """The integer-only path's split-float32 accumulation equals an int64 reference
+    at the extremes of the code ranges (and falls back to float64 when K is too big)."""
+    import torch.nn.functional as F
+
+    from qtoolkit.nn.int8_layer import Int8Layer
+
+    g = torch.Generator().manual_seed(cin + k)
+    x = torch.randint(-255, 256, (n, cin, hw, hw), generator=g)
+    w = torch.randint(-127, 128, (cout, cin // groups, k, k), generator=g)
+    w[0].fill_(-127)
+    x[0].fill_(255)
+    # int64 reference: exact unfold-and-sum, no floating point at all
+    cols = F.unfold(x.double(), k, padding=1).round().long()  # (n, cin*k*k, L)
+    if groups == 1:
+        ref = torch.einsum("ok,nkl->nol", w.reshape(cout, -1), cols)
+    else:
+        cols = cols.reshape(n, groups, -1, cols.shape[-1])
+        ref = torch.einsum("gok,ngkl->ngol", w.reshape(groups, cout // groups, -1), cols).reshape(n, cout, -1)
+    layer = Int8Layer.__new__(Int8Layer)  # only the geometry is needed
+    layer.kind, layer.stride, layer.padding, layer.dilation, layer.groups = "conv2d", (1, 1), (1, 1), (1, 1), groups
+    out = layer._int_accumulate(x, w)
+    assert out.dtype == torch.int64
+    assert torch.equal(out.reshape(n, cout, -1), ref)

@@ -200,14 +200,37 @@ class Int8Layer(nn.Module):
         y = self._op(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         return apply_activation(y, self.act)
 
+    def _int_accumulate(self, xq: Tensor, wq: Tensor) -> Tensor:
+        """Exact ``Σ xq·wq`` (int64) of the conv/linear on integer codes.
+
+        Computed with float32 kernels where that is provably exact: the weight is split
+        as ``wq = 16·w_hi + w_lo`` (``w_lo`` in [0, 15]) and each partial op's sums are
+        integers below 2^24 in magnitude (``K·max|xq|·max|w_part| < 2^24``, ``K`` the
+        reduction length), so float32 represents every partial sum exactly in any
+        summation order; ``acc = 16·acc_hi + acc_lo``. Otherwise float64 (exact below
+        2^53), which is much slower on CPU.
+        """
+        k = wq[0].numel()  # reduction length: in_features, or in_channels/groups · kernel
+        xmax = int(xq.abs().max()) if xq.numel() else 0
+        w_lo = torch.remainder(wq, 16)
+        w_hi = torch.div(wq - w_lo, 16, rounding_mode="floor")
+        wmax = max(15, int(w_hi.abs().max()) if w_hi.numel() else 0)
+        if k * xmax * wmax < 2**24:
+            xf = xq.to(torch.float32)
+            acc_hi = self._op(xf, w_hi.to(torch.float32), None).to(torch.int64)
+            acc_lo = self._op(xf, w_lo.to(torch.float32), None).to(torch.int64)
+            return acc_hi * 16 + acc_lo
+        return torch.round(self._op(xq.double(), wq.double(), None)).to(torch.int64)
+
     def forward_integer(self, x: Tensor) -> Tensor:
         """Integer-only execution (static mode): int32 accumulate, fixed-point requantize."""
         if self.mode != "static":
             raise RuntimeError(f"{self.name}: integer-only execution needs static mode (this layer is {self.mode})")
         qx, _, zx = self._quantize_input(x)
-        xq = qx.double() - zx.double()
-        wq = self.int_weight().double() - self.weight_zero_point.double().reshape([-1] + [1] * (len(self.weight_shape) - 1))
-        acc = torch.round(self._op(xq, wq, None)).to(torch.int64)
+        wq = self.int_weight().to(torch.int64) - self.weight_zero_point.to(torch.int64).reshape(
+            [-1] + [1] * (len(self.weight_shape) - 1)
+        )
+        acc = self._int_accumulate(qx.to(torch.int64) - zx.to(torch.int64), wq)
         cshape = [1, -1] + [1] * (acc.dim() - 2) if self.kind != "linear" else [-1]
         if self.bias is not None:
             acc = acc + self.bias_int32.to(torch.int64).reshape(cshape)
