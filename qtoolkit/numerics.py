@@ -431,6 +431,30 @@ def multiply_by_quantized_multiplier(x: Tensor, m0: Tensor | int, shift: Tensor 
     return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(x, m0), right)
 
 
+def multiply_by_quantized_multiplier_single_rounding(x: Tensor, m0: Tensor | int, shift: Tensor | int) -> Tensor:
+    """``round(x · M0 · 2^-(31 + shift))`` with ONE rounding: ``(x·M0 + 2^(r-1)) >> r``,
+    ``r = 31 + shift`` (TFLite's ``TFLITE_SINGLE_ROUNDING`` variant, as in CMSIS-NN).
+
+    The gemmlowp form (:func:`multiply_by_quantized_multiplier`) rounds twice (the
+    doubling high multiply, then the right shift), which keeps only ``shift`` fractional
+    bits in between: an error of up to ``2^-(shift+1)`` output steps that flips ~5e-4 of
+    the codes of a ResNet layer against exact rounding. Here the int64 product
+    (``|x| < 2^31``, ``M0 < 2^31``) is rounded once, half up. Result int64.
+
+    Example::
+
+        >>> m0, n = quantize_multiplier(0.3)
+        >>> int(multiply_by_quantized_multiplier_single_rounding(torch.tensor([1005]), m0, n))
+        302
+    """
+    x = torch.clamp(x.to(torch.int64), _INT32_MIN, _INT32_MAX)
+    total = 31 + torch.as_tensor(shift, dtype=torch.int64, device=x.device)
+    if bool((total < 1).any()) or bool((total > 62).any()):
+        raise ValueError("multiply_by_quantized_multiplier_single_rounding: 31 + shift must lie in [1, 62]")
+    prod = x * torch.as_tensor(m0, dtype=torch.int64, device=x.device)
+    return (prod + (torch.ones_like(total) << (total - 1))) >> total
+
+
 def requantize(
     acc: Tensor,
     m0: Tensor | int,
@@ -438,7 +462,19 @@ def requantize(
     zero_point: int,
     qmin: int,
     qmax: int,
+    *,
+    rounding: str = "single",
 ) -> Tensor:
-    """int32 accumulator → output codes: ``clamp(fixed_point(acc · M) + z, qmin, qmax)``."""
-    y = multiply_by_quantized_multiplier(acc, m0, shift) + int(zero_point)
-    return torch.clamp(y, qmin, qmax)
+    """int32 accumulator → output codes: ``clamp(fixed_point(acc · M) + z, qmin, qmax)``.
+
+    ``rounding="single"`` (default): :func:`multiply_by_quantized_multiplier_single_rounding`;
+    ``"gemmlowp"``: :func:`multiply_by_quantized_multiplier` (two roundings, as gemmlowp /
+    classic TFLite).
+    """
+    if rounding == "single":
+        y = multiply_by_quantized_multiplier_single_rounding(acc, m0, shift)
+    elif rounding == "gemmlowp":
+        y = multiply_by_quantized_multiplier(acc, m0, shift)
+    else:
+        raise ValueError(f"requantize: rounding must be 'single' or 'gemmlowp', got {rounding!r}")
+    return torch.clamp(y + int(zero_point), qmin, qmax)

@@ -408,3 +408,35 @@ def test_multiply_by_quantized_multiplier_within_one_unit() -> None:
         got = multiply_by_quantized_multiplier(x, m0, n)
         ref = torch.round(x.double() * m)
         assert (got.double() - ref).abs().max() <= 1, m
+
+
+def test_single_rounding_multiplier_is_exactly_rounded() -> None:
+    """Single-rounding requantization equals round-half-up of the exact rational
+    ``x·M0 / 2^(31+n)`` (Python integers as the reference), for random multipliers
+    and int32 inputs, and is within one unit of the float64 product ``x·M``."""
+    from qtoolkit.numerics import multiply_by_quantized_multiplier_single_rounding as mul1
+
+    g = torch.Generator().manual_seed(5)
+    ms = torch.rand(60, generator=g, dtype=torch.float64).clamp(min=1e-5).tolist()
+    x = torch.randint(-(2**31), 2**31, (300,), generator=g, dtype=torch.int64)
+    x = torch.cat([x, torch.tensor([0, 1, -1, 2**31 - 1, -(2**31)])])
+    for m in ms:
+        m0, n = quantize_multiplier(m)
+        got = mul1(x, m0, n).tolist()
+        r = 31 + n
+        exact = [(v * m0 + (1 << (r - 1))) // (1 << r) for v in x.tolist()]  # floor((p + half) / 2^r)
+        assert got == exact, m
+        assert (torch.tensor(got, dtype=torch.float64) - x.double() * m).abs().max() <= 1, m
+
+
+def test_requantize_rounding_modes() -> None:
+    from qtoolkit.numerics import requantize
+
+    acc = torch.arange(-5000, 5000, 7)
+    m0, n = quantize_multiplier(0.0123)
+    single = requantize(acc, m0, n, 3, -128, 127)
+    gem = requantize(acc, m0, n, 3, -128, 127, rounding="gemmlowp")
+    ref = torch.clamp(torch.floor(acc.double() * 0.0123 + 0.5) + 3, -128, 127)
+    assert (single.double() - ref).abs().max() <= 1 and (gem.double() - ref).abs().max() <= 1
+    with pytest.raises(ValueError, match="rounding"):
+        requantize(acc, m0, n, 0, -128, 127, rounding="nearest")
