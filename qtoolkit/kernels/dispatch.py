@@ -250,7 +250,7 @@ def _build_layer(m: Int8Layer) -> Any:
         need_clamp, out_dtype = False, torch.int8
     st = _LayerState(
         m.kind, m.mode, packed, w_scale, torch.zeros(w_scale.numel(), dtype=torch.long),
-        None if m.bias is None else m.bias.detach().to(torch.float32).contiguous(),
+        None if m.bias is None else m.effective_bias().detach().to(torch.float32).contiguous(),
         stride, padding, dilation, groups, shift, qmin, qmax, x_scale, x_zp, bool(m.act_symmetric),
         m.act_qmin, m.act_qmax, out_scale, out_zp, post_op, lo, hi, need_clamp, out_dtype, relu6, float_out, risk,
     )  # fmt: skip

@@ -75,6 +75,8 @@ class Int8Add(nn.Module):
         qa = quantize(a, self.lhs_scale, self.lhs_zero_point, self.qmin, self.qmax).long() - int(self.lhs_zero_point)
         qb = quantize(b, self.rhs_scale, self.rhs_zero_point, self.qmin, self.qmax).long() - int(self.rhs_zero_point)
         sa, sb, so = float(self.lhs_scale), float(self.rhs_scale), float(self.output_scale)
+        if self.fast_float_output:  # the sum leaves the quantized graph: no 8-bit requantization
+            return apply_activation(qa.double() * sa + qb.double() * sb, self.act).to(a.dtype)
         twice_max = 2.0 * max(sa, sb)
         ma, na = quantize_multiplier(sa / twice_max)
         mb, nb = quantize_multiplier(sb / twice_max)

@@ -171,6 +171,14 @@ class Int8Layer(nn.Module):
             return unpack_int4(self.weight_q, self.weight_shape)
         return self.weight_q
 
+    def effective_bias(self) -> Tensor | None:
+        """The float bias every execution path adds: in static mode the int32 bias
+        ``bias_int32 · s_x · s_w`` (what the prepared model simulates), else ``bias``."""
+        if self.bias is None or self.mode != "static" or getattr(self, "bias_int32", None) is None:
+            return self.bias
+        acc_scale = self.input_scale.double() * self.weight_scale.double()
+        return (self.bias_int32.double() * acc_scale).to(self.bias.dtype)
+
     def dequantized_weight(self) -> Tensor:
         return dequantize(self.int_weight(), self.weight_scale, self.weight_zero_point, axis=0)
 
@@ -197,7 +205,8 @@ class Int8Layer(nn.Module):
             lo, hi = x.detach().aminmax()
             s, z = compute_qparams(lo, hi, self.act_qmin, self.act_qmax, self.act_symmetric)
             x = fake_quantize(x, s, z, self.act_qmin, self.act_qmax)
-        y = self._op(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        b = self.effective_bias()
+        y = self._op(x, self.dequantized_weight().to(x.dtype), None if b is None else b.to(x.dtype))
         return apply_activation(y, self.act)
 
     def _int_accumulate(self, xq: Tensor, wq: Tensor) -> Tensor:
@@ -234,6 +243,13 @@ class Int8Layer(nn.Module):
         cshape = [1, -1] + [1] * (acc.dim() - 2) if self.kind != "linear" else [-1]
         if self.bias is not None:
             acc = acc + self.bias_int32.to(torch.int64).reshape(cshape)
+        if self.fast_float_output:
+            # the output leaves the quantized graph (model output, avgpool): dequantize the
+            # int32 accumulator instead of requantizing to 8 bits, as an engine with an fp32
+            # network output does; an 8-bit requantization of the logits would flip top-1
+            # on near-ties that the fake-quant model does not round.
+            acc_scale = (self.input_scale.double() * self.weight_scale.double()).reshape(cshape)
+            return apply_activation(acc.double() * acc_scale, self.act).to(x.dtype)
         zo = int(self.output_zero_point)
         lo, hi = self.act_qmin, self.act_qmax
         if self.act in ("relu", "relu6"):

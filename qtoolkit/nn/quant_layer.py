@@ -162,6 +162,30 @@ class QuantLayer(nn.Module):
     def bn_is_frozen(self) -> bool:
         return self.bn is not None and bool(self.bn_frozen)
 
+    def _int32_bias(self, bias: Tensor | None) -> Tensor | None:
+        """The bias as an integer engine adds it: int32 codes at scale ``s_x·s_w``.
+
+        Static mode only, once the input is fake-quantized with calibrated qparams;
+        straight-through (the rounding has no gradient). This is the bias that
+        :class:`~qtoolkit.nn.int8_layer.Int8Layer` (``bias_int32``), the int8 kernels
+        and the ONNX export use, so the fake-quant model predicts them exactly
+        (a float bias differs by up to ``0.5·s_x·s_w``, which flips ~1e-4 of a
+        ResNet layer's output codes).
+        """
+        iq = self.input_quantizer
+        if (
+            bias is None
+            or iq is None
+            or iq.role != "activation"
+            or not bool(iq.fake_quant_enabled)
+            or not iq.is_calibrated
+            or not bool(self.weight_quantizer.fake_quant_enabled)
+        ):
+            return bias
+        acc_scale = iq.scale.detach().double() * self.weight_quantizer.scale.detach().double()
+        q = torch.clamp(torch.round(bias.detach().double() / acc_scale), -(2**31), 2**31 - 1)
+        return bias + (q * acc_scale).to(bias.dtype).sub(bias.detach()).detach()
+
     # ---------------------------------------------------------------- forward
     def _forward_live_bn(self, x: Tensor) -> Tensor:
         bn = self.bn
@@ -189,7 +213,7 @@ class QuantLayer(nn.Module):
         if self.bn is not None:
             y = self._forward_live_bn(x)
         else:
-            y = self._op(x, self.weight_quantizer(self.weight), self.bias)
+            y = self._op(x, self.weight_quantizer(self.weight), self._int32_bias(self.bias))
         y = apply_activation(y, self.act)
         if self.output_quantizer is not None:
             y = self.output_quantizer(y)
