@@ -146,8 +146,9 @@ def _checks(rows: list[dict[str, Any]], ptq: dict[str, Any] | None, qat: dict[st
                 checks.append({"bar": f"converted int8 ({ex}) within {t['converted_within_pt']} pt of fake quant",
                                "value": f"{e['delta_vs_fake_quant_pt']:+.2f} pt",
                                "pass": abs(e["delta_vs_fake_quant_pt"]) <= t["converted_within_pt"] + 1e-9})
-                if ex == "integer":
-                    checks.append({"bar": f"integer-only argmax agreement with fake quant >= {t['integer_agreement_pct']}%",
+                if ex in ("integer", "fast"):
+                    what = "integer-only" if ex == "integer" else "fast int8 kernels'"
+                    checks.append({"bar": f"{what} argmax agreement with fake quant >= {t['integer_agreement_pct']}%",
                                    "value": f"{e['agreement_vs_fake_quant']:.2f}%",
                                    "pass": e["agreement_vs_fake_quant"] >= t["integer_agreement_pct"]})
         w4 = [r for r in ptq["results"] if r["preset"] == "w4a8"]
