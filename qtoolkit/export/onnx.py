@@ -13,10 +13,11 @@
   qparams. ``weight_dtype="uint8"`` stores the same values as ``code + 128`` with zero
   point 128 (ORT's U8U8 kernels; see :func:`export_onnx` on x86 CPUs without VNNI).
 * **Bias**: ``int32`` codes with scale ``s_x·s_w`` (per channel) and zero point 0
-  through a ``DequantizeLinear`` (``bias="int32"``, default: ORT fuses every conv into
-  ``QLinearConv`` and the classifier into ``QGemm``), or a float initializer
-  (``bias="float"``: the graph is then bit-for-bit the fake-quant function; ORT 1.31
-  still fuses the convs, quantizing the bias itself, but not the Gemm; TensorRT's form).
+  through a ``DequantizeLinear`` (``bias="int32"``, default: the same int32 bias the
+  fake-quant model simulates; ORT fuses every conv into ``QLinearConv`` and the
+  classifier into ``QGemm``), or a float initializer holding the unquantized bias
+  (``bias="float"``: ORT 1.31 still fuses the convs, quantizing the bias itself, but
+  not the Gemm; TensorRT's form).
   Layers whose input is not statically quantized keep a float bias.
 * **Placement** (TensorRT's explicit-quantization rules): Q/DQ on the inputs of every
   Conv / Gemm and on both inputs of every residual Add; none between a conv and its
@@ -662,9 +663,9 @@ def export_onnx(
         bias: ``"int32"`` (default): bias as int32 codes at scale ``s_x·s_w`` (zero point
             0) through a ``DequantizeLinear`` — the form ONNX Runtime's QDQ fusion expects
             (``QLinearConv``, and ``QGemm`` for the classifier; ORT ≥ 1.20 also fuses convs
-            with a float bias by quantizing it itself, but leaves Gemm float). ``"float"``:
-            a float initializer — the graph then computes exactly the fake-quant model
-            (no rounding of the bias to ``s_x·s_w``); TensorRT expects this form.
+            with a float bias by quantizing it itself, but leaves Gemm float); it is the
+            int32 bias the fake-quant model simulates. ``"float"``: the unquantized float
+            bias (the engine rounds it itself); TensorRT expects this form.
         weight_dtype: container of the weight codes. ``"int8"`` (default; symmetric, zero
             point 0 — the standard for TensorRT and ORT). ``"uint8"``: the same values as
             ``code + 128`` with zero point 128, which makes ORT use its U8U8 kernels: on x86
