@@ -242,15 +242,10 @@ def ort_variants(model: nn.Module, qm: nn.Module, shape: tuple[int, ...]) -> lis
 
 
 def _cpu_snap() -> tuple[float, float, float]:
-    try:
-        with open("/proc/stat") as f:
-            v = [int(i) for i in f.readline().split()[1:]]
-        with open("/proc/self/stat") as f:
-            st = f.read().rsplit(")", 1)[1].split()
-        hz = os.sysconf("SC_CLK_TCK")
-        return time.monotonic(), (sum(v) - v[3] - v[4]) / hz, (int(st[11]) + int(st[12])) / hz
-    except (OSError, ValueError, IndexError):
-        return time.monotonic(), 0.0, 0.0
+    """(wall s, busy CPU-s of the machine, CPU-s of this process): shared with bench_kernels."""
+    from bench_kernels import _cpu_snap as snap  # scripts/ is on sys.path when run as a script
+
+    return snap()
 
 
 def images_per_s(runners: dict[str, Callable[[], object]], batch: int, warmup: int, repeats: int) -> dict[str, float]:
