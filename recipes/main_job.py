@@ -10,8 +10,8 @@ Steps (each one is also a standalone recipe; the exact commands are recorded):
 1. FP32 test top-1 (:mod:`recipes.evaluate`);
 2. PTQ at W8A8 and W4A8 with the minmax, percentile, entropy and MSE calibrators
    (:mod:`recipes.ptq`; calibration on the training split);
-3. a short QAT fine-tune at W4A4 with the stem and the classifier at W8A8
-   (:mod:`recipes.qat`, ``--qat-epochs`` on ``--qat-train-fraction`` of the training set);
+3. short QAT fine-tunes at W4A4, then W4A8 (``--qat-preset``), the stem and the classifier at
+   W8A8 (:mod:`recipes.qat`, ``--qat-epochs`` on ``--qat-train-fraction`` of the training set);
 4. the best W8A8 model converted to int8 and evaluated with reference and integer-only
    execution, plus argmax agreement with its fake-quant twin (``ptq --integer-check``);
 5. ``report/``: ``results.md``, ``results.json``, ``accuracy_vs_bits.png``,
@@ -45,7 +45,7 @@ from recipes import ptq as ptq_recipe
 from recipes import qat as qat_recipe
 from recipes import train_fp32
 from recipes.checkpoints import SHIPPED
-from recipes.common import command_line, env_info
+from recipes.common import command_line, env_info, parse_list
 from recipes.data import DATASETS, DatasetNotFoundError, get_dataset
 from recipes.models import MODELS, build_model
 from recipes.report import build_report
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--presets", default="w8a8,w4a8", help="PTQ presets")
     p.add_argument("--calibrators", default="minmax,percentile,entropy,mse", help="PTQ calibrators")
     p.add_argument("--keep-8bit", default="conv1,fc", help="layers kept at W8A8 in the 4-bit PTQ presets and in QAT")
-    p.add_argument("--qat-preset", default="w4a4", help="QAT preset")
+    p.add_argument("--qat-preset", default="w4a4,w4a8", help="QAT preset(s), comma-separated, run in order")
     p.add_argument("--qat-epochs", type=int, default=QAT_EPOCHS_DEFAULT, help="QAT epochs")
     p.add_argument("--qat-train-fraction", type=float, default=QAT_FRACTION_DEFAULT, help="QAT training-set fraction")
     p.add_argument("--qat-lr", type=float, default=0.0025, help="QAT learning rate")
@@ -225,16 +225,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         hist = json.loads(hist_path.read_text())
 
     # 3. QAT
-    qat = None
-    if not args.skip_qat:
+    qat: list[dict[str, Any]] = []
+    qat_presets = [] if args.skip_qat else parse_list(args.qat_preset)
+    for preset in qat_presets:
         t0 = time.perf_counter()
-        qat_argv = common + ["--out", str(work / "qat"), "--preset", args.qat_preset, "--keep-8bit", args.keep_8bit,
+        out_dir = work / ("qat" if len(qat_presets) == 1 else f"qat_{preset}")
+        qat_argv = common + ["--out", str(out_dir), "--preset", preset, "--keep-8bit", args.keep_8bit,
                              "--epochs", str(args.qat_epochs), "--train-fraction", str(args.qat_train_fraction),
                              "--lr", str(args.qat_lr), "--fp32-top1", repr(fp32["top1"])] + args.qat_args.split()
         commands.append(command_line("recipes.qat", qat_argv))
-        qat = qat_recipe.main(qat_argv)
-        steps["3_qat"] = time.perf_counter() - t0
-        _log(f"step 3 QAT {args.qat_preset}: top-1 {qat['top1']:.2f}% ({steps['3_qat']:.0f} s)")
+        res_qat = qat_recipe.main(qat_argv)
+        qat.append(res_qat)
+        steps[f"3_qat_{preset}"] = time.perf_counter() - t0
+        _log(f"step 3 QAT {preset}: top-1 {res_qat['top1']:.2f}% ({steps[f'3_qat_{preset}']:.0f} s)")
 
     # 5. report (the recorded wall time covers everything but writing the report itself, ~1 s)
     wall = time.perf_counter() - t_start

@@ -14,7 +14,7 @@ Plots use matplotlib's Agg backend (no display needed).
 
 Example:
     python -m recipes.report --fp32 runs/eval/eval_results.json --ptq runs/ptq/ptq_results.json \\
-        --qat runs/qat/qat_results.json --out report
+        --qat runs/qat/qat_results.json --out report   # --qat may be repeated
 """
 
 from __future__ import annotations
@@ -66,7 +66,14 @@ def _bits_label(wb: int | None, ab: int | None) -> str:
 # ----------------------------------------------------------------------------- rows
 
 
-def _rows(fp32: dict[str, Any], ptq: dict[str, Any] | None, qat: dict[str, Any] | None) -> list[dict[str, Any]]:
+def _qat_list(qat: dict[str, Any] | list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """QAT results as a list (one ``qat_results.json`` dict, a list of them, or None)."""
+    if not qat:
+        return []
+    return list(qat) if isinstance(qat, (list, tuple)) else [qat]
+
+
+def _rows(fp32: dict[str, Any], ptq: dict[str, Any] | None, qat_results: Any) -> list[dict[str, Any]]:
     base = fp32["top1"]
     rows: list[dict[str, Any]] = [{
         "method": "FP32", "bits": "FP32", "weight_bits": 32, "activation_bits": 32, "top1": base, "drop_pt": 0.0,
@@ -101,7 +108,7 @@ def _rows(fp32: dict[str, Any], ptq: dict[str, Any] | None, qat: dict[str, Any] 
                     "time_s": ic["convert_s"], "time_kind": "conversion",
                     "notes": f"from PTQ {ic['calibrator']}; argmax agreement with fake quant {e['agreement_vs_fake_quant']:.2f}%",
                 })
-    if qat:
+    for qat in _qat_list(qat_results):
         bits = _bits_label(qat["weight_bits"], qat["activation_bits"])
         keep = qat.get("keep_8bit") or []
         tag = " + LSQ" if qat["args"].get("lsq") else ""
@@ -155,13 +162,16 @@ def _checks(rows: list[dict[str, Any]], ptq: dict[str, Any] | None, qat: dict[st
         if w4:
             checks.append({"bar": "W4A8 PTQ: every calibrator reported", "value": ", ".join(
                 f"{r['calibrator']} {r['top1']:.2f}%" for r in w4), "pass": True})
-    if qat:
-        drop = fp32["top1"] - qat["top1"]
-        checks.append({"bar": f"{_bits_label(qat['weight_bits'], qat['activation_bits'])} QAT drop <= "
-                              f"{t['w4a4_qat_max_drop_pt']} pt after <= 3 epochs",
-                       "value": f"{drop:+.2f} pt after {qat['epochs_done']} epoch(s) on "
-                                f"{100 * qat['args']['train_fraction']:.0f}% of the training set",
-                       "pass": drop <= t["w4a4_qat_max_drop_pt"] + 1e-9})
+    for q in _qat_list(qat):
+        drop = fp32["top1"] - q["top1"]
+        label = _bits_label(q["weight_bits"], q["activation_bits"])
+        value = (f"{drop:+.2f} pt after {q['epochs_done']} epoch(s) on "
+                 f"{100 * q['args']['train_fraction']:.0f}% of the training set")
+        if label == "W4A4":
+            checks.append({"bar": f"W4A4 QAT drop <= {t['w4a4_qat_max_drop_pt']} pt after <= 3 epochs",
+                           "value": value, "pass": drop <= t["w4a4_qat_max_drop_pt"] + 1e-9})
+        else:  # no bar for other bit widths: reported
+            checks.append({"bar": f"{label} QAT reported", "value": f"top-1 {q['top1']:.2f}%, drop {value}", "pass": True})
     return checks
 
 
@@ -264,7 +274,7 @@ def build_report(
     out: str | Path,
     fp32: dict[str, Any],
     ptq: dict[str, Any] | None = None,
-    qat: dict[str, Any] | None = None,
+    qat: dict[str, Any] | list[dict[str, Any]] | None = None,
     hist: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -272,7 +282,8 @@ def build_report(
 
     Args:
         fp32: ``{"top1", "size_bytes", "samples", "shipped", "train_time_s"?, "checkpoint"?}``.
-        ptq: ``ptq_results.json`` contents. qat: ``qat_results.json`` contents.
+        ptq: ``ptq_results.json`` contents. qat: ``qat_results.json`` contents (or a
+            list of them, one per QAT preset).
         hist: ``ptq_histograms.json`` contents. meta: anything else to record
             (commands, wall time, dataset, smoke flag).
     """
@@ -313,14 +324,16 @@ def build_report(
               "two per byte, float scales); FP32 = the float checkpoint.", "", "## Accuracy bars", ""]
     lines += md_table(["bar", "measured", "status"],
                       [[c["bar"], c["value"], "PASS" if c["pass"] else "**MISSED**"] for c in checks])
-    if qat and qat.get("history"):
-        lines += ["", "## QAT per epoch", ""]
+    for q in _qat_list(qat):
+        if not q.get("history"):
+            continue
+        lines += ["", f"## QAT per epoch ({_bits_label(q['weight_bits'], q['activation_bits'])})", ""]
         lines += md_table(["epoch", "lr (start)", "train loss", "train top-1 (%)", "test top-1 (%)", "time",
                            "observers frozen", "BN frozen"],
                           [[h["epoch"], f"{h['lr']:.5f}", f"{h['train_loss']:.4f}",
                             f"{100 * h['train_acc']:.2f}" if h.get("train_acc") is not None else "-",
                             f"{100 * h['eval_acc']:.2f}" if h.get("eval_acc") is not None else "-",
-                            _fmt_time(h["seconds"]), h["observers_frozen"], h["bn_frozen"]] for h in qat["history"]])
+                            _fmt_time(h["seconds"]), h["observers_frozen"], h["bn_frozen"]] for h in q["history"]])
     lines += ["", "## Plots", ""]
     for name, p in plots.items():
         lines.append(f"![{name}]({Path(p).name})")
@@ -342,7 +355,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--fp32", required=True, help="eval_results.json of recipes.evaluate (its 'fp32' entry is used)")
     p.add_argument("--ptq", default=None, help="ptq_results.json")
     p.add_argument("--hist", default=None, help="ptq_histograms.json (default: next to --ptq)")
-    p.add_argument("--qat", default=None, help="qat_results.json")
+    p.add_argument("--qat", action="append", default=None, help="qat_results.json (repeat for several presets)")
     p.add_argument("--out", default="report", help="output folder")
     args = p.parse_args(argv)
     ev = _load(args.fp32)
@@ -350,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fp32 = ev.get("fp32", ev)
     hist_path = args.hist or (str(Path(args.ptq).with_name("ptq_histograms.json")) if args.ptq else None)
     hist = _load(hist_path) if hist_path and Path(hist_path).is_file() else None
-    return build_report(args.out, fp32, _load(args.ptq), _load(args.qat), hist)
+    return build_report(args.out, fp32, _load(args.ptq), [_load(q) for q in args.qat or []], hist)
 
 
 if __name__ == "__main__":

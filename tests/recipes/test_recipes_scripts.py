@@ -136,7 +136,10 @@ def test_main_job_smoke(tiny_fashion: Path, tiny_ckpt: Path, tmp_path: Path) -> 
         assert {"bits", "top1", "drop_pt", "size_bytes", "time_s"} <= set(r)
     assert {r["bits"] for r in data["rows"]} >= {"FP32", "W8A8", "W4A8", "W4A4"}
     assert data["meta"]["smoke"] and data["meta"]["wall_time_s"] > 0
-    assert any("QAT drop" in c["bar"] for c in data["checks"])
+    assert any("W4A4 QAT drop" in c["bar"] for c in data["checks"])
+    assert any("W4A8 QAT reported" in c["bar"] for c in data["checks"])  # default --qat-preset w4a4,w4a8
+    assert [r["bits"] for r in data["rows"] if r["method"] == "QAT"] == ["W4A4", "W4A8"]
+    assert (out / "results.md").read_text().count("## QAT per epoch") == 2
     md = (out / "results.md").read_text()
     assert "SMOKE RUN" in md and "| method | bits | top-1 (%)" in md and "## Accuracy bars" in md
     for png in ("accuracy_vs_bits.png", "activation_histograms.png"):
@@ -146,7 +149,8 @@ def test_main_job_smoke(tiny_fashion: Path, tiny_ckpt: Path, tmp_path: Path) -> 
     # the report can be rebuilt from the saved JSON files
     work = tmp_path / "work"
     again = report.main(["--fp32", str(work / "eval" / "eval_results.json"), "--ptq", str(work / "ptq" / "ptq_results.json"),
-                         "--qat", str(work / "qat" / "qat_results.json"), "--out", str(tmp_path / "report2")])
+                         "--qat", str(work / "qat_w4a4" / "qat_results.json"),
+                         "--qat", str(work / "qat_w4a8" / "qat_results.json"), "--out", str(tmp_path / "report2")])
     assert [r["top1"] for r in again["rows"]] == [r["top1"] for r in data["rows"]]
 
 
