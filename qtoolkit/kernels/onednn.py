@@ -45,7 +45,8 @@ Behaviour measured on torch 2.14 (see ``tests/kernels/test_onednn.py``, ``script
   float.  Feed channels_last uint8 to avoid the copy.
 * fp32 output requires ``output_scale == 1`` / ``zp == 0`` (handled here).
 * The conv residual post-op is ``sum`` only (``add`` is rejected for conv): the accumulator must be
-  channels_last-contiguous and has the *output* dtype; it is **written in place**.  uint8/int8 accumulators
+  channels_last-contiguous and has the *output* dtype; it is **written in place** (and, on torch 2.14, the op
+  also returns a separate copy of the result).  uint8/int8 accumulators
   carry their own scale/zp (exact); an fp32 accumulator needs scale 1 / zp 0.  A uint8 accumulator with an
   fp32 output is silently wrong in oneDNN — this wrapper dequantizes the residual first instead.
   ``sum`` + ``relu`` (= add_relu) works, ReLU after the add.
