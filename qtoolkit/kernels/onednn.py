@@ -1,9 +1,9 @@
 """oneDNN int8 Conv2d / Linear on plain ``torch.uint8`` / ``torch.int8`` tensors (CPU).
 
 Thin functional wrappers around the ops that torch.compile/Inductor's x86 int8 lowering
-emits (``torch.ops.onednn.*``, registered by libtorch itself — no ``torch.ao`` import, no
-``torch.qint8``/``quint8`` tensors, no ``torch.quantize_per_*``; only raw integer tensors
-and float scales cross the boundary).
+emits (``torch.ops.onednn.*``, registered by libtorch itself — no deprecated quantization
+module, no quantized-dtype tensors, no quantize-per-tensor/channel calls; only raw integer
+tensors and float scales cross the boundary).
 
 Conventions (same as :mod:`qtoolkit.numerics`, *zero point added*)::
 

@@ -2,7 +2,7 @@
 
 A plain ``torch.Tensor`` subclass whose storage *is* the ``torch.uint8`` codes (channels_last for
 4-D activations) plus per-tensor ``scale`` / ``zero_point`` and the code range ``[qmin, qmax]``
-(zero point added: ``x̂ = (q − z) · s``).  No ``torch.quint8`` / ``torch.quantize_per_*``.
+(zero point added: ``x̂ = (q − z) · s``).  No quantized dtypes, no deprecated quantize ops.
 
 The fast paths of :class:`~qtoolkit.nn.Int8Layer` / :class:`~qtoolkit.nn.Int8Add` consume
 ``.codes`` directly (no float round trip between layers) and return a new carrier when their

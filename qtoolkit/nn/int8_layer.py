@@ -2,7 +2,7 @@
 
 Weights live in a plain ``torch.int8`` buffer (``weight_q``), or packed two per
 byte in ``uint8`` for ≤ 4 bits, with float per-channel scales; activations'
-qparams are float/int32 buffers. No ``torch.qint8``/``quint8``, no ``torch.ao``.
+qparams are float/int32 buffers; no quantized dtypes, no deprecated quantization APIs.
 
 Execution paths (``module.execution``):
 
