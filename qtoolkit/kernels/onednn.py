@@ -91,7 +91,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 from torch import Tensor
@@ -105,6 +105,8 @@ __all__ = [
     "prepack_linear_weight",
     "qlinear",
     "quantize_u8",
+    "to_u8",
+    "op",
 ]
 
 IntOrPair = Union[int, Sequence[int]]
@@ -157,21 +159,49 @@ def _check_out_dtype(out_dtype: torch.dtype) -> None:
         raise ValueError(f"out_dtype must be torch.float32, torch.uint8 or torch.int8, got {out_dtype}")
 
 
-def quantize_u8(x: Tensor, scale: float, zero_point: int, qmin: int = 0, qmax: int = 255) -> Tensor:
+def quantize_u8(
+    x: Tensor,
+    scale: float,
+    zero_point: int,
+    qmin: int = 0,
+    qmax: int = 255,
+    memory_format: torch.memory_format = torch.preserve_format,
+) -> Tensor:
     """Quantize a float tensor to plain uint8 codes: ``clamp(round(x * (1/scale)) + zero_point, qmin, qmax)``.
 
     Bit-identical to :func:`qtoolkit.numerics.quantize` (round half to even, ``x / s`` evaluated as
     ``x * (1/s)`` in float32) but with one float temporary and in-place ops (~2x faster than the
-    out-of-place ``torch.clamp(torch.round(x / s) + z, ...)`` chain).  The memory format of ``x`` is kept,
-    so a channels_last float input gives a channels_last uint8 tensor ready for :func:`qconv`.
+    out-of-place ``torch.clamp(torch.round(x / s) + z, ...)`` chain).  The memory format of ``x`` is kept
+    unless ``memory_format`` says otherwise (``torch.channels_last`` gives codes ready for :func:`qconv`
+    in the same pass).
     """
     if not x.is_floating_point():
         raise TypeError(f"quantize_u8 expects a floating-point tensor, got {x.dtype}")
     if not 0 <= qmin < qmax <= 255:
         raise ValueError(f"uint8 code range must satisfy 0 <= qmin < qmax <= 255, got [{qmin}, {qmax}]")
-    t = torch.mul(x.float(), 1.0 / float(scale))
+    t = torch.empty_like(x, dtype=torch.float32, memory_format=memory_format)
+    torch.mul(x if x.dtype == torch.float32 else x.float(), 1.0 / float(scale), out=t)
     t.round_().add_(float(zero_point)).clamp_(qmin, qmax)
-    return t.to(torch.uint8)
+    return to_u8(t)
+
+
+def to_u8(t: Tensor) -> Tensor:
+    """Integer-valued float tensor in [0, 255] -> uint8, keeping the memory format.
+
+    Goes through int16: torch's direct float->uint8 conversion is not vectorized on CPU (measured 115 µs
+    vs 17 µs for 64x3x32x32 with 2 threads, torch 2.14).
+    """
+    return t.to(torch.int16).to(torch.uint8)
+
+
+@functools.cache
+def op(name: str, overload: str = "default") -> Any:
+    """The ``torch.ops.onednn.<name>.<overload>`` operator, looked up once.
+
+    Calling an overload directly skips the overload resolution of ``torch.ops.onednn.<name>(...)``
+    (about 10 µs per call, measured with 17-argument qconv calls).
+    """
+    return getattr(getattr(torch.ops.onednn, name), overload)
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,7 +351,7 @@ def _conv_out_hw(h: int, w: int, k: Sequence[int], stride: list[int], padding: l
 def _requantize(y: Tensor, scale: float, zp: int, dtype: torch.dtype) -> Tensor:
     lo, hi = _QRANGE[dtype]
     y.mul_(1.0 / float(scale)).round_().add_(float(zp)).clamp_(lo, hi)
-    return y.to(dtype)
+    return to_u8(y) if dtype == torch.uint8 else y.to(dtype)
 
 
 def qconv(
@@ -385,7 +415,7 @@ def qconv(
     o_scale, o_zp = (float(out_scale), int(out_zp)) if is_int_out else (1.0, 0)
 
     if residual is None:
-        return torch.ops.onednn.qconv_pointwise(
+        return op("qconv_pointwise")(
             x_u8, float(x_scale), int(x_zp), packed_w, w_scale, w_zp, bias,
             stride, padding, dilation, int(groups), o_scale, o_zp, out_dtype, post_op, [], "",
         )  # fmt: skip
@@ -418,7 +448,7 @@ def qconv(
             acc = acc.clone(memory_format=_CL)
     elif not acc.is_contiguous(memory_format=_CL):
         acc = acc.contiguous(memory_format=_CL)
-    return torch.ops.onednn.qconv2d_pointwise.binary(
+    return op("qconv2d_pointwise", "binary")(
         x_u8, float(x_scale), int(x_zp), packed_w, w_scale, w_zp, acc, bias,
         stride, padding, dilation, int(groups), o_scale, o_zp, out_dtype,
         a_scale, a_zp, "sum", 1.0, post_op, [], "",
@@ -493,7 +523,7 @@ def qlinear(
     o_scale, o_zp = (float(out_scale), int(out_zp)) if is_int_out else (1.0, 0)
 
     if residual is None:
-        return torch.ops.onednn.qlinear_pointwise(
+        return op("qlinear_pointwise")(
             x_u8, float(x_scale), int(x_zp), packed_w, w_scale, w_zp, bias, o_scale, o_zp, out_dtype, post_op, [], "none"
         )
     expected = (*x_u8.shape[:-1], packed_w.shape[1])
@@ -510,7 +540,7 @@ def qlinear(
         else:
             other = (residual.to(torch.float32) - float(residual_zp)) * float(residual_scale)
         binary, r_scale, r_zp = "add", 1.0, 0
-    return torch.ops.onednn.qlinear_pointwise.binary(
+    return op("qlinear_pointwise", "binary")(
         x_u8, float(x_scale), int(x_zp), packed_w, w_scale, w_zp, other, bias,
         o_scale, o_zp, out_dtype, r_scale, r_zp, binary, 1.0, post_op, [], "",
     )  # fmt: skip

@@ -222,6 +222,58 @@ def test_int8_add_alone_matches_reference(one_thread):
         assert (_code_diff(add, fast, ref)).max().item() <= 1
 
 
+@pytest.mark.parametrize("layouts", ["cl/cl", "nchw/nchw", "cl/nchw"])
+@pytest.mark.parametrize("donate", [None, 0, 1])
+@pytest.mark.parametrize("act,preset,float_out", [(None, "w8a8", False), ("relu", "w8a8", False),
+                                                  ("relu", "w8a8-x86", False), ("relu", "w8a8", True)])  # fmt: skip
+def test_kernel_add_matches_reference(layouts, donate, act, preset, float_out, monkeypatch, one_thread):
+    """The identity-GEMM add: any channel count, both memory layouts, in place or on a copy, uint8 /
+    int8 (7-bit codes) / fp32 output — against the reference add on the same operand grids."""
+    from qtoolkit.config import get_qconfig
+    from qtoolkit.nn.quant_add import QuantAdd
+
+    monkeypatch.setattr(dispatch, "_ADD_KERNEL_MIN_NUMEL", 0)
+    calls = []
+    real_op = onednn.op
+    monkeypatch.setattr(onednn, "op", lambda *a: calls.append(a) or real_op(*a))
+    g = torch.Generator().manual_seed(0)
+    shape = (3, 5, 6, 8)  # 5 channels: the [-1, 16] rows cut across pixels
+    qa = QuantAdd(get_qconfig(preset), act=act)
+    a, b = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g) * 2 - 0.5
+    qa(a, b)
+    for fq in (qa.lhs_quantizer, qa.rhs_quantizer, qa.output_quantizer):
+        fq.finalize()
+    add = Int8Add.from_quant(qa)
+    add.execution, add.fast_donate, add.fast_float_output = "fast", donate, float_out
+    st = dispatch._build_add(add)
+    fmt = [torch.channels_last if f == "cl" else torch.contiguous_format for f in layouts.split("/")]
+    ca = onednn.quantize_u8(a.contiguous(memory_format=fmt[0]), st.lhs_scale, st.lhs_zp, st.qmin, st.qmax)
+    cb = onednn.quantize_u8(b.contiguous(memory_format=fmt[1]), st.rhs_scale, st.rhs_zp, st.qmin, st.qmax)
+    A = QuantizedActivation.wrap(ca.clone(memory_format=torch.preserve_format), st.lhs_scale, st.lhs_zp, st.qmin, st.qmax)
+    B = QuantizedActivation.wrap(cb.clone(memory_format=torch.preserve_format), st.rhs_scale, st.rhs_zp, st.qmin, st.qmax)
+    ref = add.forward_reference(A.dequantize(), B.dequantize())
+    ptr = {0: A.codes.data_ptr(), 1: B.codes.data_ptr()}
+    with torch.no_grad():
+        fast = add(A, B)
+    assert ("qlinear_pointwise", "binary") in calls
+    if float_out:
+        assert type(fast) is torch.Tensor and fast.dtype == torch.float32
+        # the sum is not rounded to the output grid here: within half a step of the reference's value
+        assert (fast - ref).abs().max().item() <= 0.5 * float(add.output_scale) + 1e-5
+    else:
+        assert (_code_diff(add, fast, ref)).max().item() <= 1
+        assert (_code_diff(add, fast, ref)).float().mean().item() < 0.01
+    in_place = donate is not None and not float_out and layouts != "cl/nchw"
+    donor, kept = (A, B) if donate == 0 else (B, A)
+    if in_place:
+        assert donor.codes is None and fast.codes.data_ptr() == ptr[donate]  # the dead operand's memory, no copy
+    else:  # nothing consumed, no operand changed
+        assert A.codes is not None and B.codes is not None
+        assert torch.equal(A.codes, ca) and torch.equal(B.codes, cb)
+    if donate is not None and kept.codes is not None:
+        assert torch.equal(kept.codes, cb if kept is B else ca)
+
+
 def test_resnet20_end_to_end(one_thread):
     from recipes.models import resnet20
 
