@@ -12,7 +12,7 @@ Throughput: ResNet-20 (``recipes.models.resnet20``), PTQ ``w8a8`` calibrated on 
 ``torch.onnx.export(dynamo=False)``), int8 Q/DQ (``export_onnx`` defaults: int8 weights,
 int32 bias) and int8 Q/DQ with ``weight_dtype="uint8"`` (the same values in a uint8 container:
 ORT's U8U8 kernels, which do not saturate on x86 CPUs without AVX-VNNI). Each runs in an ORT
-CPU session with ``intra_op_num_threads=--threads`` (2), ``ORT_ENABLE_ALL``; after ``--warmup``
+CPU session with ``intra_op_num_threads=--threads`` (2), ``ORT_ENABLE_ALL``, no thread spinning; after ``--warmup``
 runs, each repeat times enough back-to-back runs to last ≥ 50 ms, the repeats of the three
 models interleaved (round-robin, so background load hits them alike); the table shows the
 median of ``--repeats`` (10) repeats in images/s, and the ratio to fp32. The 1-min load average is
@@ -84,6 +84,9 @@ def session(path: Path, threads: int, level: str = "all", optimized: Path | None
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[level]
     so.log_severity_level = 3
+    # ORT's worker threads otherwise spin after each run and slow whatever torch variant the
+    # interleaved benchmark times next (measured: fp32 eager at batch 64 halved)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized is not None:
         so.optimized_model_filepath = str(optimized)
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
