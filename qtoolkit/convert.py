@@ -12,7 +12,7 @@ Example::
     >>> from qtoolkit import prepare, calibrate, convert, set_execution
     >>> qm = calibrate(prepare(nn.Sequential(nn.Linear(8, 4), nn.ReLU())), [torch.randn(8, 8)], progress=False)
     >>> int8 = convert(qm)
-    >>> set_execution(int8, "integer")     # integer-only arithmetic path
+    >>> _ = set_execution(int8, "integer")     # integer-only arithmetic path
     >>> int8(torch.randn(2, 8)).shape
     torch.Size([2, 4])
 """

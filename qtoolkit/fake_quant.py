@@ -11,7 +11,7 @@ Example::
     >>> from qtoolkit.config import Uint8ActPerTensor
     >>> fq = FakeQuantize(Uint8ActPerTensor)
     >>> _ = fq(torch.randn(4, 8))             # observes and fake-quantizes
-    >>> fq.disable_observer()                 # freeze the range
+    >>> _ = fq.disable_observer()             # freeze the range
     >>> y = fq(torch.randn(4, 8))
 """
 

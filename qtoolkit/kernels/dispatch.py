@@ -15,7 +15,11 @@ What runs where (CPU, :func:`qtoolkit.kernels.onednn.is_available`):
   ``qconv2d_pointwise.binary`` call with oneDNN's ``sum`` post-op (the other operand's uint8 codes are the
   accumulator), the add's ReLU and the add's output requantization.  The conv's output is not rounded to a
   grid before the add (one rounding fewer than the reference path).  Other adds run :func:`fast_add`:
-  a uint8 add on the codes.
+  one ``qlinear_pointwise.binary`` call on ``[-1, 16]`` views of the two operands' uint8 codes — a
+  16×16 identity weight, the second operand as the in-place ``sum`` accumulator (written over the
+  dead operand's memory where :func:`mark_donations` proved it dead, else over a copy) — so the add,
+  its ReLU and the output requantization are one kernel with one rounding (small tensors: float
+  arithmetic on the codes, cheaper below ~64k elements).
 * **dynamic** layers: per-batch activation range (the same qparams as the reference path), the input
   quantized once, int8 GEMM / conv with fp32 output.
 * **weight-only** layers run the reference path (there is no int8-activation kernel to use).

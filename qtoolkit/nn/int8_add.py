@@ -4,8 +4,10 @@
 float (the prepared model's arithmetic). ``"integer"``: TFLite-style integer add —
 both operands are rescaled to a common fixed-point grid with ``2^20`` headroom using
 fixed-point multipliers, summed, requantized to the output grid, clamped (the
-fused ReLU is the clamp). ``"fast"``: a uint8 add on the codes, or fused into the
-preceding conv's ``sum`` post-op (see :mod:`qtoolkit.kernels.dispatch`).
+fused ReLU is the clamp). ``"fast"``: one oneDNN int8 kernel on the uint8 codes (an
+identity GEMM with the other operand as its ``sum`` accumulator), or, with
+``convert(fuse_adds=True)``, fused into the preceding conv's ``sum`` post-op (see
+:mod:`qtoolkit.kernels.dispatch`).
 
 Example::
 
@@ -16,7 +18,9 @@ Example::
     >>> for fq in (qa.lhs_quantizer, qa.rhs_quantizer, qa.output_quantizer):
     ...     _ = fq.observer(torch.linspace(-2, 2, 11)); fq.finalize()
     >>> add = Int8Add.from_quant(qa)
-    >>> add(torch.tensor([0.5]), torch.tensor([0.25]))
+    >>> with torch.no_grad():
+    ...     y = add(torch.tensor([0.5]), torch.tensor([0.25]))  # both operands on their 8-bit grids
+    >>> y
     tensor([0.7529])
 """
 
