@@ -194,6 +194,18 @@ def bench_observers() -> None:
     a, b, r = bench_pair(lambda: hist_r(relu[0]), lambda: mm_r(relu[0]))
     row("HistogramObserver.forward, post-ReLU batch", a, "MinMaxObserver.forward", b, r, 3.0, busy=busy)
 
+    # the counting floor: what any per-element histogram pays with torch's CPU ops, vs one aminmax
+    x0 = xs[0].reshape(-1)
+    lo, hi = (float(v) for v in torch.aminmax(x0))
+    inv = 2040.0 / (hi - lo)
+    idx = torch.add(x0, -lo).mul_(inv).to(torch.int16)
+    busy = wait_idle()
+    a, b, r = bench_pair(lambda: torch.bincount(idx, minlength=2048), lambda: torch.aminmax(x0))
+    row("floor: torch.bincount alone, 4M precomputed int16 indices", a, "torch.aminmax", b, r, None, busy=busy)
+    busy = wait_idle()
+    a, b, r = bench_pair(lambda: torch.histc(x0, 2048, lo, hi), lambda: torch.aminmax(x0), repeats=max(5, ARGS.repeats // 2))
+    row("torch.histc, 2048 bins", a, "torch.aminmax", b, r, None, busy=busy)
+
     # (d) torch.ao's HistogramObserver as a peer on the same batches
     try:
         from torch.ao.quantization.observer import HistogramObserver as AOHist
