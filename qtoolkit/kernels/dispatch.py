@@ -443,7 +443,7 @@ def _fast_add(m: Int8Add, a: Tensor, b: Tensor) -> Tensor:
     qa = _operand_codes(st, a, st.lhs_scale, st.lhs_zp)
     qb = _operand_codes(st, b, st.rhs_scale, st.rhs_zp)
     n = qa.numel()
-    if n >= _ADD_KERNEL_MIN_NUMEL and n % _ID == 0:
+    if n >= _ADD_KERNEL_MIN_NUMEL and n % _ID == 0 and onednn.linear_sum_in_place():
         return _finish_add(m, st, _kernel_add(m, st, a, b, qa, qb))
     if st.float_out:
         y = qa.to(torch.float32).sub_(st.lhs_zp).mul_(st.lhs_scale)

@@ -107,6 +107,7 @@ __all__ = [
     "quantize_u8",
     "to_u8",
     "op",
+    "linear_sum_in_place",
 ]
 
 IntOrPair = Union[int, Sequence[int]]
@@ -256,6 +257,30 @@ def is_available() -> bool:
         yl = qlinear(xl, 0.1, 10, prepack_linear_weight(wl), swl)
         refl = ((xl.double() - 10) * 0.1) @ (wl.double() * 0.01).t()
         return bool(torch.allclose(yl.double(), refl, rtol=1e-4, atol=1e-4))
+    except Exception:  # noqa: BLE001 - any failure means "not usable here"
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def linear_sum_in_place() -> bool:
+    """True if ``qlinear_pointwise.binary`` with a uint8 ``sum`` accumulator is exact here.
+
+    The fast residual add relies on it (see :mod:`qtoolkit.kernels.dispatch`); probed once on a
+    small identity GEMM against a float64 reference, any failure means "use the float add".
+    """
+    if not is_available():
+        return False
+    try:
+        g = torch.Generator().manual_seed(1)
+        a = torch.randint(0, 256, (8, 16), dtype=torch.uint8, generator=g)
+        b = torch.randint(0, 256, (8, 16), dtype=torch.uint8, generator=g)
+        acc = b.clone()
+        w = prepack_linear_weight(torch.eye(16, dtype=torch.int8))
+        y = op("qlinear_pointwise", "binary")(
+            a, 0.05, 3, w, torch.ones(16), _zeros(16), acc, None, 0.07, 5, torch.uint8, 0.04, 7, "sum", 1.0, "none", [], ""
+        )
+        ref = torch.clamp(torch.round(((a.double() - 3) * 0.05 + (b.double() - 7) * 0.04) / 0.07) + 5, 0, 255)
+        return y.dtype == torch.uint8 and tuple(y.shape) == (8, 16) and bool((y.double() - ref).abs().max() <= 1)
     except Exception:  # noqa: BLE001 - any failure means "not usable here"
         return False
 

@@ -274,6 +274,31 @@ def test_kernel_add_matches_reference(layouts, donate, act, preset, float_out, m
         assert torch.equal(kept.codes, cb if kept is B else ca)
 
 
+def test_add_without_linear_sum_kernel_uses_float_arithmetic(monkeypatch, one_thread):
+    """Where the in-place GEMM ``sum`` is not usable (probe False), the add still matches the reference."""
+    from qtoolkit.config import get_qconfig
+    from qtoolkit.nn.quant_add import QuantAdd
+
+    assert onednn.linear_sum_in_place()  # the probe passes on this machine (the kernel add is tested above)
+    monkeypatch.setattr(dispatch, "_ADD_KERNEL_MIN_NUMEL", 0)
+    monkeypatch.setattr(onednn, "linear_sum_in_place", lambda: False)
+    calls = []
+    real_op = onednn.op
+    monkeypatch.setattr(onednn, "op", lambda *a: calls.append(a) or real_op(*a))
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(2, 16, 4, 4, generator=g), torch.randn(2, 16, 4, 4, generator=g)
+    qa = QuantAdd(get_qconfig("w8a8"), act="relu")
+    qa(a, b)
+    for fq in (qa.lhs_quantizer, qa.rhs_quantizer, qa.output_quantizer):
+        fq.finalize()
+    add = Int8Add.from_quant(qa)
+    add.execution = "fast"
+    with torch.no_grad():
+        fast = add(a, b)
+    assert calls == []
+    assert _code_diff(add, fast, add.forward_reference(a, b)).max().item() <= 1
+
+
 def test_resnet20_end_to_end(one_thread):
     from recipes.models import resnet20
 
