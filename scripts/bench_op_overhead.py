@@ -14,7 +14,9 @@ re-executes itself once with ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_
    the same op through its overload packet (``torch.ops.onednn.qconv_pointwise(...)``), with a
    non-zero input zero point, and torch.ao's ``quantized::conv2d`` on a quint8 tensor (the peer;
    its packed weights keep their oneDNN primitive, the ``onednn`` op builds it on every call).
-2. **ResNet-20, batch 64**: a converted qtoolkit forward; only its oneDNN calls replayed
+2. **float32 → uint8** (the last step of quantizing the model's fp32 input, 64×3×32×32 integer-valued
+   floats): torch's direct ``.to(torch.uint8)`` vs through int16 (``qtoolkit.kernels.onednn.to_u8``).
+3. **ResNet-20, batch 64**: a converted qtoolkit forward; only its oneDNN calls replayed
    back to back with the same arguments (recorded from one forward); torch.ao's int8 forward.
    The difference between the first two is the cost of everything that is not a oneDNN kernel
    call (Python, the input quantization, views, the fp32 tail).
@@ -85,6 +87,15 @@ def small_conv_rows() -> list[tuple[str, float]]:
         packed = conv._packed_params
         rows.append(("torch.ao quantized::conv2d (peer)", median_us(lambda: torch.ops.quantized.conv2d(qx, packed, 0.05, 0), 3000, 300)))
     return rows
+
+
+def conversion_rows() -> list[tuple[str, float]]:
+    y = torch.randint(0, 256, (64, 3, 32, 32), generator=torch.Generator().manual_seed(0)).to(torch.float32)
+    assert torch.equal(onednn.to_u8(y), y.to(torch.uint8))
+    return [
+        ("y.to(torch.uint8)", median_us(lambda: y.to(torch.uint8), 300, 30)),
+        ("y.to(torch.int16).to(torch.uint8) (to_u8)", median_us(lambda: onednn.to_u8(y), 300, 30)),
+    ]
 
 
 def resnet20_rows() -> list[tuple[str, float]]:
@@ -171,6 +182,9 @@ def main() -> None:
         sys.exit("oneDNN int8 ops are not available in this torch build / on this CPU")
     print("| one 16→16 3×3 conv, 1×16×8×8 input, per call | µs |\n|---|---:|")
     for name, us in small_conv_rows():
+        print(f"| {name} | {us:.1f} |")
+    print("\n| float32 → uint8, 64×3×32×32 | µs |\n|---|---:|")
+    for name, us in conversion_rows():
         print(f"| {name} | {us:.1f} |")
     print("\n| ResNet-20, batch 64, per forward | ms |\n|---|---:|")
     for name, us in resnet20_rows():

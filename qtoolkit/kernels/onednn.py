@@ -189,8 +189,8 @@ def quantize_u8(
 def to_u8(t: Tensor) -> Tensor:
     """Integer-valued float tensor in [0, 255] -> uint8, keeping the memory format.
 
-    Goes through int16: torch's direct float->uint8 conversion is not vectorized on CPU (measured 115 µs
-    vs 17 µs for 64x3x32x32 with 2 threads, torch 2.14).
+    Goes through int16: torch's direct float->uint8 conversion is not vectorized on CPU (3x slower for
+    64x3x32x32 with 2 threads, torch 2.14; ``scripts/bench_op_overhead.py``).
     """
     return t.to(torch.int16).to(torch.uint8)
 
@@ -200,7 +200,7 @@ def op(name: str, overload: str = "default") -> Any:
     """The ``torch.ops.onednn.<name>.<overload>`` operator, looked up once.
 
     Calling an overload directly skips the overload resolution of ``torch.ops.onednn.<name>(...)``
-    (about 10 µs per call, measured with 17-argument qconv calls).
+    (small: ``scripts/bench_op_overhead.py`` measures both).
     """
     return getattr(getattr(torch.ops.onednn, name), overload)
 
