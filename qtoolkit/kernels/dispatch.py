@@ -85,7 +85,7 @@ _QA = QuantizedActivation
 
 # below this many elements the float arithmetic add beats the oneDNN identity-GEMM add
 _ADD_KERNEL_MIN_NUMEL = 65536
-_ID = 16  # width of the identity GEMM the uint8 add runs as (16 measured fastest of 4, 8, ..., 256)
+_ID = 16  # width of the identity GEMM the uint8 add runs as (of 4, 8, ..., 256, 16 was fastest on ResNet shapes)
 
 
 class FastPathWarning(UserWarning):
@@ -479,9 +479,9 @@ def _kernel_add(m: Int8Add, st: _AddState, a: Tensor, b: Tensor, qa: Tensor, qb:
     in-place ``sum`` accumulator.  One kernel, one rounding, ReLU and the output requantization fused.
 
     The elementwise add only needs both operands' memory in the same order, so it runs on ``[-1, 16]``
-    views of it whatever the channel count.  Measured on ResNet-20 shapes (batch 64, 2 threads): 17-23%
-    faster than a 1x1 depthwise identity conv with the same ``sum`` post-op, whose torch op also returns
-    a copy of the accumulator.
+    views of it whatever the channel count.  On ResNet-20 shapes this beat a 1x1 depthwise identity conv
+    with the same ``sum`` post-op, whose torch op also returns a copy of the accumulator on every call
+    (``scripts/bench_op_overhead.py`` shows the add ops' time per forward next to torch.ao's).
     """
     x_codes, x_scale, x_zp = qa, st.lhs_scale, st.lhs_zp
     rows = None
@@ -772,7 +772,7 @@ def mark_donations(model: nn.Module) -> int:
                       and node.args.count(src) == 1 and _returns_fresh(gm.get_submodule(str(src.target))))]  # fmt: skip
             if ok:
                 # both dead: donate the one with a non-zero zero point, so the kernel's input has none
-                # (oneDNN's source zero-point compensation costs ~15 µs per call, measured)
+                # (oneDNN's source zero-point path costs extra per call: scripts/bench_op_overhead.py)
                 zps = [int(add.lhs_zero_point) - min(add.qmin, 0), int(add.rhs_zero_point) - min(add.qmin, 0)]
                 add.fast_donate = next((i for i in ok if zps[i] != 0), ok[0]) if len(ok) == 2 else ok[0]
                 n += 1
