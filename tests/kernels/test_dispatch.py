@@ -326,6 +326,7 @@ def test_no_torch_warnings_during_convert_and_forward(one_thread):
         q = qt.convert(qm)
         with torch.no_grad():
             q(torch.randn(2, 3, 32, 32))
+            q(torch.randn(4, 3, 32, 32))  # layer1's adds reach the identity-GEMM kernel (>= 65536 elements)
         q(torch.randn(1, 3, 32, 32))  # grad mode on too
         with torch.inference_mode():
             q(torch.randn(2, 3, 32, 32))
