@@ -8,8 +8,8 @@ Convention (torch's and ONNX ``QuantizeLinear``'s, *zero point added*)::
 
 Some texts (Jacob et al. 2018) write ``r = S (q - Z)`` — the same thing — or
 ``q = round(r/S) - Z`` with ``Z`` negated; everything in qtoolkit uses the form above.
-``x / s`` is evaluated as ``x * (1 / s)`` in float32, exactly as torch's
-``fake_quantize_per_*_affine`` kernels do, so results are bit-identical to them.
+``x / s`` is evaluated as ``x * (1 / s)`` in float32, exactly as torch's own
+fake-quantize kernels do, so results are bit-identical to them.
 
 Example::
 
@@ -249,8 +249,8 @@ def fake_quantize(
 ) -> Tensor:
     """Quantize-dequantize ``x`` (Q/DQ) with a straight-through-estimator gradient.
 
-    Bit-identical to ``torch.fake_quantize_per_tensor_affine`` /
-    ``torch.fake_quantize_per_channel_affine`` for the same qparams. Computes in
+    Bit-identical to torch's own per-tensor / per-channel fake-quantize reference ops
+    (the oracles in ``tests/test_numerics.py``) for the same qparams. Computes in
     float32 and returns ``x``'s dtype (float32, bfloat16 or float16).
 
     Example::

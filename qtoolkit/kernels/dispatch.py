@@ -376,11 +376,7 @@ def fast_forward(m: Int8Layer, x: Tensor) -> Tensor:
         return _fallback(m, st, x)
     if type(x) is not _QA and x.device.type != "cpu":  # carriers are made by the CPU kernels only
         return _fallback(m, f"input on {x.device.type}", x)
-    if torch.is_grad_enabled():
-        with torch.no_grad():
-            y = _fast_forward(m, st, x)
-        return _out(m, y)
-    return _fast_forward(m, st, x)
+    return _without_grad(m, _fast_forward, m, st, x)
 
 
 def _fast_forward(m: Int8Layer, st: _LayerState, x: Tensor) -> Tensor:
@@ -420,11 +416,7 @@ def _operand_codes(st: _AddState, t: Tensor, scale: float, zp: int) -> Tensor:
 
 def fast_add(m: Int8Add, a: Tensor, b: Tensor) -> Tensor:
     """``Int8Add`` forward on uint8 codes: ``clamp(round(((qa−za)·sa + (qb−zb)·sb) / so) + zo)``."""
-    if torch.is_grad_enabled():
-        with torch.no_grad():
-            y = _fast_add(m, a, b)
-        return _out(m, y)
-    return _fast_add(m, a, b)
+    return _without_grad(m, _fast_add, m, a, b)
 
 
 def _fast_add(m: Int8Add, a: Tensor, b: Tensor) -> Tensor:
@@ -531,6 +523,15 @@ def _accumulator(st: _AddState, like: Tensor, r: Tensor, r_scale: float, r_zp: i
     if st.out_dtype == torch.int8:  # codes in [0, 127]: the same bytes as int8
         acc = acc.view(torch.int8)
     return acc, r_scale, r_zp, st.out_scale, st.out_zp, st.out_dtype
+
+
+def _without_grad(m: nn.Module, fn: Any, *args: Any) -> Tensor:
+    """``fn(*args)`` under ``no_grad``; with grad mode on, a float result gets :func:`inference_only`."""
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            y = fn(*args)
+        return _out(m, y)
+    return fn(*args)
 
 
 def _out(m: nn.Module, y: Tensor) -> Tensor:
