@@ -57,6 +57,7 @@ from typing import Any, Optional
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qtoolkit.kernels import onednn
@@ -158,7 +159,9 @@ class _LayerState:
     out_dtype: torch.dtype  # int8 when a [.., 127] grid after ReLU can use the kernel's own int8 clamp
     relu6: bool
     float_out: bool
-    saturation_risk: bool
+    strategy: str  # "direct" or "split" (see _split_codes)
+    pad: Optional[list]  # split + non-zero input zero point: explicit padding [h, w] with the zero point's code
+    w_sum: Optional[Tensor]  # split: per-output-channel sum of the weight codes (zero-point correction in the bias)
 
 
 @dataclass
@@ -225,19 +228,40 @@ def _build_layer(m: Int8Layer) -> Any:
     static = m.mode == "static"
     x_scale = float(m.input_scale) if static else 1.0
     x_zp = int(m.input_zero_point) + shift if static else qmin
+    bias = None if m.bias is None else m.effective_bias().detach().to(torch.float32).contiguous()
     if m.kind == "conv2d":
-        stride, padding, dilation = list(m.stride), list(m.padding), list(m.dilation)
         if isinstance(m.padding, str):
             return _set_state(m, f"padding={m.padding!r}")
-        packed = onednn.prepack_conv_weight(w, w_scale, x_scale, x_zp, stride, padding, dilation, m.groups)
+        if getattr(m, "padding_mode", "zeros") != "zeros":
+            return _set_state(m, f"padding_mode={m.padding_mode!r}")
+        stride, padding, dilation = list(m.stride), list(m.padding), list(m.dilation)
         groups = int(m.groups)
-        depthwise = groups > 1 and w.shape[1] == 1
+        kernel_class = "depthwise" if w.shape[1] == 1 and groups > 1 else "grouped" if groups > 1 else "conv"
     else:
         stride = padding = dilation = []
-        packed = onednn.prepack_linear_weight(w)
-        groups, depthwise = 1, False
+        groups, kernel_class = 1, "linear"
     wmax = int(w.abs().max()) if w.numel() else 0
-    risk = (not depthwise) and onednn.saturates_u8s8() and 2 * qmax * wmax > 32767
+    # Exactness without VNNI: oneDNN's u8*s8 kernels (but depthwise) add pairs of products in int16 with
+    # saturation.  A layer whose largest input code and weight cannot reach it runs the kernel directly;
+    # otherwise the input codes are split in two halves (<= 128 each) over twice the input channels.
+    split = 2 * qmax * wmax > 32767 and onednn.saturates_u8s8(kernel_class)
+    pad, w_sum, kernel_zp = None, None, x_zp
+    if split:
+        w = w.repeat_interleave(2, dim=1).contiguous()  # both halves of an input channel see its weight
+        w_sum = m.int_weight().to(torch.float64).reshape(w.shape[0], -1).sum(1)
+        # The split kernel runs with input zero point 0 (the halves cannot share one; it is also cheaper for
+        # oneDNN): the correction -zp * sum(w) goes into the bias (static: here; dynamic: per call), and
+        # padded positions must then hold the zero point's code, so padding becomes explicit.
+        kernel_zp = 0
+        if static and x_zp != 0:
+            corr = -x_scale * w_scale.double() * x_zp * w_sum
+            bias = (corr if bias is None else bias.double() + corr).to(torch.float32)
+        if m.kind == "conv2d" and any(padding) and (not static or x_zp != 0):
+            pad, padding = padding, [0, 0]
+    if m.kind == "conv2d":
+        packed = onednn.prepack_conv_weight(w, w_scale, x_scale, kernel_zp, stride, padding, dilation, groups)
+    else:
+        packed = onednn.prepack_linear_weight(w)
     out_scale, out_zp = (float(m.output_scale), int(m.output_zero_point) + shift) if static else (1.0, 0)
     relu6 = m.act == "relu6"
     post_op = "relu" if m.act in ("relu", "relu6") else "none"
@@ -254,10 +278,10 @@ def _build_layer(m: Int8Layer) -> Any:
         # and its int8 output is the same bytes as the uint8 codes.
         need_clamp, out_dtype = False, torch.int8
     st = _LayerState(
-        m.kind, m.mode, packed, w_scale, torch.zeros(w_scale.numel(), dtype=torch.long),
-        None if m.bias is None else m.effective_bias().detach().to(torch.float32).contiguous(),
+        m.kind, m.mode, packed, w_scale, torch.zeros(w_scale.numel(), dtype=torch.long), bias,
         stride, padding, dilation, groups, shift, qmin, qmax, x_scale, x_zp, bool(m.act_symmetric),
-        m.act_qmin, m.act_qmax, out_scale, out_zp, post_op, lo, hi, need_clamp, out_dtype, relu6, float_out, risk,
+        m.act_qmin, m.act_qmax, out_scale, out_zp, post_op, lo, hi, need_clamp, out_dtype, relu6, float_out,
+        "split" if split else "direct", pad, None if w_sum is None else w_sum.to(torch.float32),
     )  # fmt: skip
     return _set_state(m, st)
 
@@ -306,15 +330,6 @@ def _fallback(m: nn.Module, reason: str, *inputs: Any) -> Tensor:
     return inference_only(y, m.name)
 
 
-def _saturation_message(names: list[str]) -> str:
-    shown = ", ".join(names[:12]) + (f" ... ({len(names)} in all)" if len(names) > 12 else "")
-    return (
-        f"int8 fast path: this CPU has no VNNI, so oneDNN sums pairs of u8*s8 products in int16 with saturation; "
-        f"{len(names)} layer(s) can exceed it (2*max input code*max|q_w| > 32767) and may deviate from the reference "
-        f"path: {shown}. Use the 'w8a8-x86' preset (7-bit activations, exact) or set_execution(model, 'reference')."
-    )
-
-
 # ------------------------------------------------------------------------------------------- layers
 
 
@@ -343,25 +358,56 @@ def _finish(m: Int8Layer, st: _LayerState, y: Tensor) -> Tensor:
     return _QA.wrap(y, st.out_scale, st.out_zp, st.qmin, st.qmax)
 
 
+def _split_codes(xq: Tensor) -> Tensor:
+    """uint8 codes ``x`` -> ``[ceil(x/2), floor(x/2)]`` interleaved along the channels (2x the channels).
+
+    Both halves are <= 128, so any pair of products a u8*s8 kernel adds in int16 stays below
+    ``2 * 128 * 127 = 32512``: exact on CPUs without VNNI, with the weight repeated per half
+    (``repeat_interleave(2, dim=1)``) the result is the conv / linear of ``x``.  Computed on
+    contiguous int16 (``x + 255 * (x >> 1)`` is the two bytes ``(x - (x >> 1), x >> 1)`` in
+    little-endian order), ~5x faster than writing the halves through strided uint8 views.
+    """
+    if xq.dim() == 4:
+        nhwc = xq.permute(0, 2, 3, 1)
+        if not nhwc.is_contiguous():
+            nhwc = nhwc.contiguous()
+        return _split_last(nhwc).permute(0, 3, 1, 2)
+    return _split_last(xq if xq.is_contiguous() else xq.contiguous())
+
+
+def _split_last(x: Tensor) -> Tensor:
+    x16 = x.to(torch.int16)
+    return torch.bitwise_right_shift(x16, 1).mul_(255).add_(x16).view(torch.uint8)
+
+
 def _run_layer(st: _LayerState, xq: Tensor, x_scale: float, x_zp: int, residual: Optional[Tensor] = None,
                r_scale: float = 1.0, r_zp: int = 0, out_scale: float = 1.0, out_zp: int = 0,
                out_dtype: torch.dtype = torch.uint8, post_op: str = "none") -> Tensor:  # fmt: skip
+    bias = st.bias
+    if st.strategy == "split":
+        if st.pad is not None:
+            xq = F.pad(xq, (st.pad[1], st.pad[1], st.pad[0], st.pad[0]), value=x_zp)
+        xq = _split_codes(xq)
+        if st.mode != "static" and x_zp != 0:  # static: folded into st.bias when the layer was built
+            corr = st.w_scale * (-x_scale * x_zp) * st.w_sum
+            bias = corr if bias is None else bias + corr
+        x_zp = 0
     if st.kind == "conv2d":
         if xq.dim() != 4:
             raise ValueError(f"conv2d expects a 4-D input, got {tuple(xq.shape)}")
         if residual is None:
             return onednn.op("qconv_pointwise")(
-                xq, x_scale, x_zp, st.packed, st.w_scale, st.w_zp, st.bias, st.stride, st.padding, st.dilation,
+                xq, x_scale, x_zp, st.packed, st.w_scale, st.w_zp, bias, st.stride, st.padding, st.dilation,
                 st.groups, out_scale, out_zp, out_dtype, post_op, [], "",
             )  # fmt: skip
         return onednn.op("qconv2d_pointwise", "binary")(
-            xq, x_scale, x_zp, st.packed, st.w_scale, st.w_zp, residual, st.bias, st.stride, st.padding, st.dilation,
+            xq, x_scale, x_zp, st.packed, st.w_scale, st.w_zp, residual, bias, st.stride, st.padding, st.dilation,
             st.groups, out_scale, out_zp, out_dtype, r_scale, r_zp, "sum", 1.0, post_op, [], "",
         )  # fmt: skip
     if not xq.is_contiguous():
         xq = xq.contiguous()
     return onednn.op("qlinear_pointwise")(
-        xq, x_scale, x_zp, st.packed, st.w_scale, st.w_zp, st.bias, out_scale, out_zp, out_dtype, post_op, [], "none"
+        xq, x_scale, x_zp, st.packed, st.w_scale, st.w_zp, bias, out_scale, out_zp, out_dtype, post_op, [], "none"
     )
 
 
@@ -370,8 +416,6 @@ def fast_forward(m: Int8Layer, x: Tensor) -> Tensor:
     st = _get_state(m)
     if st is None:
         st = _build_layer(m)
-        if type(st) is _LayerState and st.saturation_risk:
-            _warn_once(m, "saturation", _saturation_message([m.name]))
     if type(st) is str:
         return _fallback(m, st, x)
     if type(x) is not _QA and x.device.type != "cpu":  # carriers are made by the CPU kernels only
@@ -575,8 +619,6 @@ def _fused_conv_add(conv: Int8Layer, add: Int8Add, x: Tensor, other: Tensor, con
             ast = _build_add(add)
         if (type(st) is _LayerState and type(ast) is _AddState and st.mode == "static" and st.kind == "conv2d"
                 and st.post_op == "none" and x.device.type == "cpu" and other.device.type == "cpu" and x.dim() == 4):  # fmt: skip
-            if st.saturation_risk:
-                _warn_once(conv, "saturation", _saturation_message([conv.name]))
             with torch.no_grad():
                 xq = _input_codes(st, x, st.x_scale, st.x_zp)
                 oh, ow = onednn._conv_out_hw(xq.shape[2], xq.shape[3], st.packed.shape[2:], st.stride, st.padding, st.dilation)
@@ -795,9 +837,9 @@ def dequantize_output_hook(module: nn.Module, args: Any, output: Any) -> Any:
 
 
 def prepare_fast(model: nn.Module) -> dict[str, str]:
-    """Prepack every fast-capable module now; one warning for all layers at risk of int16 saturation.
+    """Prepack every fast-capable module now (and choose each layer's exact kernel strategy).
 
-    Returns ``{layer name: "fast" | reason for the reference fallback}``.
+    Returns ``{layer name: "fast" | "fast (exact split: ...)" | reason for the reference fallback}``.
 
     Example::
 
@@ -805,24 +847,28 @@ def prepare_fast(model: nn.Module) -> dict[str, str]:
         {}
     """
     status: dict[str, str] = {}
-    risky: list[str] = []
     for m in model.modules():
         if isinstance(m, Int8Layer) and m.execution == "fast":
-            st = _build_layer(m)
-            status[m.name] = st if isinstance(st, str) else "fast"
-            if isinstance(st, _LayerState) and st.saturation_risk:
-                risky.append(m.name)
-                m.__dict__.setdefault("_qt_warned", set()).add("saturation")
+            status[m.name] = _describe(_build_layer(m))
         elif isinstance(m, Int8Add) and m.execution == "fast":
-            st = _build_add(m)
-            status[m.name] = st if isinstance(st, str) else "fast"
-    if risky:
-        warnings.warn(_saturation_message(risky), FastPathWarning, stacklevel=3)
+            status[m.name] = _describe(_build_add(m))
     return status
 
 
+SPLIT_NOTE = "exact split: input codes in two halves, 2x MACs; this CPU's int8 kernel saturates int16 (no VNNI)"
+
+
+def _describe(st: Any) -> str:
+    if isinstance(st, str):
+        return st
+    if isinstance(st, _LayerState) and st.strategy == "split":
+        return f"fast ({SPLIT_NOTE})"
+    return "fast"
+
+
 def fast_status(model: nn.Module) -> dict[str, str]:
-    """``{name: execution}`` of the converted modules, with the fast path's fallback reason if any.
+    """``{name: execution}`` of the converted modules: ``"fast"``, ``"fast (exact split: ...)"`` (see
+    :func:`_split_codes`), ``"reference (<why the fast path is unavailable>)"``, or the execution set.
 
     Example::
 
@@ -838,5 +884,5 @@ def fast_status(model: nn.Module) -> dict[str, str]:
             st = _get_state(m)
             if st is None:
                 st = _build_layer(m) if isinstance(m, Int8Layer) else _build_add(m)
-            out[m.name] = "fast" if not isinstance(st, str) else f"reference ({st})"
+            out[m.name] = _describe(st) if not isinstance(st, str) else f"reference ({st})"
     return out

@@ -99,6 +99,7 @@ from torch import Tensor
 __all__ = [
     "is_available",
     "saturates_u8s8",
+    "KERNEL_CLASSES",
     "safe_activation_qmax",
     "prepack_conv_weight",
     "qconv",
@@ -285,24 +286,44 @@ def linear_sum_in_place() -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=1)
-def saturates_u8s8() -> bool:
-    """True if this CPU's oneDNN u8×s8 dot products saturate in int16 (no VNNI; see module docstring).
+KERNEL_CLASSES = ("conv", "grouped", "depthwise", "linear")
 
-    Probed once (cached) with a 1x1 conv whose exact int32 result is ``16 * 255 * 127``.
-    Returns False if the ops are unavailable.
+
+@functools.lru_cache(maxsize=8)
+def saturates_u8s8(kind: str = "conv") -> bool:
+    """True if this CPU's oneDNN u8×s8 ``kind`` kernel saturates in int16 (no VNNI; see module docstring).
+
+    ``kind`` is one of :data:`KERNEL_CLASSES`: ``"conv"`` (dense), ``"grouped"`` (``groups > 1``, several
+    input channels per group), ``"depthwise"`` (one input channel per group) or ``"linear"`` — oneDNN
+    picks a different kernel for each, and they differ in whether they sum pairs of products in int16.
+    Probed once per kind (cached, so after ``ONEDNN_MAX_CPU_ISA`` took effect) with operands at the
+    extremes (every input code 255, every weight 127), whose exact int32 result is known; never decided
+    by the CPU's name or flags.  Returns False if the ops are unavailable.
+
+    Example::
+
+        >>> isinstance(saturates_u8s8("linear"), bool)
+        True
     """
+    if kind not in KERNEL_CLASSES:
+        raise ValueError(f"saturates_u8s8: kind must be one of {KERNEL_CLASSES}, got {kind!r}")
     if not _ops_present():
         return False
     try:
-        x = torch.full((1, 16, 2, 2), 255, dtype=torch.uint8).contiguous(memory_format=_CL)
-        w = torch.full((8, 16, 1, 1), 127, dtype=torch.int8)
-        s = torch.ones(8)
-        pw = torch.ops.onednn.qconv_prepack(w, s, 1.0, 0, [1, 1], [0, 0], [1, 1], 1, None)
-        y = torch.ops.onednn.qconv_pointwise(
-            x, 1.0, 0, pw, s, _zeros(8), None, [1, 1], [0, 0], [1, 1], 1, 1.0, 0, torch.float32, "none", [], ""
+        if kind == "linear":
+            x = torch.full((4, 64), 255, dtype=torch.uint8)
+            pw = torch.ops.onednn.qlinear_prepack(torch.full((8, 64), 127, dtype=torch.int8), None)
+            y = op("qlinear_pointwise")(x, 1.0, 0, pw, torch.ones(8), _zeros(8), None, 1.0, 0, torch.float32, "none", [], "none")
+            return bool((y != 64 * 255 * 127).any())
+        groups, cin, cout = {"conv": (1, 32, 16), "grouped": (4, 64, 16), "depthwise": (32, 32, 32)}[kind]
+        x = torch.full((1, cin, 3, 3), 255, dtype=torch.uint8).contiguous(memory_format=_CL)
+        w = torch.full((cout, cin // groups, 1, 1), 127, dtype=torch.int8)
+        s = torch.ones(cout)
+        pw = torch.ops.onednn.qconv_prepack(w, s, 1.0, 0, [1, 1], [0, 0], [1, 1], groups, None)
+        y = op("qconv_pointwise")(
+            x, 1.0, 0, pw, s, _zeros(cout), None, [1, 1], [0, 0], [1, 1], groups, 1.0, 0, torch.float32, "none", [], ""
         )
-        return bool((y != 16 * 255 * 127).any())
+        return bool((y != (cin // groups) * 255 * 127).any())
     except Exception:  # noqa: BLE001
         return False
 

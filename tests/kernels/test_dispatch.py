@@ -29,6 +29,21 @@ from tests.conftest import randomize_bn
 pytestmark = pytest.mark.skipif(not onednn.is_available(), reason="oneDNN int8 ops unavailable on this CPU/build")
 
 
+@pytest.fixture(params=["native", "split"])
+def strategy(request, monkeypatch):
+    """Run a test with this CPU's own kernel choice, and again with the exact split kernel forced on every
+    layer that could saturate without VNNI (as on an AVX2 CPU), so every machine tests both paths."""
+    if request.param == "split":
+        monkeypatch.setattr(dispatch.onednn, "saturates_u8s8", lambda kind="conv": kind != "depthwise")
+    return request.param
+
+
+def _expect_split(kind: str) -> bool:
+    """Does a layer of this kernel class with 8-bit activations and weights take the split kernel here?
+    (``onednn.saturates_u8s8`` is the real probe, or the forced one of the ``strategy`` fixture.)"""
+    return dispatch.onednn.saturates_u8s8(kind)
+
+
 def _convert(model: nn.Module, preset: str = "w8a8", shape=(4, 3, 12, 12), n: int = 3, **kw) -> tuple[nn.Module, nn.Module]:
     g = torch.Generator().manual_seed(0)
     qm = qt.prepare(randomize_bn(model).eval(), preset)
@@ -67,7 +82,7 @@ CONV_CASES = [
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 @pytest.mark.parametrize("act", [None, "relu", "relu6"])
-def test_conv_fast_matches_reference_within_one_step(case, act, one_thread):
+def test_conv_fast_matches_reference_within_one_step(case, act, one_thread, strategy):
     torch.manual_seed(0)
     conv = nn.Conv2d(case["cin"], case["cout"], case["k"], case["stride"], case["padding"], case["dilation"], case["groups"])
     layers: list[nn.Module] = [conv, nn.BatchNorm2d(case["cout"])]
@@ -78,6 +93,8 @@ def test_conv_fast_matches_reference_within_one_step(case, act, one_thread):
     _, q = _convert(nn.Sequential(*layers), shape=(4, case["cin"], 11, 13))
     layer = q[0]
     assert isinstance(layer, Int8Layer) and layer.execution == "fast" and layer.act == act
+    kind = "depthwise" if case["groups"] == case["cin"] else "grouped" if case["groups"] > 1 else "conv"
+    assert ("split" in dispatch.fast_status(q)["0"]) == _expect_split(kind)
     x = torch.randn(3, case["cin"], 11, 13) * 1.2
     # the model's output layer returns fp32: the same value as the reference path up to float rounding
     fast, ref = _fast_and_reference(q, x)
@@ -101,11 +118,13 @@ def test_conv_fast_matches_reference_within_one_step(case, act, one_thread):
 
 @pytest.mark.parametrize("act", [None, "relu"])
 @pytest.mark.parametrize("preset", ["w8a8", "w8a8-x86", "w4a8"])
-def test_linear_and_chain_fast_matches_reference(act, preset, one_thread):
+def test_linear_and_chain_fast_matches_reference(act, preset, one_thread, strategy):
     torch.manual_seed(0)
     layers = [nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 16)] + ([nn.ReLU()] if act else [])
     _, q = _convert(nn.Sequential(*layers), preset, shape=(16, 20))
     assert q[0].execution == "fast" and q[2].execution == "fast" and q[2].fast_float_output
+    # 7-bit (w8a8-x86) and 4-bit weights (w4a8) cannot saturate: one direct kernel call everywhere
+    assert ("split" in dispatch.fast_status(q)["2"]) == (_expect_split("linear") and preset == "w8a8")
     x = torch.randn(7, 20)
     with torch.no_grad():
         inner = q[0](x)
@@ -118,11 +137,12 @@ def test_linear_and_chain_fast_matches_reference(act, preset, one_thread):
     assert (fast - ref).abs().max().item() <= step
 
 
-def test_dynamic_linear_uses_int8_gemm_and_matches_reference(one_thread):
+def test_dynamic_linear_uses_int8_gemm_and_matches_reference(one_thread, strategy):
     torch.manual_seed(0)
     _, q = _convert(nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 8)), "w8a8-dynamic", shape=(8, 24))
     assert all(m.execution == "fast" for m in q.modules() if isinstance(m, Int8Layer))
-    assert dispatch.fast_status(q) == {"0": "fast", "2": "fast"}
+    assert sorted(dispatch.fast_status(q)) == ["0", "2"]
+    assert all(v.startswith("fast") for v in dispatch.fast_status(q).values())
     for batch in (1, 5, 33):
         x = torch.randn(batch, 24) * 3
         fast, ref = _fast_and_reference(q, x)
@@ -173,7 +193,7 @@ class _Net(nn.Module):
 
 
 @pytest.mark.parametrize("fuse_adds,add_kernel", [(False, "onednn"), (False, "float"), (True, "onednn")])
-def test_residual_add_fast_matches_reference(fuse_adds, add_kernel, one_thread, monkeypatch):
+def test_residual_add_fast_matches_reference(fuse_adds, add_kernel, one_thread, monkeypatch, strategy):
     # small tensors take the float-arithmetic add; force the oneDNN identity-conv add too
     monkeypatch.setattr(dispatch, "_ADD_KERNEL_MIN_NUMEL", 0 if add_kernel == "onednn" else 1 << 40)
     torch.manual_seed(0)
@@ -299,7 +319,7 @@ def test_add_without_linear_sum_kernel_uses_float_arithmetic(monkeypatch, one_th
     assert _code_diff(add, fast, add.forward_reference(a, b)).max().item() <= 1
 
 
-def test_resnet20_end_to_end(one_thread):
+def test_resnet20_end_to_end(one_thread, strategy):
     from recipes.models import resnet20
 
     torch.manual_seed(0)
@@ -308,10 +328,12 @@ def test_resnet20_end_to_end(one_thread):
     x = torch.randn(16, 3, 32, 32)
     fast, ref = _fast_and_reference(q, x)
     d = (fast - ref).abs() / float(q.fc.output_scale)
-    # 19 layers: a rare one-code tie in an early layer propagates; on this random-init net a few logits
-    # land a little over one step away (the integer-only path is ~2 steps from the reference here).
+    # 19 layers: a rare one-code tie in an early layer propagates (per layer, ~1e-5 of the codes differ by
+    # one step, scripts/check_zoo.py's per-layer column); on this random-init net a few logits land a little
+    # over one step away (97.5% within one step with the split kernel, 99%+ direct; the integer-only path is
+    # ~2 steps from the reference here).  A saturating kernel is tens of steps off.
     assert d.max().item() <= 2.0
-    assert (d <= 1.0).float().mean().item() >= 0.99
+    assert (d <= 1.0).float().mean().item() >= 0.95
     assert (fast.argmax(1) == ref.argmax(1)).float().mean().item() >= 0.9
 
 
@@ -330,10 +352,8 @@ def test_no_torch_warnings_during_convert_and_forward(one_thread):
         q(torch.randn(1, 3, 32, 32))  # grad mode on too
         with torch.inference_mode():
             q(torch.randn(2, 3, 32, 32))
-    expected = [w for w in rec if issubclass(w.category, FastPathWarning)]
-    assert len(expected) == (1 if onednn.saturates_u8s8() else 0)
-    others = [f"{w.category.__name__}: {w.message} ({w.filename})" for w in rec if not issubclass(w.category, FastPathWarning)]
-    assert not others, others
+    # exact on every CPU (the split kernel where u8*s8 saturates): nothing to warn about, on any ISA
+    assert not [f"{w.category.__name__}: {w.message} ({w.filename})" for w in rec]
 
 
 def test_fallback_when_kernels_unavailable_warns_once(monkeypatch):
@@ -372,16 +392,42 @@ def test_fallback_for_unsupported_layer_kind():
         assert torch.equal(q(x), ref)
 
 
-def test_saturation_policy_warns_once_naming_layers(monkeypatch):
-    monkeypatch.setattr(dispatch.onednn, "saturates_u8s8", lambda: True)
+def test_strategy_per_layer_where_u8s8_saturates(monkeypatch):
+    """Without VNNI: 8-bit activations x 8-bit weights take the exact split kernel, silently; 7-bit activations
+    (2 * 127 * 127 <= 32767), 4-bit weights and depthwise convs (a kernel that does not saturate) run direct."""
+    monkeypatch.setattr(dispatch.onednn, "saturates_u8s8", lambda kind="conv": kind != "depthwise")
     torch.manual_seed(0)
-    with pytest.warns(FastPathWarning, match=r"no VNNI.*2 layer\(s\).*: 0, 2\."):
-        _convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)))
-    # 7-bit activations: 2 * 127 * 127 <= 32767, exact without VNNI, nothing to say
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8), nn.ReLU(), nn.Conv2d(8, 4, 3))
     with warnings.catch_warnings():
-        warnings.simplefilter("error", FastPathWarning)
-        _, q = _convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)), "w8a8-x86")
-    assert q[0].act_qmax == 127
+        warnings.simplefilter("error")
+        _, q = _convert(copy.deepcopy(net))
+        _, q7 = _convert(copy.deepcopy(net), "w8a8-x86")
+        _, q4 = _convert(copy.deepcopy(net), "w4a8")
+    st = dispatch.fast_status(q)
+    assert "split" in st["0"] and st["2"] == "fast" and "split" in st["4"]
+    assert set(dispatch.fast_status(q7).values()) == {"fast"} and q7[0].act_qmax == 127
+    assert set(dispatch.fast_status(q4).values()) == {"fast"}
+    # the split state: weight repeated per half, kernel zero point 0 (folded into the bias)
+    s0 = dispatch._get_state(q[0])
+    assert s0.packed.shape[1] == 2 * 3 and s0.strategy == "split"
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_split_kernel_with_input_zero_point_and_padding(padding, mode, monkeypatch, one_thread):
+    """Split kernel, asymmetric input (zero point ~128, the halves cannot share it): the correction is in the
+    bias and padding holds the zero point's code — against the reference, for conv and linear."""
+    monkeypatch.setattr(dispatch.onednn, "saturates_u8s8", lambda kind="conv": kind != "depthwise")
+    torch.manual_seed(0)
+    preset = "w8a8" if mode == "static" else "w8a8-dynamic"
+    _, q = _convert(nn.Sequential(nn.Conv2d(5, 6, 3, padding=padding)), preset, shape=(4, 5, 9, 9))
+    _, ql = _convert(nn.Sequential(nn.Linear(30, 7)), preset, shape=(4, 30))
+    assert "split" in dispatch.fast_status(q)["0"] and "split" in dispatch.fast_status(ql)["0"]
+    if mode == "static":
+        assert int(q[0].input_zero_point) not in (0,) and dispatch._get_state(q[0]).pad == ([1, 1] if padding else None)
+    for model, x in ((q, torch.randn(3, 5, 9, 9) + 0.3), (ql, torch.randn(6, 30) + 0.3)):
+        fast, ref = _fast_and_reference(model, x)
+        assert (fast - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
 
 
 def test_seven_bit_activations_use_the_int8_output_clamp(one_thread):

@@ -1,0 +1,186 @@
+"""Every torchvision classifier through prepare -> calibrate -> convert: is the converted model faithful?
+
+Usage::
+
+    .venv/bin/python scripts/check_zoo.py                       # the default list, w8a8, all executions
+    .venv/bin/python scripts/check_zoo.py --models resnet18,mobilenet_v2 --preset w8a8-x86
+    .venv/bin/python scripts/check_zoo.py --executions fast --json zoo.json
+
+For each model: random weights (``torchvision.models.get_model(name, num_classes=10)``, no download), BatchNorm
+statistics set from data (a few forward passes in train mode on random images), ``qt.prepare(model, preset)``,
+``qt.calibrate`` on ``--calib-batches`` random batches, ``qt.convert``; then on ``--eval-batches`` fresh batches
+the converted model in each execution (``fast`` — the default oneDNN kernels —, ``reference``, ``integer``) is
+compared with its own fake-quant model: top-1 agreement and SQNR (dB, ``10·log10(Σ ref² / Σ (out − ref)²)``),
+and the fake-quant model against FP32 (SQNR).  The ``strategies`` column counts the fast path's per-layer kernel
+choice (:func:`qtoolkit.kernels.dispatch.fast_status`), e.g. ``split`` where an 8-bit-activation layer runs the
+exact two-part kernel on a CPU without VNNI.  The CPU (``lscpu`` model and the ISA flags that matter) and
+oneDNN's ISA cap (``ONEDNN_MAX_CPU_ISA``, if set) are printed first.
+
+Random data and random weights make agreement a strict test: logits are close to each other, so any
+per-layer deviation shows up as a flipped argmax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import qtoolkit as qt  # noqa: E402
+from qtoolkit.kernels import dispatch, onednn  # noqa: E402
+from qtoolkit.numerics import fake_quantize  # noqa: E402
+
+DEFAULT_MODELS = (
+    "resnet18,resnet50,mobilenet_v2,mobilenet_v3_small,efficientnet_b0,regnet_x_400mf,densenet121,"
+    "googlenet,shufflenet_v2_x0_5,squeezenet1_0,mnasnet0_5,resnext50_32x4d"
+)
+
+
+def cpu_line() -> str:
+    """``lscpu``'s model name and the ISA flags that decide the int8 kernels' exactness."""
+    model, flags = "?", set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and model == "?":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return (f"CPU: {model}; flags: {' '.join(isa) or 'none of avx2/avx512/vnni'}; ONEDNN_MAX_CPU_ISA={cap or 'unset'}; "
+            f"u8s8 saturates (probed): {onednn.saturates_u8s8()}; torch {torch.__version__}")  # fmt: skip
+
+
+def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.double(), out.double()
+    noise = (out - ref).pow(2).sum().item()
+    return float("inf") if noise == 0 else 10.0 * float(torch.log10(ref.pow(2).sum() / noise))
+
+
+def build(name: str, size: int, gen: torch.Generator) -> torch.nn.Module:
+    import torchvision
+
+    kwargs = {"num_classes": 10}
+    if name in ("googlenet", "inception_v3"):
+        kwargs.update(aux_logits=False, init_weights=True)
+    m = torchvision.models.get_model(name, weights=None, **kwargs)
+    m.train()
+    with torch.no_grad():  # BN statistics from data (random weights, random images)
+        for _ in range(3):
+            m(torch.randn(8, 3, size, size, generator=gen))
+    return m.eval()
+
+
+def per_layer_steps(q: torch.nn.Module, batch: torch.Tensor) -> tuple[float, str]:
+    """Largest ``|fast - reference|`` of any converted module on the *same* input, in its output steps.
+
+    Each module's inputs are recorded in a reference-execution forward; the module then runs alone in
+    ``fast`` and in ``reference`` on them.  Isolates per-layer exactness from the drift that one-step tie
+    differences accumulate through a deep random network.
+    """
+    from qtoolkit.nn import Int8Add, Int8Layer
+
+    mods = [m for m in q.modules() if isinstance(m, (Int8Layer, Int8Add)) and dispatch.supports_fast(m)]
+    seen: dict = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a: seen.setdefault(mod, a)) for m in mods]
+    qt.set_execution(q, "reference")
+    q(batch)
+    for h in hooks:
+        h.remove()
+    worst, where = 0.0, "-"
+    for m in mods:
+        if m not in seen or getattr(m, "mode", "static") != "static":
+            continue
+        ref = m(*seen[m])
+        m.execution = "fast"
+        out = m(*seen[m])
+        m.execution = "reference"
+        if type(out) is not torch.Tensor:  # int8 carrier: compare with the reference rounded to the same grid
+            ref = fake_quantize(ref, out.q_scale, out.q_zero_point, out.q_min, out.q_max)
+            out = out.dequantize()
+        steps = ((out.float() - ref.float()).abs().max() / float(m.output_scale)).item()
+        if steps > worst:
+            worst, where = steps, m.name
+    return round(worst, 3), where
+
+
+def run(name: str, args: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    model = build(name, args.size, gen)
+    calib = [torch.randn(args.batch, 3, args.size, args.size, generator=gen) for _ in range(args.calib_batches)]
+    evals = [torch.randn(args.batch, 3, args.size, args.size, generator=gen) for _ in range(args.eval_batches)]
+    t0 = time.perf_counter()
+    qm = qt.calibrate(qt.prepare(model, args.preset), calib, progress=False)
+    q = qt.convert(qm)
+    row: dict = {"model": name, "preset": args.preset, "prepare+calibrate+convert_s": round(time.perf_counter() - t0, 1)}
+    status = dispatch.fast_status(q)
+    strategies: dict[str, int] = {}
+    for v in status.values():
+        key = ("fast-split" if "split" in v else "fast") if v.startswith("fast") else v.split(" (")[0]
+        strategies[key] = strategies.get(key, 0) + 1
+    row["strategies"] = strategies
+    with torch.no_grad():
+        fp32 = torch.cat([model(x) for x in evals])
+        fq = torch.cat([qm(x) for x in evals])
+        row["fakequant_vs_fp32_sqnr_db"] = round(sqnr(fp32, fq), 1)
+        if "fast" in args.executions:
+            row["fast_max_layer_steps"], row["worst_layer"] = per_layer_steps(q, evals[0])
+        for ex in args.executions:
+            if ex == "fast":
+                qt.set_execution(q, "fast")
+                for m in q.modules():  # fast where possible, as convert() chose
+                    if hasattr(m, "execution") and not dispatch.supports_fast(m):
+                        m.execution = "reference"
+            else:
+                try:
+                    qt.set_execution(q, ex)
+                except ValueError as e:  # e.g. integer-only needs static layers
+                    row[f"{ex}_error"] = str(e)[:80]
+                    continue
+            out = torch.cat([q(x) for x in evals])
+            row[f"{ex}_agree_%"] = round(100.0 * (out.argmax(1) == fq.argmax(1)).double().mean().item(), 2)
+            row[f"{ex}_sqnr_db"] = round(sqnr(fq, out), 1)
+    return row
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=DEFAULT_MODELS)
+    p.add_argument("--preset", default="w8a8")
+    p.add_argument("--executions", default="fast,reference,integer")
+    p.add_argument("--size", type=int, default=96, help="input height/width (default 96)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--calib-batches", type=int, default=4)
+    p.add_argument("--eval-batches", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None, help="also write the rows as JSON here")
+    args = p.parse_args(argv)
+    args.executions = [e for e in args.executions.split(",") if e]
+    torch.set_num_threads(args.threads)
+    print(cpu_line(), flush=True)
+    rows = []
+    for name in [m for m in args.models.split(",") if m]:
+        try:
+            row = run(name, args)
+        except Exception as e:  # noqa: BLE001 - one table row per model, failures included
+            row = {"model": name, "error": f"{type(e).__name__}: {e}"[:200]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"cpu": cpu_line(), "rows": rows}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
