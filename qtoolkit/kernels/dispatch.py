@@ -376,7 +376,7 @@ def _split_codes(xq: Tensor) -> Tensor:
 
 
 def _split_last(x: Tensor) -> Tensor:
-    x16 = x.to(torch.int16)
+    x16 = x.to(torch.int16, memory_format=torch.contiguous_format)  # fresh standard strides (C == 1 included)
     return torch.bitwise_right_shift(x16, 1).mul_(255).add_(x16).view(torch.uint8)
 
 

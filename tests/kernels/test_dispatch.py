@@ -71,6 +71,7 @@ def _code_diff(layer: nn.Module, fast: torch.Tensor, ref: torch.Tensor) -> torch
 
 CONV_CASES = [
     dict(cin=3, cout=8, k=3, stride=1, padding=1, dilation=1, groups=1),
+    dict(cin=1, cout=4, k=3, stride=1, padding=1, dilation=1, groups=1),  # C == 1: ambiguous strides
     dict(cin=8, cout=16, k=3, stride=2, padding=1, dilation=1, groups=1),
     dict(cin=8, cout=8, k=3, stride=1, padding=2, dilation=2, groups=1),
     dict(cin=8, cout=12, k=3, stride=1, padding=1, dilation=1, groups=4),
@@ -93,7 +94,7 @@ def test_conv_fast_matches_reference_within_one_step(case, act, one_thread, stra
     _, q = _convert(nn.Sequential(*layers), shape=(4, case["cin"], 11, 13))
     layer = q[0]
     assert isinstance(layer, Int8Layer) and layer.execution == "fast" and layer.act == act
-    kind = "depthwise" if case["groups"] == case["cin"] else "grouped" if case["groups"] > 1 else "conv"
+    kind = "depthwise" if 1 < case["groups"] == case["cin"] else "grouped" if case["groups"] > 1 else "conv"
     assert ("split" in dispatch.fast_status(q)["0"]) == _expect_split(kind)
     x = torch.randn(3, case["cin"], 11, 13) * 1.2
     # the model's output layer returns fp32: the same value as the reference path up to float rounding
