@@ -13,6 +13,9 @@ and BN statistics — speed does not depend on them) and batch size:
 * ``fp32 eager`` / ``fp32 channels_last``: the float model (input and weights NCHW, or channels_last).
 * ``qtoolkit int8 (fast)``: ``qtoolkit.prepare(model, "w8a8")`` calibrated on 4 random batches,
   ``qtoolkit.convert`` (default execution: oneDNN int8 kernels, activations kept as uint8 codes).
+* ``qtoolkit w8a8-x86 (fast, 7-bit act.)``: the same with the ``w8a8-x86`` preset (7-bit activations, like
+  torch.ao's x86 default): one direct kernel call per layer on every CPU.  With ``w8a8`` a CPU without VNNI
+  runs 8-bit-activation layers on the exact split kernel (twice the MACs; the header says how many).
 * ``qtoolkit int8 (reference)``: the same model after ``set_execution(m, "reference")`` (simulated int8).
 * ``qtoolkit int8 (fast, fuse_adds)`` (``--fuse-adds``): ``convert(qm, fuse_adds=True)``, residual adds
   folded into the conv's ``sum`` post-op (faster, one rounding fewer than the reference path).
@@ -61,6 +64,7 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import qtoolkit as qt  # noqa: E402
+from qtoolkit.kernels import dispatch, onednn  # noqa: E402
 from recipes.models import BasicBlock, resnet18_cifar, resnet20  # noqa: E402
 
 SHAPE = (3, 32, 32)
@@ -200,6 +204,7 @@ def torch_variants(model: nn.Module, calib: Sequence[torch.Tensor], fused: bool 
     qm = qt.calibrate(qt.prepare(model, "w8a8"), calib, progress=False)
     fast = qt.convert(qm)
     reference = qt.set_execution(qt.convert(qm), "reference")
+    fast7 = qt.convert(qt.calibrate(qt.prepare(model, "w8a8-x86"), calib, progress=False))
     fp32_cl = __import__("copy").deepcopy(model).to(memory_format=torch.channels_last)
     ao = torch_ao_int8(model, calib)
     fp32_bytes = state_dict_bytes(model)
@@ -211,6 +216,7 @@ def torch_variants(model: nn.Module, calib: Sequence[torch.Tensor], fused: bool 
         Variant("fp32 eager", _torch_runner(model), fp32_bytes),
         Variant("fp32 channels_last", _torch_runner(fp32_cl, True), fp32_bytes),
         Variant("qtoolkit int8 (fast)", _torch_runner(fast), state_dict_bytes(fast)),
+        Variant("qtoolkit w8a8-x86 (fast, 7-bit act.)", _torch_runner(fast7), state_dict_bytes(fast7)),
         Variant("qtoolkit int8 (reference)", _torch_runner(reference), state_dict_bytes(reference)),
         *extra,
         Variant("torch.ao int8 (x86)", _torch_runner(ao), state_dict_bytes(ao)),
@@ -309,6 +315,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\ntorch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"torch.set_num_threads({args.threads}), inference_mode; median of {args.repeats} repeats (each ≥ 50 ms) "
           f"after {args.warmup} warm-up calls, variants interleaved")  # fmt: skip
+    print(onednn.cpu_report())
+    split = sum("split" in v for v in dispatch.fast_status(qt.convert(qm)).values())
+    print(f"qtoolkit w8a8 (default preset): {split} layer(s) of the last model on the exact split kernel (no VNNI)")
     print(f"environment: {env}; load average {os.getloadavg()[0]:.2f}; other processes used {others:.2f} CPUs on average\n")
     print("| model | batch | variant | images/s | × fp32 eager | × torch.ao int8 | state_dict bytes |")
     print("|---|---:|---|---:|---:|---:|---:|")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -41,24 +40,6 @@ DEFAULT_MODELS = (
     "resnet18,resnet50,mobilenet_v2,mobilenet_v3_small,efficientnet_b0,regnet_x_400mf,densenet121,"
     "googlenet,shufflenet_v2_x0_5,squeezenet1_0,mnasnet0_5,resnext50_32x4d"
 )
-
-
-def cpu_line() -> str:
-    """``lscpu``'s model name and the ISA flags that decide the int8 kernels' exactness."""
-    model, flags = "?", set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and model == "?":
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
-    return (f"CPU: {model}; flags: {' '.join(isa) or 'none of avx2/avx512/vnni'}; ONEDNN_MAX_CPU_ISA={cap or 'unset'}; "
-            f"u8s8 saturates (probed): {onednn.saturates_u8s8()}; torch {torch.__version__}")  # fmt: skip
 
 
 def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -168,7 +149,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     args.executions = [e for e in args.executions.split(",") if e]
     torch.set_num_threads(args.threads)
-    print(cpu_line(), flush=True)
+    print(onednn.cpu_report(), flush=True)
     rows = []
     for name in [m for m in args.models.split(",") if m]:
         try:
@@ -178,7 +159,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu_line(), "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"cpu": onednn.cpu_report(), "rows": rows}, indent=1))
     return rows
 
 
