@@ -29,7 +29,7 @@ from torch import nn
 from qtoolkit.nn.quant_layer import QuantLayer
 from qtoolkit.toggles import quantizers
 
-__all__ = ["calibrate", "model_device", "batch_input"]
+__all__ = ["calibrate", "model_device", "batch_input", "call_model"]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -41,7 +41,15 @@ def model_device(model: nn.Module) -> torch.device:
 
 def batch_input(batch: Any) -> Any:
     """The model input of a batch: a tensor, the first item of an (input, target)
-    pair/list, or ``batch["input"]``/``batch["image"]`` of a dict."""
+    pair/list, or ``batch["input"]``/``batch["image"]`` of a dict.  The input may itself be a
+    tuple/list of positional arguments (``((x,), y)``, ``((x, mask), y)``): see :func:`call_model`.
+
+    Example::
+
+        >>> x = torch.zeros(2, 3)
+        >>> batch_input((x, torch.tensor([0, 1]))) is x, batch_input(((x,), None))[0] is x
+        (True, True)
+    """
     if isinstance(batch, torch.Tensor):
         return batch
     if isinstance(batch, (tuple, list)) and batch:
@@ -54,6 +62,27 @@ def batch_input(batch: Any) -> Any:
         f"calibrate: cannot find the model input in a batch of type {type(batch).__name__}; "
         "pass tensors, (input, target) pairs or dicts with an 'input' key"
     )
+
+
+def _to_device(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to_device(v, device) for v in x)
+    return x
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model(*inputs)`` when the batch's input is a tuple/list of positional arguments, else ``model(inputs)``.
+
+    Example::
+
+        >>> call_model(nn.Identity(), (torch.ones(1),))
+        tensor([1.])
+    """
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
 
 
 def calibrate(
@@ -111,9 +140,8 @@ def calibrate(
             iterator = tqdm(iterator, total=total, desc="calibrate", unit="batch", leave=False)
         with torch.no_grad():
             for batch in iterator:
-                x = batch_input(batch)
-                x = x.to(device) if isinstance(x, torch.Tensor) else x
-                model(x)
+                x = _to_device(batch_input(batch), device)
+                call_model(model, x)
                 seen += 1
         if seen == 0:
             raise ValueError("calibrate: `data` yielded no batches; pass a non-empty DataLoader or iterable")

@@ -137,6 +137,11 @@ class FakeQuantize(nn.Module):
 
     # --------------------------------------------------------------- forward
     def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(
+                f"{self.name}: expected a tensor, got a {type(x).__name__}; a batch's input that is a tuple of "
+                "arguments is passed as model(*input) by qtoolkit.calibrate / QATTrainer"
+            )
         if not x.is_floating_point():
             raise TypeError(
                 f"{self.name}: fake quantization expects a floating-point tensor, got {x.dtype}"
@@ -173,7 +178,12 @@ class FakeQuantize(nn.Module):
 
     # ------------------------------------------------------------ state dict
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[override]
-        # per-channel qparams may have been created before their size was known
+        # per-channel qparams may have been created before their size was known; any other shape is an error
+        # (reported by load_state_dict with this quantizer's key; the buffers are left as they were)
+        bad = self._bad_qparam_shapes(state_dict, prefix)
+        if bad:
+            error_msgs.extend(bad)
+            return
         for key in ("scale", "zero_point"):
             full = prefix + key
             if full in state_dict:
@@ -185,6 +195,36 @@ class FakeQuantize(nn.Module):
                     else:
                         setattr(self, key, torch.empty_like(new, device=cur.device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def _bad_qparam_shapes(self, state_dict: dict, prefix: str) -> list[str]:
+        """Messages for ``scale`` / ``zero_point`` entries whose shape this quantizer cannot take."""
+        out = []
+        shapes = {}
+        for key in ("scale", "zero_point"):
+            full = prefix + key
+            new = state_dict.get(full)
+            if new is None:
+                continue
+            if not isinstance(new, Tensor):
+                out.append(f"{self.name} ({full}): expected a tensor, got a {type(new).__name__}")
+                continue
+            cur = getattr(self, key)
+            shapes[key] = tuple(new.shape)
+            if self.spec.axis is None:
+                ok = new.numel() == 1 and new.dim() <= 1
+                want = "a single value (shape ())"
+            else:
+                known = cur.dim() == 1 and cur.shape[0] > 0
+                ok = new.dim() == 1 and new.shape[0] > 0 and (not known or new.shape == cur.shape)
+                want = f"one value per channel (shape ({cur.shape[0]},))" if known else "a 1-D per-channel tensor"
+            if not ok:
+                out.append(
+                    f"{self.name} ({full}): shape {tuple(new.shape)} does not fit this {self.spec.describe()} "
+                    f"quantizer, which needs {want}; the state_dict comes from another model or qconfig"
+                )
+        if not out and len(shapes) == 2 and self.spec.axis is not None and shapes["scale"] != shapes["zero_point"]:
+            out.append(f"{self.name} ({prefix}scale / zero_point): shapes {shapes['scale']} and {shapes['zero_point']} differ")
+        return out
 
     def extra_repr(self) -> str:
         return (

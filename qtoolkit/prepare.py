@@ -114,7 +114,7 @@ def prepare(
         inplace: modify ``model`` instead of a deep copy.
         overrides: per-module QConfigs by qualified-name glob or module type.
             A glob that matches nothing triggers a warning naming it.
-        skip: name globs of modules kept in float.
+        skip: name globs of modules kept in float (a list, or one glob as a string).
 
     Returns:
         The prepared model. Layers become :class:`~qtoolkit.nn.QuantLayer`, adds
@@ -134,7 +134,7 @@ def prepare(
     """
     default = get_qconfig(qconfig)
     overrides = dict(overrides or {})
-    skip = list(skip)
+    skip = [skip] if isinstance(skip, str) else list(skip)  # one pattern, not its characters
     _check_overrides(overrides, skip)
     if any(isinstance(m, (QuantLayer, QuantAdd)) for m in model.modules()):
         raise ValueError("prepare: this model is already prepared (it holds QuantLayer/QuantAdd modules)")

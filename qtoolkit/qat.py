@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -62,11 +63,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from qtoolkit.calibrate import batch_input, model_device
+from qtoolkit.calibrate import batch_input, call_model, model_device
 from qtoolkit.nn.quant_layer import QuantLayer
 from qtoolkit.toggles import disable_observers, freeze_bn, observers_disabled, quantizers
 
-__all__ = ["QATConfig", "QATTrainer", "fit_qat", "sync_quantizers", "evaluate_top1", "unwrap_model"]
+__all__ = ["QATConfig", "QATTrainer", "fit_qat", "sync_quantizers", "evaluate_top1", "unwrap_model", "read_checkpoint", "payload_checksum"]
 
 logger = logging.getLogger(__name__)
 
@@ -386,7 +387,7 @@ def evaluate_top1(
                 if max_batches is not None and i >= max_batches:
                     break
                 x, y = _to(batch_input(batch), dev), _to(_batch_target(batch), dev)
-                out = module(x)
+                out = call_model(module, x)
                 hits = _n_correct(out, y)
                 if hits is None:
                     raise TypeError(
@@ -490,9 +491,59 @@ def _check_plain(obj: Any, where: str = "checkpoint") -> None:
     )
 
 
+def payload_checksum(obj: Any) -> str:
+    """sha256 of a checkpoint payload's content (tensors' dtype, shape and bytes; keys, strings, numbers).
+
+    Stored in the QAT checkpoint and checked on load, so bytes changed after the save (a flipped bit on
+    disk, a partial copy) are an error instead of a silently different model.  Depends on content only,
+    not on the file's zip layout, so it is the same after ``torch.load``.
+
+    Example::
+
+        >>> payload_checksum({"a": torch.ones(2)}) == payload_checksum({"a": torch.ones(2)})
+        True
+    """
+    h = hashlib.sha256()
+    _hash_into(h, obj)
+    return h.hexdigest()
+
+
+def _hash_into(h: Any, obj: Any) -> None:
+    if isinstance(obj, Tensor):
+        t = obj.detach().to("cpu").contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)};".encode())
+        for k, v in obj.items():
+            _hash_into(h, k)
+            _hash_into(h, v)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)};".encode())
+        for v in obj:
+            _hash_into(h, v)
+    else:  # str, int, float, bool, None (_check_plain allows nothing else)
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def _remove_stale_temporaries(path: str) -> None:
+    """Delete ``.<name>.*.tmp`` files a crashed save of ``path`` left behind (killed before its rename)."""
+    directory, base = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    for name in os.listdir(directory):
+        if name.startswith(f".{base}.") and name.endswith(".tmp"):
+            try:
+                os.unlink(os.path.join(directory, name))
+                logger.warning("qtoolkit.qat: removed %s, left by an interrupted checkpoint save", name)
+            except OSError:
+                pass
+
+
 def _atomic_save(payload: dict[str, Any], path: str) -> None:
-    """``torch.save`` to a temporary file in ``path``'s directory, fsync, ``os.replace``."""
+    """``torch.save`` to a temporary file in ``path``'s directory, fsync, ``os.replace``; temporaries of
+    earlier crashed saves of ``path`` are removed first."""
     directory = os.path.dirname(os.path.abspath(path))
+    _remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -514,6 +565,50 @@ def _atomic_save(payload: dict[str, Any], path: str) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a QAT checkpoint (``weights_only=True``) and verify its format and checksum.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is empty, truncated or not a torch file; not a qtoolkit QAT checkpoint; or its
+            content does not match the checksum stored at save time (corrupted after it was written).
+
+    Example::
+
+        >>> read_checkpoint("missing.pt")  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        FileNotFoundError: QATTrainer: no checkpoint at 'missing.pt'
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"QATTrainer: no checkpoint at {path!r}")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ValueError(
+            f"QATTrainer: checkpoint {path!r} is empty (0 bytes): it was never written completely (a save that "
+            "crashed or a full disk?); delete it or resume from another checkpoint"
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        raise ValueError(
+            f"QATTrainer: cannot read checkpoint {path!r} ({size:,} bytes): {detail}. The file is truncated, "
+            "corrupted or not a torch checkpoint; resume from another one"
+        ) from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"QATTrainer: {path!r} is not a qtoolkit QAT checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    stored = ckpt.pop("checksum", None)
+    if stored is None:
+        logger.warning("qtoolkit.qat: checkpoint %s has no checksum (saved by an older qtoolkit); not verified", path)
+    elif payload_checksum(ckpt) != stored:
+        raise ValueError(
+            f"QATTrainer: checkpoint {path!r} is corrupted: its content does not match the sha256 stored when it was "
+            "saved (bytes changed on disk or in a copy); resume from another checkpoint. The model was not modified."
+        )
+    return ckpt
 
 
 def _check_checkpoint_path(path: str) -> None:
@@ -794,7 +889,7 @@ class QATTrainer:
             for step, batch in enumerate(self._batches()):
                 x, y = _to(batch_input(batch), dev), _to(_batch_target(batch), dev)
                 self.optimizer.zero_grad(set_to_none=True)
-                out = self.model(x)
+                out = call_model(self.model, x)
                 loss = self.loss_fn(out, y)
                 loss.backward()
                 if self.config.grad_clip is not None:
@@ -933,6 +1028,7 @@ class QATTrainer:
         if _rank() == 0:
             try:
                 _check_plain(payload)
+                payload["checksum"] = payload_checksum(payload)
                 _atomic_save(payload, path)
             except BaseException as e:  # noqa: BLE001 - re-raised after telling the other ranks
                 error = e
@@ -945,12 +1041,7 @@ class QATTrainer:
         :meth:`fit`) RNG states from a checkpoint. Everything is checked first; on
         any error the model and optimizer are left as they were."""
         path = os.fspath(path)
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"QATTrainer: cannot read checkpoint {path!r}: {e}") from e
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"QATTrainer: {path!r} is not a qtoolkit QAT checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+        ckpt = read_checkpoint(path)
         sd = ckpt["model"]
         own = self.module.state_dict()
         missing = sorted(set(own) - set(sd))

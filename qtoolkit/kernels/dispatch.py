@@ -59,12 +59,13 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from qtoolkit.kernels import onednn
 from qtoolkit.kernels.qtensor import QuantizedActivation, dequantize_tree
 from qtoolkit.nn.int8_add import Int8Add
 from qtoolkit.nn.int8_layer import Int8Layer, inference_only
-from qtoolkit.numerics import compute_qparams
+from qtoolkit.numerics import HALF_DTYPES, compute_qparams
 
 __all__ = [
     "FastPathWarning",
@@ -420,7 +421,15 @@ def fast_forward(m: Int8Layer, x: Tensor) -> Tensor:
         return _fallback(m, st, x)
     if type(x) is not _QA and x.device.type != "cpu":  # carriers are made by the CPU kernels only
         return _fallback(m, f"input on {x.device.type}", x)
-    return _without_grad(m, _fast_forward, m, st, x)
+    if st.kind == "conv2d" and x.dim() != 4:
+        return _fallback(m, "unbatched (3-D) input", x)
+    try:
+        y = _without_grad(m, _fast_forward, m, st, x)
+        if type(x) is not _QA and x.dtype in HALF_DTYPES and type(y) is not _QA:
+            y = y.to(x.dtype)  # float outputs in the input's dtype, as the reference path
+        return y
+    except RuntimeError as e:
+        raise RuntimeError(f"{m.name}: the int8 kernel failed on an input of shape {tuple(x.shape)}: {e}") from e
 
 
 def _fast_forward(m: Int8Layer, st: _LayerState, x: Tensor) -> Tensor:
@@ -460,7 +469,9 @@ def _operand_codes(st: _AddState, t: Tensor, scale: float, zp: int) -> Tensor:
 
 def fast_add(m: Int8Add, a: Tensor, b: Tensor) -> Tensor:
     """``Int8Add`` forward on uint8 codes: ``clamp(round(((qa−za)·sa + (qb−zb)·sb) / so) + zo)``."""
-    return _without_grad(m, _fast_add, m, a, b)
+    y = _without_grad(m, _fast_add, m, a, b)
+    dt = torch.promote_types(a.dtype, b.dtype) if type(a) is Tensor and type(b) is Tensor else None
+    return y.to(dt) if dt in HALF_DTYPES and type(y) is not _QA else y
 
 
 def _fast_add(m: Int8Add, a: Tensor, b: Tensor) -> Tensor:
@@ -830,10 +841,19 @@ def _nodes(args: Any) -> list[fx.Node]:
 
 
 def dequantize_output_hook(module: nn.Module, args: Any, output: Any) -> Any:
-    """Forward hook (on the converted model's root): int8 carriers never leave the model."""
-    if type(output) is Tensor:
+    """Forward hook (on the converted model's root): int8 carriers never leave the model, and with a
+    float16/bfloat16 input the float outputs are returned in that dtype (inside, the converted model
+    computes in float32 and passes int8 codes)."""
+    first = args[0] if isinstance(args, tuple) and args else None
+    half = first.dtype if type(first) is Tensor and first.dtype in HALF_DTYPES else None
+    if type(output) is Tensor and (half is None or output.dtype != torch.float32):
         return None
-    return dequantize_tree(output)
+    output = dequantize_tree(output)
+    if half is not None:
+        output = tree_map(
+            lambda t: t.to(half) if type(t) is Tensor and t.dtype == torch.float32 else t, output
+        )
+    return output
 
 
 def prepare_fast(model: nn.Module) -> dict[str, str]:

@@ -33,7 +33,14 @@ from qtoolkit.kernels.qtensor import QuantizedActivation
 from qtoolkit.nn.fused import apply_activation
 from qtoolkit.nn.int8_layer import inference_only
 from qtoolkit.nn.quant_add import QuantAdd
-from qtoolkit.numerics import dequantize, fake_quantize, multiply_by_quantized_multiplier, quantize, quantize_multiplier
+from qtoolkit.numerics import (
+    HALF_DTYPES,
+    dequantize,
+    fake_quantize,
+    multiply_by_quantized_multiplier,
+    quantize,
+    quantize_multiplier,
+)
 
 __all__ = ["Int8Add"]
 
@@ -107,11 +114,14 @@ class Int8Add(nn.Module):
             a = a.dequantize()
         if isinstance(b, QuantizedActivation):
             b = b.dequantize()
+        dt = torch.promote_types(a.dtype, b.dtype)
+        if dt in HALF_DTYPES:  # computed in float32, returned in the inputs' dtype
+            a, b = a.to(torch.float32), b.to(torch.float32)
         if self.execution == "integer":
             y = self.forward_integer(a, b)
         else:
             y = self.forward_reference(a, b)
-        return inference_only(y, self.name)
+        return inference_only(y.to(dt) if dt in HALF_DTYPES else y, self.name)
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         self.__dict__.pop("_qt_fast", None)

@@ -1,7 +1,8 @@
 """Converted Conv1d / Conv2d / Linear holding integer weights (the *converted* form).
 
-Weights live in a plain ``torch.int8`` buffer (``weight_q``), or packed two per
-byte in ``uint8`` for ≤ 4 bits, with float per-channel scales; activations'
+Weights live in a plain ``torch.int8`` buffer (``weight_q``), packed two per
+byte in ``uint8`` for ≤ 4 bits, or ``torch.int16`` for 9–16-bit grids (those run
+the reference / integer paths; the int8 kernels take ≤ 8 bits), with float per-channel scales; activations'
 qparams are float/int32 buffers; no quantized dtypes, no deprecated quantization APIs.
 
 Execution paths (``module.execution``):
@@ -39,14 +40,17 @@ from qtoolkit.kernels.qtensor import QuantizedActivation
 from qtoolkit.nn.fused import apply_activation
 from qtoolkit.nn.quant_layer import QuantLayer
 from qtoolkit.numerics import (
+    HALF_DTYPES,
     compute_qparams,
     dequantize,
     fake_quantize,
+    integer_dtype_for,
     quantize,
     quantize_multiplier_tensor,
     requantize,
 )
 from qtoolkit.packing import pack_int4, unpack_int4
+from qtoolkit.spec import QuantSpec
 
 __all__ = ["Int8Layer", "EXECUTIONS", "inference_only"]
 
@@ -82,6 +86,13 @@ def inference_only(y: Tensor, name: str) -> Tensor:
     return _InferenceOnly.apply(y, token)
 
 
+def _code_dtype(spec: QuantSpec) -> torch.dtype:
+    """Storage dtype of weight codes: int8 / uint8 up to 8 bits, int16 (int32 for 16-bit unsigned) above."""
+    if spec.bits <= 8:
+        return torch.int8 if spec.signed else torch.uint8
+    return integer_dtype_for(spec.qmin, spec.qmax)
+
+
 class Int8Layer(nn.Module):
     """Integer-weight Conv1d/Conv2d/Linear. Build with :meth:`from_quant`."""
 
@@ -109,7 +120,8 @@ class Int8Layer(nn.Module):
                 k *= d
             self.register_buffer("weight_q", torch.zeros(n, (k + 1) // 2, dtype=torch.uint8))
         else:
-            self.register_buffer("weight_q", torch.zeros(self.weight_shape, dtype=torch.int8 if wspec.signed else torch.uint8))
+            # the smallest plain integer dtype of the grid: int8 / uint8 up to 8 bits, int16 (or int32) for 9-16 bits
+            self.register_buffer("weight_q", torch.zeros(self.weight_shape, dtype=_code_dtype(wspec)))
         self.register_buffer("weight_scale", torch.ones(n))
         self.register_buffer("weight_zero_point", torch.zeros(n, dtype=torch.int32))
         self.register_buffer("bias", torch.zeros(n) if q.bias is not None else None)
@@ -136,7 +148,7 @@ class Int8Layer(nn.Module):
         if bool(wq.observer_enabled) or not wq.is_calibrated:
             q.calibrate_weight()
         scale, zp = wq.scale.detach().float(), wq.zero_point.detach()
-        codes = quantize(w.detach().float(), scale, zp, m.weight_qmin, m.weight_qmax, axis=0, dtype=torch.int8 if wq.spec.signed else torch.uint8)
+        codes = quantize(w.detach().float(), scale, zp, m.weight_qmin, m.weight_qmax, axis=0, dtype=_code_dtype(wq.spec))
         m.weight_q = pack_int4(codes) if m.packed else codes
         m.weight_scale = scale.clone()
         m.weight_zero_point = zp.to(torch.int32).clone()
@@ -259,12 +271,32 @@ class Int8Layer(nn.Module):
         yq = requantize(acc, self.multiplier_m0.reshape(cshape), self.multiplier_shift.reshape(cshape), zo, lo, hi)
         return dequantize(yq, self.output_scale, self.output_zero_point).to(x.dtype)
 
+    def check_input_shape(self, x: Tensor) -> None:
+        """Raise a ValueError naming this layer if ``x`` cannot be its input (rank, channels / features)."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{self.name}: expected a tensor, got a {type(x).__name__}")
+        if self.kind == "linear":
+            if x.dim() < 1 or x.shape[-1] != self.in_features:
+                raise ValueError(
+                    f"{self.name}: Linear expects inputs with {self.in_features} features in the last dimension, "
+                    f"got shape {tuple(x.shape)}"
+                )
+            return
+        dims = 4 if self.kind == "conv2d" else 3
+        if x.dim() not in (dims - 1, dims) or x.shape[-(dims - 1)] != self.in_channels:
+            raise ValueError(
+                f"{self.name}: {self.kind} expects a [N, {self.in_channels}, ...] input ({dims}-D, or {dims - 1}-D "
+                f"unbatched) with {self.in_channels} channels, got shape {tuple(x.shape)}"
+            )
+
     def forward(self, x: Tensor) -> Tensor:
         """Run the selected execution path.
 
         ``x`` is a float tensor or a :class:`~qtoolkit.kernels.qtensor.QuantizedActivation` (the int8
         carrier the fast path passes between converted modules; other paths take its float value).
+        A wrong rank / channel count raises a ValueError naming the layer.
         """
+        self.check_input_shape(x)
         if self.execution == "fast":
             from qtoolkit.kernels.dispatch import fast_forward  # local: optional kernels
 
@@ -273,11 +305,14 @@ class Int8Layer(nn.Module):
             x = x.dequantize()
         if not x.is_floating_point():
             raise TypeError(f"{self.name}: expected a floating-point input, got {x.dtype}")
+        dt = x.dtype
+        if dt in HALF_DTYPES:  # computed in float32, returned in the input's dtype (as the prepared model)
+            x = x.to(torch.float32)
         if self.execution == "integer":
             y = self.forward_integer(x)
         else:
             y = self.forward_reference(x)
-        return inference_only(y, self.name)
+        return inference_only(y.to(dt) if dt in HALF_DTYPES else y, self.name)
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         self.__dict__.pop("_qt_fast", None)  # prepacked kernel state follows the buffers

@@ -15,11 +15,13 @@ Example::
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from qtoolkit.config import QConfig
 from qtoolkit.fake_quant import FakeQuantize
 from qtoolkit.nn.fused import ACTIVATIONS, apply_activation
+from qtoolkit.numerics import HALF_DTYPES
 
 __all__ = ["QuantAdd"]
 
@@ -42,8 +44,11 @@ class QuantAdd(nn.Module):
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.is_floating_point() and b.is_floating_point()):
             return a + b  # e.g. shape arithmetic: nothing to quantize
-        y = apply_activation(self.lhs_quantizer(a) + self.rhs_quantizer(b), self.act)
-        return self.output_quantizer(y)
+        dt = torch.promote_types(a.dtype, b.dtype)
+        if dt in HALF_DTYPES:  # computed in float32, returned in the inputs' dtype (as QuantLayer)
+            a, b = a.to(torch.float32), b.to(torch.float32)
+        y = self.output_quantizer(apply_activation(self.lhs_quantizer(a) + self.rhs_quantizer(b), self.act))
+        return y.to(dt) if dt in HALF_DTYPES else y
 
     def extra_repr(self) -> str:
         return f"act={self.act}, spec={self.qconfig.activation.spec.describe()}"  # type: ignore[union-attr]

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from qtoolkit.config import QConfig
 from qtoolkit.fake_quant import FakeQuantize
 from qtoolkit.nn.fused import ACTIVATIONS, apply_activation
+from qtoolkit.numerics import HALF_DTYPES
 
 __all__ = ["QuantLayer", "layer_kind", "fold_bn"]
 
@@ -208,6 +209,14 @@ class QuantLayer(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        """Fake-quantized layer.  float16/bfloat16 inputs are computed in float32 and the result is cast back
+        to the input's dtype (every quantized module does the same: one rule for prepared and converted)."""
+        dt = x.dtype if isinstance(x, Tensor) else None
+        if dt in HALF_DTYPES:
+            return self._forward(x.to(torch.float32)).to(dt)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         if self.bn is not None:
