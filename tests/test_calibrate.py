@@ -95,3 +95,19 @@ def test_minmax_qparams_equal_torch_ao_observers():
     s, z = a_obs.calculate_qparams()
     torch.testing.assert_close(qm[0].input_quantizer.scale.reshape(1), s.float(), rtol=1e-6, atol=0)
     assert int(qm[0].input_quantizer.zero_point) == int(z)
+
+
+def test_calibrate_batches_whose_input_is_a_tuple_of_arguments():
+    qm = qt.prepare(_net())
+    data = [((torch.randn(4, 3, 8, 8),), torch.zeros(4)) for _ in range(2)]
+    qt.calibrate(qm, data, progress=False)
+    qm2 = qt.prepare(_net())
+    qt.calibrate(qm2, [x for (x,), _ in data], progress=False)
+    assert qm[0].input_quantizer.is_calibrated
+    assert torch.equal(qm[0].input_quantizer.scale, qm2[0].input_quantizer.scale)
+
+
+def test_a_non_tensor_reaching_a_quantizer_names_it():
+    qm = qt.prepare(_net())
+    with pytest.raises(TypeError, match=r"^0\.input_quantizer: expected a tensor, got a tuple"):
+        qm((torch.randn(1, 3, 8, 8),))

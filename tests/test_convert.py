@@ -1,3 +1,4 @@
+import copy
 import io
 import math
 
@@ -177,3 +178,93 @@ def test_integer_accumulation_is_exact(cin, cout, k, groups, n, hw):
     out = layer._int_accumulate(x, w)
     assert out.dtype == torch.int64
     assert torch.equal(out.reshape(n, cout, -1), ref)
+
+
+# ------------------------------------------------------------------------------ bad inputs, odd inputs
+
+
+def _small(preset="w8a8", **kw):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3),
+                        nn.Flatten(), nn.Linear(4 * 6 * 6, 5))  # fmt: skip
+    return _calibrated(net, preset, size=8, **kw)
+
+
+def test_weights_wider_than_8_bits_are_stored_without_wrapping():
+    from qtoolkit.config import QConfig, Uint8ActPerTensor, int_weight_per_channel
+
+    qm = _small(QConfig(int_weight_per_channel(12), Uint8ActPerTensor))
+    q = qt.convert(qm)
+    layer = q[0]
+    assert layer.weight_q.dtype == torch.int16 and int(layer.weight_q.abs().max()) == 2047
+    assert q[0].execution == "reference"  # the int8 kernels take <= 8-bit weights; silently the reference path
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        ref = qm(x)
+        for ex in ("reference", "integer"):
+            qt.set_execution(q, ex)
+            out = q(x)
+            assert (out - ref).abs().max().item() <= 1e-3 * ref.abs().max().item() + float(q[5].output_scale), ex
+    assert "int12" in qt.summary(qm)
+
+
+def test_wrong_input_shape_names_the_layer_on_every_execution():
+    q = qt.convert(_small())
+    for ex in ("fast", "reference", "integer"):
+        qt.set_execution(q, ex)
+        with pytest.raises(ValueError, match=r"^0: conv2d expects a \[N, 3, \.\.\.\] input .* got shape \(2, 4, 8, 8\)"):
+            q(torch.randn(2, 4, 8, 8))
+        with pytest.raises(ValueError, match=r"^5: Linear expects inputs with 144 features"):
+            q[5](torch.randn(2, 7))
+
+
+def test_quantizer_state_of_the_wrong_shape_is_rejected_at_load_naming_it():
+    qm = _small()
+    sd = qm.state_dict()
+    bad = dict(sd)
+    bad["0.input_quantizer.scale"] = torch.ones(3)  # per-tensor quantizer: one value
+    with pytest.raises(RuntimeError, match=r"0\.input_quantizer \(0\.input_quantizer\.scale\): shape \(3,\) does not fit"):
+        _small().load_state_dict(bad)
+    bad = dict(sd)
+    bad["0.weight_quantizer.scale"] = torch.ones(5)  # per-channel over 8 output channels
+    bad["0.weight_quantizer.zero_point"] = torch.zeros(5, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"0\.weight_quantizer .*shape \(5,\) does not fit .* \(shape \(8,\)\)"):
+        _small().load_state_dict(bad)
+    target = _small()
+    target.load_state_dict(sd)  # the right shapes still load
+    assert torch.equal(target[0].input_quantizer.scale, qm[0].input_quantizer.scale)
+
+
+def test_integer_execution_is_batch_and_layout_invariant_reference_within_a_step():
+    """The integer path accumulates exactly: batch size and memory layout cannot change a bit.  The reference
+    path is the fake-quant model's float arithmetic: its summation order (so a rounding tie) may depend on
+    the batch and layout, and its docstring says so."""
+    q = qt.convert(_small())
+    x = torch.randn(16, 3, 8, 8)
+    with torch.no_grad():
+        qt.set_execution(q, "integer")
+        full = q(x)
+        single = torch.cat([q(x[i:i + 1]) for i in range(16)])
+        cl = q(x.contiguous(memory_format=torch.channels_last))
+    assert torch.equal(full, single) and torch.equal(full, cl)
+    assert "batch" in type(q[0]).forward_reference.__doc__
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_input_one_behaviour_everywhere(dtype):
+    """Prepared and converted models (every execution) accept float16/bfloat16, compute in float32 and
+    return the input's dtype; the value is the float32 model's, rounded to that dtype."""
+    qm = _small()
+    q = qt.convert(qm)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        models = {"prepared": qm}
+        for ex in ("fast", "reference", "integer"):
+            models[ex] = qt.set_execution(copy.deepcopy(q), ex)
+        for name, m in models.items():
+            ref = m(x.to(dtype).float())  # the same (rounded) input in float32
+            out = m(x.to(dtype))
+            assert out.dtype == dtype, name
+            # per-layer outputs are rounded to `dtype` in between on the prepared / reference paths
+            tol = 0.02 * ref.abs().max().item() + 2 * float(q[5].output_scale)
+            assert (out.float() - ref).abs().max().item() <= tol, name

@@ -104,3 +104,11 @@ def test_dynamic_and_weight_only_modes():
             warnings.simplefilter("error")
             y = qm(torch.randn(3, 16))
         assert y.shape == (3, 4)
+
+
+def test_skip_accepts_one_glob_as_a_string():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    qm = qt.prepare(net, skip="2")  # one pattern, not the characters of a string
+    assert isinstance(qm[0], QuantLayer) and isinstance(qm[2], nn.Conv2d) and not isinstance(qm[2], QuantLayer)
+    with pytest.warns(UserWarning, match="skip pattern 'conv' matches no module"):
+        qt.prepare(net, skip="conv")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -369,3 +370,74 @@ def test_hand_written_qat_loop_converts_without_calibrate():
         out = qt.convert(model)(x)
     assert out.shape == ref.shape
     assert (out - ref).abs().max() < 0.25 * ref.abs().max()
+
+
+# ---------------------------------------------------------------------------- damaged checkpoints
+
+
+def _saved_checkpoint(tmp_path) -> tuple[Path, torch.nn.Module, QATTrainer]:
+    path = tmp_path / "qat.pt"
+    model = _qat_model()
+    train, _ = _loaders()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    trainer = QATTrainer(model, train, opt, config=QATConfig(epochs=1, progress=False, max_batches_per_epoch=2), checkpoint_path=path)
+    trainer.fit()
+    return path, model, trainer
+
+
+def _fresh_trainer() -> tuple[torch.nn.Module, QATTrainer]:
+    model = _qat_model(seed=1)
+    train, _ = _loaders()
+    return model, QATTrainer(model, train, torch.optim.SGD(model.parameters(), lr=0.05), config=QATConfig(epochs=1, progress=False))
+
+
+def test_checkpoint_with_flipped_bytes_is_rejected_and_model_unchanged(tmp_path):
+    path, _, _ = _saved_checkpoint(tmp_path)
+    data = bytearray(path.read_bytes())
+    # flip bytes inside the largest stored tensor (the zip layout stays valid; only the content changes)
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    for k in range(16):
+        data[start + 64 + k] ^= 0xFF
+    path.write_bytes(bytes(data))
+    torch.load(path, weights_only=True)  # torch itself reads it without complaint
+    model, trainer = _fresh_trainer()
+    before = _clone_sd(model)
+    with pytest.raises(ValueError, match="corrupted: its content does not match the sha256"):
+        trainer.load_checkpoint(path)
+    assert _states_equal(before, model.state_dict()) == []
+
+
+def test_truncated_and_empty_checkpoints_say_what_is_wrong(tmp_path):
+    path, _, _ = _saved_checkpoint(tmp_path)
+    data = path.read_bytes()
+    _, trainer = _fresh_trainer()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cannot read checkpoint .*bytes\): \w+.*truncated"):
+        trainer.load_checkpoint(path)
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"is empty \(0 bytes\)"):
+        trainer.load_checkpoint(path)
+
+
+def test_stale_temporary_of_a_crashed_save_is_removed(tmp_path):
+    stale = tmp_path / ".qat.pt.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint from a killed process")
+    other = tmp_path / ".other.pt.x.tmp"
+    other.write_bytes(b"not ours")
+    _saved_checkpoint(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == [".other.pt.x.tmp", "qat.pt"]
+
+
+def test_batches_whose_input_is_a_tuple_of_arguments():
+    """((x,), y) batches: the input tuple is the model's positional arguments, for the trainer and evaluation."""
+    model = _qat_model()
+    x, y = make_data(64, seed=1)
+    batches = [((x[i:i + 32],), y[i:i + 32]) for i in (0, 32)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    hist = QATTrainer(model, batches, opt, config=QATConfig(epochs=1, progress=False)).fit()
+    assert len(hist) == 1 and math.isfinite(hist[0]["train_loss"])
+    assert 0.0 <= evaluate_top1(model, batches) <= 1.0

@@ -210,7 +210,15 @@ class Int8Layer(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward_reference(self, x: Tensor) -> Tensor:
-        """Simulated int8: fake-quantized input, dequantized weight, float op."""
+        """Simulated int8: fake-quantized input, dequantized weight, float op.
+
+        Bit-identical to the prepared (fake-quant) model on the same batch.  Like any float conv / matmul,
+        its summation order — so the last bits of the result, and at a rounding tie the next layer's code —
+        depends on the batch size and memory layout (torch picks the algorithm per shape): the same image in
+        a batch of 1 and of 64, or NCHW vs channels_last, can differ by one code at a tie, which through a deep
+        network moves logits by up to a few output steps.  The ``"integer"`` execution accumulates exactly and
+        is batch- and layout-invariant bit for bit; use it where that matters (tests, golden outputs).
+        """
         if self.mode == "static":
             x = fake_quantize(x, self.input_scale, self.input_zero_point, self.act_qmin, self.act_qmax)
         elif self.mode == "dynamic":
