@@ -4,6 +4,7 @@
 Usage::
 
     .venv/bin/python scripts/bench_op_overhead.py            # ~30 s
+    .venv/bin/python scripts/bench_op_overhead.py --batch 1 --preset w8a8-x86 --only-resnet
 
 Prints two tables (``torch.set_num_threads(2)``, ``torch.inference_mode()``, medians after warm-up;
 re-executes itself once with ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` = 1 GiB like
@@ -98,13 +99,13 @@ def conversion_rows() -> list[tuple[str, float]]:
     ]
 
 
-def resnet20_rows() -> list[tuple[str, float]]:
+def resnet20_rows(batch: int = 64, preset: str = "w8a8") -> list[tuple[str, float]]:
     torch.manual_seed(0)
     model = bench_int8._randomize_bn(resnet20(num_classes=10))
     calib = bench_int8.calibration_batches()
-    fast = qt.convert(qt.calibrate(qt.prepare(model, "w8a8"), calib, progress=False))
+    fast = qt.convert(qt.calibrate(qt.prepare(model, preset), calib, progress=False))
     ao = bench_int8.torch_ao_int8(model, calib)
-    x = torch.randn(64, 3, 32, 32)
+    x = torch.randn(batch, 3, 32, 32)
     calls: list[tuple[Callable, tuple]] = []
     real_op = onednn.op
 
@@ -130,12 +131,13 @@ def resnet20_rows() -> list[tuple[str, float]]:
                 fn(*a)  # in-place accumulators are re-accumulated: the values are not used
 
         rows = []
+        reps = 30 if batch >= 16 else 200
         for _ in range(3):  # interleaved rounds, the median of each kept
             rows.append(
                 (
-                    median_us(lambda: fast(x), 30, 5),
-                    median_us(replay, 30, 5),
-                    median_us(lambda: ao(x), 30, 5),
+                    median_us(lambda: fast(x), reps, 5),
+                    median_us(replay, reps, 5),
+                    median_us(lambda: ao(x), reps, 5),
                 )
             )
         ours_ops, ao_ops = _op_times(lambda: fast(x)), _op_times(lambda: ao(x))
@@ -172,7 +174,15 @@ def _op_times(fn: Callable[[], object], n: int = 20) -> dict[str, float]:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=64, help="ResNet-20 batch size of table 3 (default 64)")
+    p.add_argument("--preset", default="w8a8", help="qtoolkit preset of table 3 (default w8a8)")
+    p.add_argument("--only-resnet", action="store_true", help="print table 3 only")
+    p.add_argument("--no-malloc-tune", action="store_true", help="do not set MALLOC_*_THRESHOLD_")
+    args = p.parse_args(argv)
     bench_int8._maybe_reexec()
     torch.set_num_threads(2)
     print(f"torch {torch.__version__}, torch.set_num_threads(2), inference_mode; "
@@ -180,14 +190,16 @@ def main() -> None:
           f"MALLOC_TRIM_THRESHOLD_={os.environ.get('MALLOC_TRIM_THRESHOLD_', '(unset)')}\n")  # fmt: skip
     if not onednn.is_available():
         sys.exit("oneDNN int8 ops are not available in this torch build / on this CPU")
-    print("| one 16→16 3×3 conv, 1×16×8×8 input, per call | µs |\n|---|---:|")
-    for name, us in small_conv_rows():
-        print(f"| {name} | {us:.1f} |")
-    print("\n| float32 → uint8, 64×3×32×32 | µs |\n|---|---:|")
-    for name, us in conversion_rows():
-        print(f"| {name} | {us:.1f} |")
-    print("\n| ResNet-20, batch 64, per forward | ms |\n|---|---:|")
-    for name, us in resnet20_rows():
+    print(onednn.cpu_report() + "\n")
+    if not args.only_resnet:
+        print("| one 16→16 3×3 conv, 1×16×8×8 input, per call | µs |\n|---|---:|")
+        for name, us in small_conv_rows():
+            print(f"| {name} | {us:.1f} |")
+        print("\n| float32 → uint8, 64×3×32×32 | µs |\n|---|---:|")
+        for name, us in conversion_rows():
+            print(f"| {name} | {us:.1f} |")
+    print(f"\n| ResNet-20 ({args.preset}), batch {args.batch}, per forward | ms |\n|---|---:|")
+    for name, us in resnet20_rows(args.batch, args.preset):
         print(f"| {name} | {us / 1000:.2f} |")
 
 

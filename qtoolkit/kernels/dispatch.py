@@ -359,7 +359,7 @@ def _finish(m: Int8Layer, st: _LayerState, y: Tensor) -> Tensor:
     return _QA.wrap(y, st.out_scale, st.out_zp, st.qmin, st.qmax)
 
 
-def _split_codes(xq: Tensor) -> Tensor:
+def _split_codes(xq: Tensor, channels_dim_last: bool = False) -> Tensor:
     """uint8 codes ``x`` -> ``[ceil(x/2), floor(x/2)]`` interleaved along the channels (2x the channels).
 
     Both halves are <= 128, so any pair of products a u8*s8 kernel adds in int16 stays below
@@ -368,7 +368,7 @@ def _split_codes(xq: Tensor) -> Tensor:
     contiguous int16 (``x + 255 * (x >> 1)`` is the two bytes ``(x - (x >> 1), x >> 1)`` in
     little-endian order), ~5x faster than writing the halves through strided uint8 views.
     """
-    if xq.dim() == 4:
+    if not channels_dim_last:  # conv input [N, C, H, W]: C is dim 1 (channels_last memory makes NHWC contiguous)
         nhwc = xq.permute(0, 2, 3, 1)
         if not nhwc.is_contiguous():
             nhwc = nhwc.contiguous()
@@ -388,7 +388,7 @@ def _run_layer(st: _LayerState, xq: Tensor, x_scale: float, x_zp: int, residual:
     if st.strategy == "split":
         if st.pad is not None:
             xq = F.pad(xq, (st.pad[1], st.pad[1], st.pad[0], st.pad[0]), value=x_zp)
-        xq = _split_codes(xq)
+        xq = _split_codes(xq, channels_dim_last=st.kind == "linear")
         if st.mode != "static" and x_zp != 0:  # static: folded into st.bias when the layer was built
             corr = st.w_scale * (-x_scale * x_zp) * st.w_sum
             bias = corr if bias is None else bias + corr
@@ -407,9 +407,13 @@ def _run_layer(st: _LayerState, xq: Tensor, x_scale: float, x_zp: int, residual:
         )  # fmt: skip
     if not xq.is_contiguous():
         xq = xq.contiguous()
-    return onednn.op("qlinear_pointwise")(
+    lead = xq.shape[:-1]
+    if xq.dim() != 2:  # the GEMM takes [M, K]: fold the leading dims (e.g. ConvNeXt's Linear on NHWC)
+        xq = xq.reshape(-1, xq.shape[-1])
+    y = onednn.op("qlinear_pointwise")(
         xq, x_scale, x_zp, st.packed, st.w_scale, st.w_zp, bias, out_scale, out_zp, out_dtype, post_op, [], "none"
     )
+    return y if len(lead) == 1 else y.reshape(*lead, y.shape[-1])
 
 
 def fast_forward(m: Int8Layer, x: Tensor) -> Tensor:

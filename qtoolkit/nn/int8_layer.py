@@ -281,7 +281,9 @@ class Int8Layer(nn.Module):
 
     def check_input_shape(self, x: Tensor) -> None:
         """Raise a ValueError naming this layer if ``x`` cannot be its input (rank, channels / features)."""
-        if not isinstance(x, Tensor):
+        if type(x) is QuantizedActivation:  # its plain codes: no __torch_function__ round trip per query
+            x = x.codes if x.codes is not None else x
+        elif not isinstance(x, Tensor):
             raise TypeError(f"{self.name}: expected a tensor, got a {type(x).__name__}")
         if self.kind == "linear":
             if x.dim() < 1 or x.shape[-1] != self.in_features:

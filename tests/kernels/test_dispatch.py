@@ -521,3 +521,26 @@ def test_add_overwrites_only_a_dead_operand_and_says_so(monkeypatch, one_thread)
         kept[0].dequantize()
     with pytest.raises(RuntimeError, match="consumed in place"):
         kept[0] + 1
+
+
+class _NHWCLinear(nn.Module):
+    """ConvNeXt's pattern: a Linear over the channels of a permuted (N, H, W, C) activation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def test_linear_on_a_4d_channels_last_activation(one_thread, strategy):
+    torch.manual_seed(0)
+    _, q = _convert(_NHWCLinear(), shape=(4, 3, 7, 9))
+    assert q.fc.execution == "fast"
+    x = torch.randn(3, 3, 7, 9)
+    fast, ref = _fast_and_reference(q, x)
+    assert fast.shape == ref.shape == (3, 6, 7, 9)
+    step = float(q.fc.input_scale) * float(q.fc.dequantized_weight().abs().sum(1).max()) + 1e-4
+    assert (fast - ref).abs().max().item() <= step  # the conv's codes may differ by one at a tie
