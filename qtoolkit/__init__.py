@@ -14,7 +14,7 @@ Example::
 from qtoolkit.calibrate import calibrate
 from qtoolkit.config import PRESETS, QConfig, QuantizerConfig, get_qconfig
 from qtoolkit.convert import convert, set_execution, uncalibrated_sites
-from qtoolkit.export import export_onnx
+from qtoolkit.export import export_onnx, verify_onnx
 from qtoolkit.fake_quant import FakeQuantize
 from qtoolkit.fuse import fuse_model
 from qtoolkit.prepare import float_ops, prepare
@@ -66,4 +66,5 @@ __all__ = [
     "sync_quantizers",
     "uncalibrated_sites",
     "unfreeze_bn",
+    "verify_onnx",
 ]

@@ -1,8 +1,12 @@
 """Deployment export of prepared (fake-quant) qtoolkit models.
 
 * :func:`export_onnx` — ONNX with explicit quantization (``QuantizeLinear`` /
-  ``DequantizeLinear``), TensorRT-style Q/DQ placement, int8 weight initializers;
-  runs in ONNX Runtime (``QLinearConv`` after its QDQ fusion) and TensorRT.
+  ``DequantizeLinear``), TensorRT-style Q/DQ placement, integer weight initializers;
+  runs in ONNX Runtime (``QLinearConv`` after its QDQ fusion) and TensorRT
+  (``target="tensorrt"``).  The default ``target="portable"`` is exact in ONNX Runtime on
+  every x86 CPU.
+* :func:`verify_onnx` — run the file in ONNX Runtime against the fake-quant model: agreement,
+  SQNR, and the first quantization site (layer by layer) more than one step off.
 
 Needs the optional dependencies: ``pip install 'qtoolkit[export]'`` (``onnx``,
 ``onnxruntime``); they are imported only when an export runs.
@@ -18,6 +22,7 @@ Example::
     >>> report = export_onnx(qm, torch.randn(1, 3, 16, 16), "model.onnx")  # doctest: +SKIP
 """
 
-from qtoolkit.export.onnx import DEFAULT_OPSET, ExportError, OnnxExportReport, export_onnx
+from qtoolkit.export.onnx import DEFAULT_OPSET, TARGETS, ExportError, OnnxExportReport, export_onnx
+from qtoolkit.export.verify import OnnxVerifyReport, SiteDiff, verify_onnx
 
-__all__ = ["DEFAULT_OPSET", "ExportError", "OnnxExportReport", "export_onnx"]
+__all__ = ["DEFAULT_OPSET", "TARGETS", "ExportError", "OnnxExportReport", "OnnxVerifyReport", "SiteDiff", "export_onnx", "verify_onnx"]

@@ -10,8 +10,10 @@
   a per-channel ``DequantizeLinear`` (``axis=0``, zero point 0): the file holds true
   int8 weights. Live-BN QAT layers are exported with BN folded (running statistics),
   i.e. ``QuantLayer.folded_weight_bias()`` quantized with the weight quantizer's
-  qparams. ``weight_dtype="uint8"`` stores the same values as ``code + 128`` with zero
-  point 128 (ORT's U8U8 kernels; see :func:`export_onnx` on x86 CPUs without VNNI).
+  qparams. ``target="portable"`` (the default) stores the same values as ``code + 128`` in
+  ``uint8`` with zero point 128 (ORT's U8U8 kernels, exact on every x86 CPU; int8 weights —
+  ``target="vnni"`` / ``"tensorrt"`` — saturate ORT's U8S8 kernels on x86 CPUs without VNNI;
+  see :func:`export_onnx`).
 * **Bias**: ``int32`` codes with scale ``s_x·s_w`` (per channel) and zero point 0
   through a ``DequantizeLinear`` (``bias="int32"``, default: the same int32 bias the
   fake-quant model simulates; ORT fuses every conv into ``QLinearConv`` and the
@@ -119,6 +121,7 @@ class OnnxExportReport:
         float_bias: layers whose bias stayed float (and why).
         shared_qdq: activation Q/DQ pairs removed because another quantizer of the
             same tensor had identical qparams.
+        verification: the :class:`~qtoolkit.export.verify.OnnxVerifyReport` of ``verify=``, else None.
     """
 
     path: Path
@@ -130,6 +133,7 @@ class OnnxExportReport:
     quantized_adds: list[str] = field(default_factory=list)
     float_bias: dict[str, str] = field(default_factory=dict)
     shared_qdq: int = 0
+    verification: Any = None  # an OnnxVerifyReport when export_onnx(..., verify=data) ran
 
 
 # --------------------------------------------------------------------------- lazy deps
@@ -150,6 +154,10 @@ def _container_dtype(spec: QuantSpec, site: str, opset: int) -> torch.dtype:
             f"DequantizeLinear at opset {opset} carry 8-bit codes (int8/uint8); use a grid of at most 8 bits"
         )
     return torch.int8 if spec.signed else torch.uint8
+
+
+#: export_onnx(target=...) -> (weight_dtype, bias)
+TARGETS: dict[str, tuple[str, str]] = {"portable": ("uint8", "int32"), "vnni": ("int8", "int32"), "tensorrt": ("int8", "float")}
 
 
 def _full_range(dtype: torch.dtype) -> tuple[int, int]:
@@ -643,10 +651,12 @@ def export_onnx(
     *,
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = True,
-    bias: str = "int32",
-    weight_dtype: str = "int8",
+    target: str = "portable",
+    bias: str | None = None,
+    weight_dtype: str | None = None,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
+    verify: Any = None,
 ) -> OnnxExportReport:
     """Export a prepared + calibrated (or QAT) qtoolkit model to ONNX with Q/DQ nodes.
 
@@ -660,24 +670,37 @@ def export_onnx(
         opset: ONNX default-domain opset, 13..20 (default 17). Per-channel
             ``DequantizeLinear`` needs 13; 20 is the TorchScript exporter's newest.
         dynamic_batch: make dimension 0 of every input and output symbolic (``batch``).
-        bias: ``"int32"`` (default): bias as int32 codes at scale ``s_x·s_w`` (zero point
+        target: which consumer the file is for; it sets ``weight_dtype`` and ``bias`` unless they are given:
+
+            * ``"portable"`` (default): uint8 weights (``code + 128``, zero point 128), int32 bias.  ONNX
+              Runtime then runs its U8U8 integer kernels, which are exact on **every** x86 CPU.  Its U8S8
+              kernels (int8 weights) add pairs of products in int16 with saturation on x86 CPUs without
+              AVX-VNNI (AVX2-only, AVX-512 without VNNI: e.g. AMD Zen 2/3, Skylake): measured on a Zen 3,
+              a calibrated torchvision ResNet-18 was 37 codes off at its first conv (``verify_onnx``).
+            * ``"vnni"``: int8 weights, int32 bias — ORT's faster U8S8 kernels, exact on CPUs with
+              AVX-VNNI / AVX512-VNNI / AMX (and on ARM); not on the CPUs above.
+            * ``"tensorrt"``: int8 weights, float bias (TensorRT's explicit-quantization form; TensorRT also
+              wants signed symmetric activations, see the module docstring).
+        bias: ``"int32"``: bias as int32 codes at scale ``s_x·s_w`` (zero point
             0) through a ``DequantizeLinear`` — the form ONNX Runtime's QDQ fusion expects
             (``QLinearConv``, and ``QGemm`` for the classifier; ORT ≥ 1.20 also fuses convs
             with a float bias by quantizing it itself, but leaves Gemm float); it is the
             int32 bias the fake-quant model simulates. ``"float"``: the unquantized float
             bias (the engine rounds it itself); TensorRT expects this form.
-        weight_dtype: container of the weight codes. ``"int8"`` (default; symmetric, zero
-            point 0 — the standard for TensorRT and ORT). ``"uint8"``: the same values as
-            ``code + 128`` with zero point 128, which makes ORT use its U8U8 kernels: on x86
-            CPUs without AVX-VNNI ORT's U8S8 kernels (``vpmaddubsw``) can saturate int16 pair
-            sums for 8-bit weights (255·127·2 > 32767) and deviate from the model — U8U8 is
-            exact but slower there. 7-bit weights (``int_weight_per_channel(7)``, ORT's
-            "reduce_range") or 4-bit weights cannot saturate and keep the fast int8 path.
+        weight_dtype: container of the weight codes (default: from ``target``). ``"int8"``:
+            symmetric, zero point 0. ``"uint8"``: the same values as ``code + 128`` with zero
+            point 128, which makes ORT use its U8U8 kernels (exact everywhere; on x86 CPUs without
+            AVX-VNNI its U8S8 kernels' ``vpmaddubsw`` can saturate int16 pair sums for 8-bit weights,
+            255·127·2 > 32767). 7-bit weights (``int_weight_per_channel(7)``, ORT's "reduce_range")
+            or 4-bit weights cannot saturate and are exact as int8 too.
         input_names / output_names: graph input/output names (default ``input`` /
             ``output`` or ``input_0``, ``output_1``, ... when there are several).
+        verify: optional data (a tensor or batches, as :func:`qtoolkit.calibrate` takes): run the written
+            file in ONNX Runtime on it and compare with ``model`` (:func:`qtoolkit.export.verify_onnx`);
+            the result is ``report.verification``.
 
     Returns:
-        An :class:`OnnxExportReport` (node counts, exported sites).
+        An :class:`OnnxExportReport` (node counts, exported sites; ``verification`` with ``verify=``).
 
     Raises:
         ExportError: uncalibrated quantizers, a grid ONNX cannot express (> 8 bits, ...),
@@ -691,6 +714,10 @@ def export_onnx(
             f"export_onnx: opset must be an int in {MIN_OPSET}..{MAX_OPSET} (per-channel DequantizeLinear needs 13; "
             f"{MAX_OPSET} is the TorchScript exporter's newest), got {opset!r}"
         )
+    if target not in TARGETS:
+        raise ValueError(f"export_onnx: target must be one of {sorted(TARGETS)}, got {target!r}")
+    weight_dtype = TARGETS[target][0] if weight_dtype is None else weight_dtype
+    bias = TARGETS[target][1] if bias is None else bias
     if weight_dtype not in ("int8", "uint8"):
         raise ValueError(f"export_onnx: weight_dtype must be 'int8' or 'uint8', got {weight_dtype!r}")
     if bias not in ("int32", "float"):
@@ -753,7 +780,8 @@ def export_onnx(
     from qtoolkit import __version__
 
     proto.producer_version = __version__
-    onnx.helper.set_model_props(proto, {"qtoolkit.format": "qdq", "qtoolkit.bias": bias, "qtoolkit.weight_dtype": weight_dtype})
+    onnx.helper.set_model_props(proto, {"qtoolkit.format": "qdq", "qtoolkit.bias": bias, "qtoolkit.weight_dtype": weight_dtype,
+                                        "qtoolkit.target": target})
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:
@@ -772,4 +800,8 @@ def export_onnx(
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    if verify is not None:
+        from qtoolkit.export.verify import verify_onnx
+
+        report.verification = verify_onnx(path, model, verify)
     return report
