@@ -233,7 +233,8 @@ def ort_variants(model: nn.Module, qm: nn.Module, shape: tuple[int, ...]) -> lis
     out = Path(tempfile.mkdtemp(prefix="bench_int8_ort_"))
     paths = bench_onnx.export_all(model, qm, torch.randn(1, *shape), out)
     rows = []
-    for name, path in (("ORT fp32", paths["fp32"]), ("ORT int8 (Q/DQ)", paths["int8 (int8 weights)"])):
+    for name, path in (("ORT fp32", paths["fp32"]), ("ORT int8 (Q/DQ, target=portable)", paths[bench_onnx.PORTABLE]),
+                       ("ORT int8 (Q/DQ, target=vnni)", paths[bench_onnx.VNNI])):
         sess = bench_onnx.session(path, torch.get_num_threads(), "all")
 
         def make(x: torch.Tensor, sess=sess) -> Callable[[], object]:

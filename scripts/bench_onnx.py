@@ -6,12 +6,19 @@ Usage::
     .venv/bin/python scripts/bench_onnx.py                      # throughput table (~1 min)
     .venv/bin/python scripts/bench_onnx.py --shape 3x32x32      # CIFAR-shaped ResNet-20
     .venv/bin/python scripts/bench_onnx.py --fmnist             # accuracy of the trained checkpoint
+    .venv/bin/python scripts/bench_onnx.py --torchvision resnet18 --size 64   # faithfulness of both targets
+
+``--torchvision NAME``: a torchvision classifier (random weights, BN statistics from random images,
+``--size``² inputs), PTQ ``w8a8`` on 4 random batches, exported with ``target="portable"`` and ``"vnni"``;
+``qt.verify_onnx`` on 2 fresh batches of 8 with ORT's optimizations off (Q/DQ emulated in float) and on
+(fused integer kernels): relative L2 error, SQNR, top-1 agreement and the largest per-site difference.
 
 Throughput: ResNet-20 (``recipes.models.resnet20``), PTQ ``w8a8`` calibrated on random data
 (speed does not depend on the weights), exported three ways — fp32 (the float model through
-``torch.onnx.export(dynamo=False)``), int8 Q/DQ (``export_onnx`` defaults: int8 weights,
-int32 bias) and int8 Q/DQ with ``weight_dtype="uint8"`` (the same values in a uint8 container:
-ORT's U8U8 kernels, which do not saturate on x86 CPUs without AVX-VNNI). Each runs in an ORT
+``torch.onnx.export(dynamo=False)``), int8 Q/DQ with ``export_onnx``'s default ``target="portable"``
+(uint8 weight container, int32 bias: ORT's U8U8 kernels, exact on every x86 CPU) and with
+``target="vnni"`` (int8 weights: ORT's U8S8 kernels, which saturate int16 pair sums on x86 CPUs
+without AVX-VNNI).  The CPU (``qtoolkit.kernels.onednn.cpu_report``) is printed with the table. Each runs in an ORT
 CPU session with ``intra_op_num_threads=--threads`` (2), ``ORT_ENABLE_ALL``, no thread spinning; after ``--warmup``
 runs, each repeat times enough back-to-back runs to last ≥ 50 ms, the repeats of the three
 models interleaved (round-robin, so background load hits them alike); the table shows the
@@ -21,9 +28,10 @@ printed: other processes on a shared box distort timings.
 ``--fmnist``: the trained checkpoint ``recipes/checkpoints/resnet20_fashion-mnist.pt`` (or
 ``--checkpoint``), PTQ ``w8a8`` calibrated on ``recipes.data.get_calibration_loader`` (train
 split, ``--calib-batches`` × 64 images), top-1 on the 10 000 test images of the fp32 model,
-the fake-quant model and the exported int8 model in ORT (both weight containers, and ORT's
+the fake-quant model and the exported int8 model in ORT (both targets, and ORT's
 Q/DQ emulation with graph optimizations off), plus the fraction of test images on which ORT
-predicts the same class as the fake-quant model; then the same for 7-bit weights
+predicts the same class as the fake-quant model and ``qtoolkit.verify_onnx``'s layer-by-layer
+verdict (largest per-site code difference on the first test batches); then the same for 7-bit weights
 ("reduce_range", ``int_weight_per_channel(7)``), which cannot saturate ORT's U8S8 kernels
 (``--no-reduce-range`` skips it). The fp32 row's Δ is relative to the w8a8 fake-quant model.
 """
@@ -49,6 +57,12 @@ import qtoolkit as qt  # noqa: E402
 from qtoolkit.config import QConfig, int_weight_per_channel  # noqa: E402
 from qtoolkit.export import export_onnx  # noqa: E402
 from recipes.models import resnet20  # noqa: E402
+
+
+def onednn_cpu_report() -> str:
+    from qtoolkit.kernels.onednn import cpu_report
+
+    return cpu_report()
 
 DEFAULT_CKPT = Path(__file__).resolve().parents[1] / "recipes" / "checkpoints" / "resnet20_fashion-mnist.pt"
 
@@ -129,11 +143,15 @@ def build_models(shape: tuple[int, ...], calib_batches: int = 4):
 
 
 def export_all(model, qm, example: torch.Tensor, out: Path) -> dict[str, Path]:
-    paths = {"fp32": out / "fp32.onnx", "int8 (int8 weights)": out / "int8.onnx", "int8 (uint8 weights)": out / "int8_u8w.onnx"}
+    paths = {"fp32": out / "fp32.onnx", PORTABLE: out / "int8_portable.onnx", VNNI: out / "int8_vnni.onnx"}
     export_float(model, example, paths["fp32"])
-    export_onnx(qm, example, paths["int8 (int8 weights)"])
-    export_onnx(qm, example, paths["int8 (uint8 weights)"], weight_dtype="uint8")
+    export_onnx(qm, example, paths[PORTABLE])
+    export_onnx(qm, example, paths[VNNI], target="vnni")
     return paths
+
+
+PORTABLE = "int8 (target=portable: uint8 weights)"
+VNNI = "int8 (target=vnni: int8 weights)"
 
 
 def bench_speed(args: argparse.Namespace) -> None:
@@ -154,7 +172,8 @@ def bench_speed(args: argparse.Namespace) -> None:
                 speeds[name][bs] = v
         rows = [(name, n_int[name], speeds[name]) for name in paths]
     base = rows[0][2]
-    print(f"\nResNet-20 {args.shape}, ONNX Runtime {_ort().__version__} CPU, intra_op_num_threads={args.threads}, "
+    print("\n" + onednn_cpu_report())
+    print(f"ResNet-20 {args.shape}, ONNX Runtime {_ort().__version__} CPU, intra_op_num_threads={args.threads}, "
           f"ORT_ENABLE_ALL, median of {args.repeats} repeats after {args.warmup} warm-up runs; "
           f"load average {os.getloadavg()[0]:.2f}\n")
     head = "| model | int8 convs in ORT graph | " + " | ".join(f"batch {b}: images/s (× fp32)" for b in args.batches) + " |"
@@ -199,11 +218,16 @@ def bench_fmnist(args: argparse.Namespace) -> None:
         out = Path(d)
         example = torch.zeros(1, 1, 28, 28)
         p_int8, p_u8 = out / "int8.onnx", out / "int8_u8w.onnx"
-        export_onnx(qm, example, p_int8)
-        export_onnx(qm, example, p_u8, weight_dtype="uint8")
-        rows.append(("ORT int8 Q/DQ, optimizations off (Q/DQ emulation)", _ort_predictions(session(p_int8, args.threads, "none"), test)))
-        rows.append(("ORT int8 (int8 weights), ORT_ENABLE_ALL", _ort_predictions(session(p_int8, args.threads, "all"), test)))
-        rows.append(("ORT int8 (uint8 weights), ORT_ENABLE_ALL", _ort_predictions(session(p_u8, args.threads, "all"), test)))
+        export_onnx(qm, example, p_int8, target="vnni")
+        export_onnx(qm, example, p_u8)  # default: target="portable"
+        verify_batches = [x for i, (x, _) in zip(range(4), test)]
+        verdicts = {}
+        for name, p, level in (("ORT int8 Q/DQ, optimizations off (Q/DQ emulation)", p_int8, "none"),
+                               ("ORT int8 (target=vnni: int8 weights), ORT_ENABLE_ALL", p_int8, "all"),
+                               ("ORT int8 (target=portable: uint8 weights), ORT_ENABLE_ALL", p_u8, "all")):  # fmt: skip
+            rows.append((name, _ort_predictions(session(p, args.threads, level), test)))
+            r = qt.verify_onnx(p, qm, verify_batches, optimization=level, threads=args.threads)
+            verdicts[name] = f"max {max(s.max_steps for s in r.sites)} step(s) per site" + ("" if r.faithful else " (NOT faithful)")
         if args.reduce_range:
             # 7-bit weights ("reduce_range"): |w| <= 63 keeps ORT's U8S8 pair sums below 2^15
             qc = qt.get_qconfig(args.preset)
@@ -213,19 +237,52 @@ def bench_fmnist(args: argparse.Namespace) -> None:
             export_onnx(q7, example, p7)
             rows.append(("w7a8 fake-quant (qtoolkit, 7-bit weights)", fq7_pred))
             rows.append(("ORT int8 (7-bit weights in int8), ORT_ENABLE_ALL", _ort_predictions(session(p7, args.threads, "all"), test)))
+            r = qt.verify_onnx(p7, q7, verify_batches, threads=args.threads)
+            verdicts[rows[-1][0]] = f"max {max(s.max_steps for s in r.sites)} step(s) per site" + ("" if r.faithful else " (NOT faithful)")
     fq_top1 = 100.0 * (fq_pred == labels).mean()
-    print(f"\nResNet-20 Fashion-MNIST test set ({len(labels)} images), checkpoint {ckpt.name}; PTQ {args.preset}, "
+    print("\n" + onednn_cpu_report())
+    print(f"ResNet-20 Fashion-MNIST test set ({len(labels)} images), checkpoint {ckpt.name}; PTQ {args.preset}, "
           f"{args.calib_batches}×64 calibration images (train split), calibrated in {t_cal:.1f} s; "
           f"ONNX Runtime {_ort().__version__} CPU\n")
-    print("| model | top-1 (%) | Δ vs its fake-quant model (points) | same prediction as its fake-quant model (%) |")
-    print("|---|---|---|---|")
+    print("| model | top-1 (%) | Δ vs its fake-quant model (points) | same prediction as its fake-quant model (%) "
+          "| verify_onnx, first 4 test batches |")
+    print("|---|---|---|---|---|")
     ref_pred, ref_top1 = fq_pred, fq_top1
     for name, pred in rows:
         if "fake-quant" in name:
             ref_pred, ref_top1 = pred, 100.0 * (pred == labels).mean()
         top1 = 100.0 * (pred == labels).mean()
         agree = 100.0 * (pred == ref_pred).mean()
-        print(f"| {name} | {top1:.2f} | {top1 - ref_top1:+.2f} | {agree:.2f} |")
+        print(f"| {name} | {top1:.2f} | {top1 - ref_top1:+.2f} | {agree:.2f} | {verdicts.get(name, '')} |")
+
+
+def bench_torchvision(args: argparse.Namespace) -> None:
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(args.torchvision, weights=None, num_classes=10).train()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 3, args.size, args.size, generator=g))
+    model.eval()
+    qm = qt.calibrate(qt.prepare(model, args.preset), [torch.randn(8, 3, args.size, args.size, generator=g) for _ in range(4)],
+                      progress=False)  # fmt: skip
+    data = [torch.randn(8, 3, args.size, args.size, generator=g) for _ in range(2)]
+    print("\n" + onednn_cpu_report())
+    print(f"torchvision {args.torchvision} (random weights), {args.size}x{args.size}, PTQ {args.preset}; ONNX Runtime "
+          f"{_ort().__version__} CPU, {args.threads} threads; 16 inputs\n")
+    print("| export | ORT optimizations | relative L2 | SQNR (dB) | top-1 agreement | max per-site diff (steps) | verdict |")
+    print("|---|---|---:|---:|---:|---:|---|")
+    with tempfile.TemporaryDirectory() as d:
+        for target in ("portable", "vnni"):
+            p = Path(d) / f"{target}.onnx"
+            export_onnx(qm, data[0][:1], p, target=target)
+            for level in ("none", "all"):
+                r = qt.verify_onnx(p, qm, data, optimization=level, threads=args.threads)
+                worst = max(s.max_steps for s in r.sites)
+                print(f"| target={target} | {level} | {r.rel_l2:.4f} | {r.sqnr_db:.1f} | {100 * r.top1_agreement:.1f}% | {worst} "
+                      f"| {'faithful' if r.faithful else 'NOT faithful: ' + r.first_divergent.site} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -236,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     p.add_argument("--shape", default="1x28x28", help="CxHxW input shape (1x28x28 or 3x32x32)")
     p.add_argument("--fmnist", action="store_true", help="Fashion-MNIST top-1: ORT int8 vs fake-quant")
+    p.add_argument("--torchvision", default=None, help="verify both export targets on this torchvision model")
+    p.add_argument("--size", type=int, default=64, help="--torchvision input size (default 64)")
     p.add_argument("--checkpoint", default=str(DEFAULT_CKPT))
     p.add_argument("--preset", default="w8a8")
     p.add_argument("--calib-batches", type=int, default=32)
@@ -246,7 +305,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     if args.repeats < 10:
         p.error("--repeats must be >= 10")
-    if args.fmnist:
+    if args.torchvision:
+        bench_torchvision(args)
+    elif args.fmnist:
         bench_fmnist(args)
     else:
         bench_speed(args)

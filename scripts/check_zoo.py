@@ -11,7 +11,10 @@ statistics set from data (a few forward passes in train mode on random images), 
 ``qt.calibrate`` on ``--calib-batches`` random batches, ``qt.convert``; then on ``--eval-batches`` fresh batches
 the converted model in each execution (``fast`` — the default oneDNN kernels —, ``reference``, ``integer``) is
 compared with its own fake-quant model: top-1 agreement and SQNR (dB, ``10·log10(Σ ref² / Σ (out − ref)²)``),
-and the fake-quant model against FP32 (SQNR).  The ``strategies`` column counts the fast path's per-layer kernel
+and the fake-quant model against FP32 (SQNR).  ``--drift-floor`` adds the float32 fake-quant model and the fast path
+each against the fake-quant model run in float64: on a deep random network a one-code rounding tie flips and
+grows, so float32 summation order alone moves the fake-quant model; the fast path (exact integer sums) is
+compared with the same yardstick.  The ``strategies`` column counts the fast path's per-layer kernel
 choice (:func:`qtoolkit.kernels.dispatch.fast_status`), e.g. ``split`` where an 8-bit-activation layer runs the
 exact two-part kernel on a CPU without VNNI.  The CPU (``lscpu`` model and the ISA flags that matter) and
 oneDNN's ISA cap (``ONEDNN_MAX_CPU_ISA``, if set) are printed first.
@@ -36,9 +39,11 @@ import qtoolkit as qt  # noqa: E402
 from qtoolkit.kernels import dispatch, onednn  # noqa: E402
 from qtoolkit.numerics import fake_quantize  # noqa: E402
 
+# the smallest member of every torchvision classification family (``torchvision.models.list_models``)
 DEFAULT_MODELS = (
-    "resnet18,resnet50,mobilenet_v2,mobilenet_v3_small,efficientnet_b0,regnet_x_400mf,densenet121,"
-    "googlenet,shufflenet_v2_x0_5,squeezenet1_0,mnasnet0_5,resnext50_32x4d"
+    "alexnet,convnext_tiny,densenet121,efficientnet_b0,efficientnet_v2_s,googlenet,inception_v3,maxvit_t,"
+    "mnasnet0_5,mobilenet_v2,mobilenet_v3_small,mobilenet_v3_large,regnet_x_400mf,regnet_y_400mf,resnet18,"
+    "resnet50,resnext50_32x4d,shufflenet_v2_x0_5,squeezenet1_0,swin_t,vgg11_bn,vit_b_32,wide_resnet50_2"
 )
 
 
@@ -55,6 +60,9 @@ def build(name: str, size: int, gen: torch.Generator) -> torch.nn.Module:
     if name in ("googlenet", "inception_v3"):
         kwargs.update(aux_logits=False, init_weights=True)
     m = torchvision.models.get_model(name, weights=None, **kwargs)
+    for mod in m.modules():  # e.g. ViT's zero-initialized head: every logit 0, nothing to compare
+        if isinstance(mod, torch.nn.Linear) and not bool(mod.weight.detach().any()):
+            torch.nn.init.normal_(mod.weight, std=0.02)
     m.train()
     with torch.no_grad():  # BN statistics from data (random weights, random images)
         for _ in range(3):
@@ -132,7 +140,43 @@ def run(name: str, args: argparse.Namespace) -> dict:
             out = torch.cat([q(x) for x in evals])
             row[f"{ex}_agree_%"] = round(100.0 * (out.argmax(1) == fq.argmax(1)).double().mean().item(), 2)
             row[f"{ex}_sqnr_db"] = round(sqnr(fq, out), 1)
+        if args.drift_floor:
+            # the fake-quant model in float64 (the convs' sums nearly exact): how far float32 rounding alone
+            # takes the float32 fake-quant model, and the fast path, from it
+            import copy
+
+            q64 = copy.deepcopy(qm).double()
+            fq64 = torch.cat([q64(x.double()) for x in evals])
+            row["fakequant32_vs_64_sqnr_db"] = round(sqnr(fq64, fq), 1)
+            if "fast" in args.executions:
+                qt.set_execution(q, "fast")
+                row["fast_vs_fakequant64_sqnr_db"] = round(sqnr(fq64, torch.cat([q(x) for x in evals])), 1)
     return row
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The rows as one Markdown table (the README's)."""
+
+    def num(r: dict, k: str, fmt: str = "{:.1f}") -> str:
+        v = r.get(k)
+        return "—" if v is None else ("∞" if v == float("inf") else fmt.format(v))
+
+    head = ("| model | layers fast (exact split) | max per-layer diff, fast vs reference (steps) | fast vs fake-quant: "
+            "top-1 agree % / SQNR dB | float32 fake-quant vs float64 fake-quant SQNR dB | fast vs float64 fake-quant SQNR dB "
+            "| reference vs fake-quant SQNR dB |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | error: {r['error'][:90]} | | | | | |")
+            continue
+        st = r.get("strategies", {})
+        fast = st.get("fast", 0) + st.get("fast-split", 0)
+        lines.append(
+            f"| {r['model']} | {fast} ({st.get('fast-split', 0)}) | {num(r, 'fast_max_layer_steps', '{:.2f}')} "
+            f"| {num(r, 'fast_agree_%', '{:.1f}')} / {num(r, 'fast_sqnr_db')} | {num(r, 'fakequant32_vs_64_sqnr_db')} "
+            f"| {num(r, 'fast_vs_fakequant64_sqnr_db')} | {num(r, 'reference_sqnr_db')} |"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -140,13 +184,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--models", default=DEFAULT_MODELS)
     p.add_argument("--preset", default="w8a8")
     p.add_argument("--executions", default="fast,reference,integer")
-    p.add_argument("--size", type=int, default=96, help="input height/width (default 96)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--calib-batches", type=int, default=4)
+    p.add_argument("--size", type=int, default=224, help="input height/width (default 224; ViT/MaxViT need 224)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--calib-batches", type=int, default=2)
     p.add_argument("--eval-batches", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
+    p.add_argument("--drift-floor", action="store_true", help="add the float32-vs-float64 fake-quant SQNR columns")
+    p.add_argument("--table-from", default=None, help="only print the Markdown table of a --json file")
     args = p.parse_args(argv)
+    if args.table_from:
+        saved = json.loads(Path(args.table_from).read_text())
+        print(saved["cpu"] + "\n")
+        print(markdown_table(saved["rows"]))
+        return saved["rows"]
     args.executions = [e for e in args.executions.split(",") if e]
     torch.set_num_threads(args.threads)
     print(onednn.cpu_report(), flush=True)
@@ -160,6 +211,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(json.dumps(row), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"cpu": onednn.cpu_report(), "rows": rows}, indent=1))
+    print("\n" + markdown_table(rows))
     return rows
 
 
