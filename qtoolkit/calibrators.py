@@ -319,7 +319,9 @@ def entropy_range(
     h, e = _check_hist(hist, edges)
     first, last = _occupied(h)
     lo_occ, hi_occ = float(e[first]), float(e[last + 1])
-    two_sided = lo_occ < 0.0 < hi_occ
+    # by bin centres: a bin straddling 0 belongs to the side of its centre (by edges, the one-sided
+    # halves below would look two-sided again and recurse forever)
+    two_sided = float(e[first] + e[first + 1]) < 0.0 < float(e[last] + e[last + 1])
     one_sided = not symmetric and not two_sided
     levels = num_levels if num_levels is not None else (2**bits if one_sided else 2 ** (bits - 1))
     if levels < 2:

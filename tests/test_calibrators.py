@@ -375,3 +375,21 @@ def test_entropy_asymmetric_spike_in_one_tail_does_not_clip_the_other():
     e2 = torch.linspace(-1.0, 40.0, h2.numel() + 1, dtype=torch.float64)
     _, hi2 = entropy_range(h2, e2, bits=8, symmetric=False)
     assert float(hi2) < 20.0
+
+
+def test_entropy_asymmetric_with_a_bin_straddling_zero():
+    """Two-sided data whose histogram has a bin across 0 (centre above 0): each tail is searched on its own
+    half; the halves used to look two-sided again by their edges and recurse until RecursionError."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.full((1200,), -0.81), torch.rand(800, generator=g) * 2.82 - 0.80, torch.zeros(50), torch.tensor([2.02])])
+    lo_, hi_ = float(x.min()), float(x.max())
+    edges = torch.linspace(lo_, hi_, 2049)
+    centres = (edges[:-1] + edges[1:]) / 2
+    k = int(torch.searchsorted(edges, torch.tensor(0.0)))  # the (occupied) bin holding 0 straddles it
+    assert edges[k - 1] < 0 < edges[k] and centres[k - 1] > 0
+    hist = torch.histc(x, 2048, lo_, hi_)
+    for bits in (8, 4):
+        lo, hi = entropy_range(hist, edges, bits=bits, symmetric=False)
+        assert lo_ - 1e-6 <= float(lo) < 0.0 < float(hi) <= hi_ + 1e-6
+    # 8 bits keeps the background spike at -0.81 (TensorRT's method works there)
+    assert float(entropy_range(hist, edges, bits=8, symmetric=False)[0]) == pytest.approx(lo_, abs=2e-3)
