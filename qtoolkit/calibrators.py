@@ -275,6 +275,7 @@ def entropy_range(
     num_levels: int | None = None,
     start_bin: int | None = None,
     stride: int = 1,
+    max_clip_fraction: float = 0.05,
 ) -> tuple[Tensor, Tensor]:
     """TensorRT's entropy (KL-divergence) calibration on a histogram.
 
@@ -288,6 +289,16 @@ def entropy_range(
     replaced by the second's before the search so that a spike of exact zeros
     (ReLU outputs, padding; 0 is exactly representable anyway) does not drag the
     threshold down.
+
+    **Clipping guard** (``max_clip_fraction``, default 0.05): only thresholds that keep at least
+    95% of the (half-)histogram's mass are candidates.  KL(P‖Q) does not measure how far clipped
+    values move: their mass only enters P's last bin.  With few levels (4-bit: 8 or 16) the first
+    candidates hold one histogram bin per level, so Q equals P on everything kept, while spreading
+    a broad or spiky distribution over coarse levels costs more KL than clipping most of the mass:
+    on the shipped ResNet-20 (Fashion-MNIST), W4A4 put the input's range at [-0.011, 0.012] of
+    [-0.81, 2.02] (99.6% of the pixels clipped) and the model at 7.8% top-1.  At 8 bits the chosen
+    thresholds clip well under the guard (≤ 1.5% on that model) and are unchanged by it.  Values
+    close to 1 give TensorRT's unguarded search.
 
     Levels and the returned range:
 
@@ -316,6 +327,8 @@ def entropy_range(
         raise ValueError(f"bits must be a positive int, got {bits!r}")
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
+    if not 0.0 <= float(max_clip_fraction) < 1.0:
+        raise ValueError(f"max_clip_fraction must be in [0, 1), got {max_clip_fraction}")
     h, e = _check_hist(hist, edges)
     first, last = _occupied(h)
     lo_occ, hi_occ = float(e[first]), float(e[last + 1])
@@ -331,7 +344,7 @@ def entropy_range(
         # histogram. Folding |x| would let one side's spike (e.g. the background
         # pixel value of normalized images) pick the threshold for the other tail.
         centers = (e[:-1] + e[1:]) / 2
-        kw = {"num_levels": levels, "start_bin": start_bin, "stride": stride}
+        kw = {"num_levels": levels, "start_bin": start_bin, "stride": stride, "max_clip_fraction": max_clip_fraction}
         _, t_pos = entropy_range(torch.where(centers > 0, h, torch.zeros_like(h)), e, bits, False, **kw)
         t_neg, _ = entropy_range(torch.where(centers < 0, h, torch.zeros_like(h)), e, bits, False, **kw)
         return _f32(max(lo_occ, float(t_neg)), h.device), _f32(min(hi_occ, float(t_pos)), h.device)
@@ -345,6 +358,11 @@ def entropy_range(
         t = float(ea[n])
     else:
         cands = torch.arange(start, n + 1, stride, device=ha.device)
+        # the clipping guard (docstring): thresholds that clip more than max_clip_fraction of the mass are out
+        kept = torch.cumsum(ha, 0)
+        ok = kept[cands - 1] >= (1.0 - float(max_clip_fraction)) * kept[-1]
+        ok[-1] = True  # the last candidate clips nothing (or only the stride's remainder)
+        cands = cands[ok]
         kl = _kl_divergences(ha, levels, cands)
         kl = torch.nan_to_num(kl, nan=float("inf"))
         best = int(kl.numel() - 1 - torch.argmin(torch.flip(kl, [0])))

@@ -435,6 +435,7 @@ class HistogramObserver(ObserverBase):
         percentile: float = 99.99,
         *,
         num_candidates: int = 200,
+        max_clip_fraction: float = 0.05,
         ignore_nonfinite: bool = False,
     ) -> None:
         if spec.axis is not None:
@@ -454,6 +455,9 @@ class HistogramObserver(ObserverBase):
         self.bins = bins
         self.percentile = float(percentile)
         self.num_candidates = int(num_candidates)
+        if not 0.0 <= float(max_clip_fraction) < 1.0:
+            raise ValueError(f"max_clip_fraction must be in [0, 1), got {max_clip_fraction}")
+        self.max_clip_fraction = float(max_clip_fraction)
         self.register_buffer("hist", torch.zeros(bins, dtype=torch.int64))
         self.register_buffer("bin_width", torch.tensor(0.0, dtype=torch.float64))
         self.register_buffer("bin_offset", torch.tensor(0, dtype=torch.int64))
@@ -580,7 +584,7 @@ class HistogramObserver(ObserverBase):
         if self.method == "percentile":
             lo, hi = cal.percentile_range(h, e, self.percentile, spec.symmetric)
         elif self.method == "entropy":
-            lo, hi = cal.entropy_range(h, e, spec.bits, spec.symmetric)
+            lo, hi = cal.entropy_range(h, e, spec.bits, spec.symmetric, max_clip_fraction=self.max_clip_fraction)
         else:
             lo, hi = cal.mse_range(h, e, spec.qmin, spec.qmax, spec.symmetric, num_candidates=self.num_candidates)
         lo, hi = lo.to(mn.device), hi.to(mn.device)
@@ -712,7 +716,7 @@ _OPTIONS: dict[tuple[str, bool], set[str]] = {
     ("ema", True): {"momentum"},
     ("percentile", False): {"percentile", "bins"},
     ("percentile", True): {"percentile"},
-    ("entropy", False): {"bins"},
+    ("entropy", False): {"bins", "max_clip_fraction"},
     ("mse", False): {"bins", "num_candidates"},
     ("mse", True): {"num_candidates"},
 }

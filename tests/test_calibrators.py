@@ -393,3 +393,24 @@ def test_entropy_asymmetric_with_a_bin_straddling_zero():
         assert lo_ - 1e-6 <= float(lo) < 0.0 < float(hi) <= hi_ + 1e-6
     # 8 bits keeps the background spike at -0.81 (TensorRT's method works there)
     assert float(entropy_range(hist, edges, bits=8, symmetric=False)[0]) == pytest.approx(lo_, abs=2e-3)
+
+
+def test_entropy_4bit_does_not_collapse_onto_a_few_bins():
+    """The distribution that broke 4-bit entropy calibration: normalized image pixels, a background spike at the
+    minimum plus a broad foreground.  With 8 levels per tail the unguarded KL search cut the negative tail at
+    -0.011 (on the real input layer both tails: [-0.011, 0.012] of [-0.81, 2.02]): one histogram bin per level
+    makes Q equal P on what is kept, and KL never sees how far the clipped values move.  The guard keeps >= 95% of each tail; 8 bits was right all along."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.full((120_000,), -0.81), torch.rand(80_000, generator=g) * 2.83 - 0.81])
+    lo_, hi_ = float(x.min()), float(x.max())
+    hist, edges = torch.histc(x, 2048, lo_, hi_), torch.linspace(lo_, hi_, 2049)
+    for bits in (4, 8):
+        lo, hi = entropy_range(hist, edges, bits=bits, symmetric=False)
+        assert float(lo) == pytest.approx(lo_, abs=2e-3) and float(hi) > 0.95 * hi_, (bits, lo, hi)
+    # unguarded (TensorRT's plain search) reproduces the collapse at 4 bits
+    lo, hi = entropy_range(hist, edges, bits=4, symmetric=False, max_clip_fraction=0.999)
+    assert float(lo) > -0.05  # the background spike (60% of the pixels) clipped to ~0
+    clipped = hist[(edges[:-1] < float(lo)) | (edges[1:] > float(hi))].sum() / hist.sum()
+    assert clipped > 0.6
+    with pytest.raises(ValueError, match="max_clip_fraction"):
+        entropy_range(hist, edges, bits=4, symmetric=False, max_clip_fraction=1.0)
