@@ -20,10 +20,12 @@ Example::
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
 
+from qtoolkit.nn.fused import Add, FusedLayer
 from qtoolkit.nn.int8_add import Int8Add
 from qtoolkit.nn.int8_layer import EXECUTIONS, Int8Layer
 from qtoolkit.nn.quant_add import QuantAdd
@@ -81,12 +83,30 @@ def convert(
     (model output, avgpool, ...) are marked to return fp32 in ``"fast"``, and a forward hook on the root turns any int8 carrier leaving
     the model back into a float tensor.
 
+    Layers that never ran while the model was calibrated (e.g. swin's attention calls ``F.linear`` on
+    ``self.qkv.weight`` instead of calling ``self.qkv``; a branch the calibration data never takes) have
+    no activation ranges: when other layers do, they are converted back to float modules (BN folded,
+    fused activation kept) with a warning naming them, and the rest of the model is converted.
+
     Raises:
-        RuntimeError: some activation quantizers were never calibrated (listed).
+        RuntimeError: no activation quantizer was calibrated at all (``calibrate`` forgotten; listed).
     """
     if not any(isinstance(m, (QuantLayer, QuantAdd)) for m in model.modules()):
         raise ValueError("convert: the model has no prepared layers; call qtoolkit.prepare (and calibrate) first")
     missing = uncalibrated_sites(model)
+    if missing and not allow_uncalibrated and _any_calibrated(model):
+        never_ran = sorted({site.rsplit(".", 1)[0] for site in missing})
+        shown = ", ".join(never_ran[:8]) + (f" ... ({len(never_ran)} in all)" if len(never_ran) > 8 else "")
+        warnings.warn(
+            f"convert: {len(never_ran)} quantized module(s) never ran while the model was calibrated and have no "
+            f"activation range; they stay float: {shown}. Calibrate with data that reaches them to quantize them.",
+            stacklevel=2,
+        )
+        if not inplace:
+            model = copy.deepcopy(model)
+            inplace = True
+        _restore_float(model, "", set(never_ran))
+        missing = []
     if missing and not allow_uncalibrated:
         shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
         raise RuntimeError(
@@ -116,6 +136,46 @@ def convert(
     else:
         set_execution(model, execution)
     return model
+
+
+def _any_calibrated(model: nn.Module) -> bool:
+    for m in model.modules():
+        if isinstance(m, QuantLayer):
+            fqs = [m.input_quantizer, m.output_quantizer]
+        elif isinstance(m, QuantAdd):
+            fqs = [m.lhs_quantizer, m.rhs_quantizer, m.output_quantizer]
+        else:
+            continue
+        if any(fq is not None and fq.role != "dynamic" and fq.is_calibrated for fq in fqs):
+            return True
+    return False
+
+
+@torch.no_grad()
+def _float_twin(q: QuantLayer) -> nn.Module:
+    """The float module a prepared layer came from: weight with BN folded, the fused activation kept."""
+    w, b = q.folded_weight_bias()
+    if q.kind == "linear":
+        layer: nn.Module = nn.Linear(q.in_features, q.out_features, bias=b is not None)
+    else:
+        conv = nn.Conv2d if q.kind == "conv2d" else nn.Conv1d
+        layer = conv(q.in_channels, q.out_channels, q.kernel_size, q.stride, q.padding, q.dilation, q.groups, bias=b is not None)
+    layer = layer.to(device=w.device, dtype=w.dtype)
+    layer.weight.copy_(w.detach())
+    if b is not None:
+        layer.bias.copy_(b.detach())
+    return layer if q.act is None else FusedLayer(layer, None, q.act)
+
+
+def _restore_float(module: nn.Module, prefix: str, names: set[str]) -> None:
+    for cname, child in list(module.named_children()):
+        name = f"{prefix}.{cname}" if prefix else cname
+        if name in names and isinstance(child, QuantLayer):
+            setattr(module, cname, _float_twin(child))
+        elif name in names and isinstance(child, QuantAdd):
+            setattr(module, cname, Add(child.act))
+        else:
+            _restore_float(child, name, names)
 
 
 def _swap(module: nn.Module, prefix: str, require: bool) -> None:

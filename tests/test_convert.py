@@ -268,3 +268,36 @@ def test_half_precision_input_one_behaviour_everywhere(dtype):
             # per-layer outputs are rounded to `dtype` in between on the prepared / reference paths
             tol = 0.02 * ref.abs().max().item() + 2 * float(q[5].output_scale)
             assert (out.float() - ref).abs().max().item() <= tol, name
+
+
+def test_layers_that_never_ran_stay_float_with_a_warning():
+    """swin's pattern: a Linear whose weight is used through F.linear (the module itself never runs), and a
+    branch the data never takes: no ranges; convert keeps them float (named) and converts the rest."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(6, 6)
+            self.qkv = nn.Linear(6, 6)
+            self.branch = nn.Sequential(nn.Linear(6, 6), nn.ReLU())
+
+        def forward(self, x, use_branch: bool = False):
+            x = torch.relu(self.a(x))
+            x = torch.nn.functional.linear(x, self.qkv.weight, self.qkv.bias)
+            return self.branch(x) if use_branch else x
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    qm = qt.prepare(net)
+    with pytest.warns(UserWarning, match="saw no data"):
+        qt.calibrate(qm, [torch.randn(8, 6)], progress=False)
+    with pytest.warns(UserWarning, match=r"2 quantized module\(s\) never ran .*: branch\.0, qkv"):
+        q = qt.convert(qm)
+    assert isinstance(q.a, Int8Layer) and type(q.qkv) is nn.Linear
+    assert torch.equal(q.qkv.weight, net.qkv.weight)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        out, ref = q(x, True), net(x, True)  # the float branch runs; only layer a is int8
+    assert (out - ref).abs().max().item() < 0.05 * ref.abs().max().item() + 0.05
+    with pytest.raises(RuntimeError, match="have no range"):  # nothing calibrated: still an error
+        qt.convert(qt.prepare(net))
