@@ -53,7 +53,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -63,6 +62,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from qtoolkit.atomic import atomic_write
 from qtoolkit.calibrate import batch_input, call_model, model_device
 from qtoolkit.nn.quant_layer import QuantLayer
 from qtoolkit.toggles import disable_observers, freeze_bn, observers_disabled, quantizers
@@ -527,44 +527,9 @@ def _hash_into(h: Any, obj: Any) -> None:
         h.update(f"{type(obj).__name__}:{obj!r};".encode())
 
 
-def _remove_stale_temporaries(path: str) -> None:
-    """Delete ``.<name>.*.tmp`` files a crashed save of ``path`` left behind (killed before its rename)."""
-    directory, base = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
-    for name in os.listdir(directory):
-        if name.startswith(f".{base}.") and name.endswith(".tmp"):
-            try:
-                os.unlink(os.path.join(directory, name))
-                logger.warning("qtoolkit.qat: removed %s, left by an interrupted checkpoint save", name)
-            except OSError:
-                pass
-
-
 def _atomic_save(payload: dict[str, Any], path: str) -> None:
-    """``torch.save`` to a temporary file in ``path``'s directory, fsync, ``os.replace``; temporaries of
-    earlier crashed saves of ``path`` are removed first."""
-    directory = os.path.dirname(os.path.abspath(path))
-    _remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    """``torch.save`` through :func:`qtoolkit.atomic.atomic_write` (temporaries of crashed saves removed first)."""
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -25,7 +25,6 @@ import os
 import platform
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import replace
@@ -37,6 +36,7 @@ import torch
 from torch import nn
 
 import qtoolkit as qt
+from qtoolkit.atomic import atomic_write
 from recipes.checkpoints import SHIPPED, CheckpointError, load_checkpoint, load_shipped, sha256_file, shipped_path
 from recipes.data import DATASETS
 from recipes.models import build_model
@@ -263,17 +263,8 @@ def state_dict_bytes(model_or_sd: nn.Module | dict[str, torch.Tensor]) -> int:
 
 
 def _atomic(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """``write(file object)`` atomically onto ``path`` (:func:`qtoolkit.atomic.atomic_write`)."""
+    atomic_write(path, write, make_dirs=True)
 
 
 def _plain(obj: Any) -> Any:
@@ -293,13 +284,13 @@ def _plain(obj: Any) -> Any:
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Atomically write ``obj`` as indented JSON."""
     path = Path(path)
-    _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(_plain(obj), indent=2) + "\n"))
+    _atomic(path, lambda f: f.write((json.dumps(_plain(obj), indent=2) + "\n").encode()))
     return path
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     path = Path(path)
-    _atomic(path, lambda tmp: Path(tmp).write_text(text))
+    _atomic(path, lambda f: f.write(text.encode()))
     return path
 
 
@@ -316,7 +307,7 @@ def save_prepared(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
     }
     path = Path(path)
-    _atomic(path, lambda tmp: torch.save(payload, tmp))
+    _atomic(path, lambda f: torch.save(payload, f))
     return path
 
 

@@ -16,14 +16,12 @@ Example:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from qtoolkit.atomic import atomic_write
 from recipes.data import DATASETS, get_loaders
 from recipes.models import MODELS, build_model
 
@@ -48,17 +47,8 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def _atomic_write(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """``write(file object)`` atomically onto ``path`` (:func:`qtoolkit.atomic.atomic_write`)."""
+    atomic_write(path, write, make_dirs=True)
 
 
 def atomic_save(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
@@ -67,7 +57,7 @@ def atomic_save(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) ->
     Example:
         >>> atomic_save({"w": torch.zeros(1)}, "/tmp/w.pt")  # doctest: +SKIP
     """
-    _atomic_write(Path(path), lambda tmp: torch.save(state_dict, tmp))
+    _atomic_write(Path(path), lambda f: torch.save(state_dict, f))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,8 +282,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "smoke": args.max_batches is not None,
     }
     _atomic_write(out / f"train_{stem}.json",
-                  lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
-    _atomic_write(out / f"train_{stem}.md", lambda tmp: Path(tmp).write_text(_markdown(report)))
+                  lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
+    _atomic_write(out / f"train_{stem}.md", lambda f: f.write(_markdown(report).encode()))
     print(f"saved {ckpt} (sha256 {digest}); final test top-1 {report['final_test_top1']:.2f}% "
           f"in {wall:.0f}s", flush=True)
     return report

@@ -71,7 +71,6 @@ import inspect
 import io
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -82,6 +81,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qtoolkit.atomic import atomic_write
 from qtoolkit.fake_quant import FakeQuantize
 from qtoolkit.nn.fused import apply_activation
 from qtoolkit.nn.quant_add import QuantAdd
@@ -791,15 +791,8 @@ def export_onnx(
     report.num_dequantize = ops.count("DequantizeLinear")
     report.num_dynamic_quantize = ops.count("DynamicQuantizeLinear")
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto.SerializeToString())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    data = proto.SerializeToString()
+    atomic_write(path, lambda f: f.write(data))
     if verify is not None:
         from qtoolkit.export.verify import verify_onnx
 
