@@ -1,0 +1,41 @@
+"""``scripts/check_zoo.py`` on a fast subset: the table's columns are computed and mean what they say."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from qtoolkit.kernels import onednn
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(not onednn.is_available(), reason="oneDNN int8 ops unavailable on this CPU/build")
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("check_zoo", ROOT / "scripts" / "check_zoo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_check_zoo_on_two_small_classifiers(tmp_path, capsys):
+    zoo = _load()
+    out = tmp_path / "zoo.json"
+    rows = zoo.main(["--models", "squeezenet1_1,mobilenet_v3_small", "--size", "64", "--batch", "2", "--calib-batches", "1",
+                     "--eval-batches", "1", "--executions", "fast,reference", "--drift-floor", "--threads", "1",
+                     "--json", str(out)])  # fmt: skip
+    assert [r["model"] for r in rows] == ["squeezenet1_1", "mobilenet_v3_small"]
+    for r in rows:
+        assert "error" not in r, r
+        # every converted layer within one output step of the reference on the same input; reference = fake quant
+        assert r["fast_max_layer_steps"] <= 1.0 and r["reference_sqnr_db"] == float("inf")
+        assert sum(r["strategies"].values()) > 0 and r["fast_sqnr_db"] > 20
+        assert r["fakequant32_vs_64_sqnr_db"] > 20 and r["fast_vs_fakequant64_sqnr_db"] > 20
+    saved = json.loads(out.read_text())
+    assert "u8s8 saturates (probed)" in saved["cpu"] and len(saved["rows"]) == 2
+    table = zoo.markdown_table(saved["rows"])
+    assert table.count("\n") == 3 and "| squeezenet1_1 |" in table
+    assert "| mobilenet_v3_small |" in capsys.readouterr().out
