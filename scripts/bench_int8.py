@@ -64,7 +64,8 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import qtoolkit as qt  # noqa: E402
-from qtoolkit.kernels import dispatch, onednn  # noqa: E402
+from qtoolkit.kernels import dispatch  # noqa: E402
+from qtoolkit.kernels.cpuinfo import cpu_report  # noqa: E402
 from recipes.models import BasicBlock, resnet18_cifar, resnet20  # noqa: E402
 
 SHAPE = (3, 32, 32)
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\ntorch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"torch.set_num_threads({args.threads}), inference_mode; median of {args.repeats} repeats (each ≥ 50 ms) "
           f"after {args.warmup} warm-up calls, variants interleaved")  # fmt: skip
-    print(onednn.cpu_report())
+    print(cpu_report())
     split = sum("split" in v for v in dispatch.fast_status(qt.convert(qm)).values())
     print(f"qtoolkit w8a8 (default preset): {split} layer(s) of the last model on the exact split kernel (no VNNI)")
     print(f"environment: {env}; load average {os.getloadavg()[0]:.2f}; other processes used {others:.2f} CPUs on average\n")

@@ -60,7 +60,7 @@ from recipes.models import resnet20  # noqa: E402
 
 
 def onednn_cpu_report() -> str:
-    from qtoolkit.kernels.onednn import cpu_report
+    from qtoolkit.kernels.cpuinfo import cpu_report
 
     return cpu_report()
 

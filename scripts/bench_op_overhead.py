@@ -44,6 +44,7 @@ import bench_int8  # noqa: E402
 
 import qtoolkit as qt  # noqa: E402
 from qtoolkit.kernels import onednn  # noqa: E402
+from qtoolkit.kernels.cpuinfo import cpu_report  # noqa: E402
 from recipes.models import resnet20  # noqa: E402
 
 
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
           f"MALLOC_TRIM_THRESHOLD_={os.environ.get('MALLOC_TRIM_THRESHOLD_', '(unset)')}\n")  # fmt: skip
     if not onednn.is_available():
         sys.exit("oneDNN int8 ops are not available in this torch build / on this CPU")
-    print(onednn.cpu_report() + "\n")
+    print(cpu_report() + "\n")
     if not args.only_resnet:
         print("| one 16→16 3×3 conv, 1×16×8×8 input, per call | µs |\n|---|---:|")
         for name, us in small_conv_rows():

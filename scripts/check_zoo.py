@@ -36,7 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import qtoolkit as qt  # noqa: E402
-from qtoolkit.kernels import dispatch, onednn  # noqa: E402
+from qtoolkit.kernels import dispatch  # noqa: E402
+from qtoolkit.kernels.cpuinfo import cpu_report  # noqa: E402
 from qtoolkit.numerics import fake_quantize  # noqa: E402
 
 # the smallest member of every torchvision classification family (``torchvision.models.list_models``)
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return saved["rows"]
     args.executions = [e for e in args.executions.split(",") if e]
     torch.set_num_threads(args.threads)
-    print(onednn.cpu_report(), flush=True)
+    print(cpu_report(), flush=True)
     rows = []
     for name in [m for m in args.models.split(",") if m]:
         try:
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": onednn.cpu_report(), "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"cpu": cpu_report(), "rows": rows}, indent=1))
     print("\n" + markdown_table(rows))
     return rows
 

@@ -5,5 +5,8 @@
 * :mod:`qtoolkit.kernels.qtensor` — :class:`~qtoolkit.kernels.qtensor.QuantizedActivation`, the
   uint8 activation carrier passed between converted modules.
 * :mod:`qtoolkit.kernels.dispatch` — the ``"fast"`` execution of converted modules (prepacking,
-  int8 activations between layers, residual adds, fallback and saturation policy).
+  the per-layer exact strategy — direct or split where u8×s8 saturates —, int8 activations between
+  layers, residual adds, fallback).
+* :mod:`qtoolkit.kernels.cpuinfo` — :func:`~qtoolkit.kernels.cpuinfo.cpu_report`, the CPU and the
+  probes' findings in one line.
 """

@@ -100,7 +100,6 @@ __all__ = [
     "is_available",
     "saturates_u8s8",
     "KERNEL_CLASSES",
-    "cpu_report",
     "safe_activation_qmax",
     "prepack_conv_weight",
     "qconv",
@@ -327,38 +326,6 @@ def saturates_u8s8(kind: str = "conv") -> bool:
         return bool((y != (cin // groups) * 255 * 127).any())
     except Exception:  # noqa: BLE001
         return False
-
-
-def cpu_report() -> str:
-    """One line for benchmark headers and bug reports: the CPU (``/proc/cpuinfo`` model name and the ISA
-    flags that matter for int8), oneDNN's ISA cap (``ONEDNN_MAX_CPU_ISA``) and what the probes found.
-
-    Example::
-
-        >>> "u8s8 saturates" in cpu_report()
-        True
-    """
-    import os
-    import platform
-
-    model, flags = platform.processor() or "?", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model in ("?", "", platform.processor()):
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    sat = ", ".join(f"{k} {'yes' if saturates_u8s8(k) else 'no'}" for k in KERNEL_CLASSES) if is_available() else "n/a"
-    return (
-        f"CPU: {model}; flags: {' '.join(isa) or '(none of avx2/avx512f/vnni/amx)'}; "
-        f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}; oneDNN int8 ops: "
-        f"{'yes' if is_available() else 'no'}; u8s8 saturates (probed): {sat}; torch {torch.__version__}"
-    )
 
 
 def safe_activation_qmax(weight_absmax: int = 127) -> int:
