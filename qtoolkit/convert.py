@@ -119,14 +119,15 @@ def convert(
         model = copy.deepcopy(model)
     _swap(model, "", not allow_uncalibrated)
     model.eval()
-    from qtoolkit.kernels import dispatch  # local: kernels import the nn modules
+    from qtoolkit import convert_passes as passes  # local: kernels import the nn modules
+    from qtoolkit.kernels import dispatch
 
     if fuse_adds:
-        dispatch.fuse_residual_adds(model)  # rewrites fx graphs only; modules / state_dict unchanged
-    dispatch.mark_float_outputs(model)
-    dispatch.mark_donations(model)
-    if not any(h is dispatch.dequantize_output_hook for h in model._forward_hooks.values()):
-        model.register_forward_hook(dispatch.dequantize_output_hook)
+        passes.fuse_residual_adds(model)  # rewrites fx graphs only; modules / state_dict unchanged
+    passes.mark_float_outputs(model)
+    passes.mark_donations(model)
+    if not any(h is passes.dequantize_output_hook for h in model._forward_hooks.values()):
+        model.register_forward_hook(passes.dequantize_output_hook)
     if execution == "auto":
         for m in model.modules():
             if isinstance(m, (Int8Layer, Int8Add)) and dispatch.supports_fast(m):

@@ -9,7 +9,7 @@ What runs where (CPU, :func:`qtoolkit.kernels.onednn.is_available`):
   (cached on the module, never in the ``state_dict``).  Bias and ReLU are fused (ReLU6 = ReLU + a clamp
   on the codes), the output is requantized in-kernel to the layer's output grid and returned as a new
   carrier (channels_last uint8).  A layer whose output is the model's output returns fp32 instead.
-* **residual add**: :func:`fuse_residual_adds` (run by :func:`qtoolkit.convert`) rewrites, in the
+* **residual add**: :func:`qtoolkit.convert_passes.fuse_residual_adds` (run by :func:`qtoolkit.convert`) rewrites, in the
   ``torch.fx`` graphs of the converted model, ``add(conv(x), other)`` — a static conv without its own
   activation whose only user is an :class:`~qtoolkit.nn.Int8Add` — into :func:`fused_conv_add`: one
   ``qconv2d_pointwise.binary`` call with oneDNN's ``sum`` post-op (the other operand's uint8 codes are the
@@ -17,7 +17,7 @@ What runs where (CPU, :func:`qtoolkit.kernels.onednn.is_available`):
   grid before the add (one rounding fewer than the reference path).  Other adds run :func:`fast_add`:
   one ``qlinear_pointwise.binary`` call on ``[-1, 16]`` views of the two operands' uint8 codes — a
   16×16 identity weight, the second operand as the in-place ``sum`` accumulator (written over the
-  dead operand's memory where :func:`mark_donations` proved it dead, else over a copy) — so the add,
+  dead operand's memory where :func:`qtoolkit.convert_passes.mark_donations` proved it dead, else over a copy) — so the add,
   its ReLU and the output requantization are one kernel with one rounding (small tensors: float
   arithmetic on the codes, cheaper below ~64k elements).
 * **dynamic** layers: per-batch activation range (the same qparams as the reference path), the input
@@ -56,10 +56,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
 
 from qtoolkit.kernels import onednn
 from qtoolkit.kernels.qtensor import QuantizedActivation, dequantize_tree
@@ -72,13 +70,9 @@ __all__ = [
     "fast_forward",
     "fast_add",
     "fused_conv_add",
-    "fuse_residual_adds",
-    "mark_float_outputs",
-    "mark_donations",
     "prepare_fast",
     "supports_fast",
     "fast_status",
-    "dequantize_output_hook",
 ]
 
 _CL = torch.channels_last
@@ -613,7 +607,7 @@ def _finish_add(m: Int8Add, st: _AddState, y: Tensor) -> Tensor:
 def fused_conv_add(conv: Int8Layer, add: Int8Add, x: Tensor, other: Tensor, conv_is_lhs: bool) -> Tensor:
     """``add(conv(x), other)`` (or ``add(other, conv(x))``) as one oneDNN conv with a ``sum`` post-op.
 
-    Used by the graphs :func:`fuse_residual_adds` rewrites.  Runs the two modules one after the other
+    Used by the graphs :func:`qtoolkit.convert_passes.fuse_residual_adds` rewrites.  Runs the two modules one after the other
     (exactly the original graph) unless both are in ``"fast"`` execution, have no hooks, and the shapes match.
     """
     y = _fused_conv_add(conv, add, x, other, conv_is_lhs)
@@ -644,220 +638,6 @@ def _fused_conv_add(conv: Int8Layer, add: Int8Add, x: Tensor, other: Tensor, con
                     y = _run_layer(st, xq, st.x_scale, st.x_zp, acc, r_scale, r_zp, o_scale, o_zp, o_dtype, ast.post_op)
                     return _finish_add(add, ast, y)
     return None
-
-
-# ------------------------------------------------------------------------------------------- model passes
-
-
-def fuse_residual_adds(model: nn.Module) -> int:
-    """Rewrite ``Int8Add(Int8Layer_conv(x), other)`` in the model's fx graphs into :func:`fused_conv_add`.
-
-    Only where the conv is static, has no activation of its own and the add is its only user.  The
-    modules (and the ``state_dict``) are unchanged; the rewritten call runs the original modules in
-    the original order whenever the fused kernel cannot be used.  Returns the number of rewrites.
-
-    Example::
-
-        >>> fuse_residual_adds(nn.Sequential(nn.Linear(2, 2)))
-        0
-    """
-    n = 0
-    for gm in model.modules():
-        if not isinstance(gm, fx.GraphModule):
-            continue
-        changed = False
-        for node in list(gm.graph.nodes):
-            if node.op != "call_module" or not isinstance(gm.get_submodule(str(node.target)), Int8Add):
-                continue
-            if len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
-                continue
-            for i, src in enumerate(node.args):
-                if src.op != "call_module" or len(src.users) != 1 or len(src.args) != 1 or src.kwargs:
-                    continue
-                conv = gm.get_submodule(str(src.target))
-                if not (isinstance(conv, Int8Layer) and conv.kind == "conv2d" and conv.mode == "static" and conv.act is None):
-                    continue
-                other = node.args[1 - i]
-                with gm.graph.inserting_before(node):
-                    cm = gm.graph.get_attr(str(src.target))
-                    am = gm.graph.get_attr(str(node.target))
-                    new = gm.graph.call_function(fused_conv_add, (cm, am, src.args[0], other, i == 0))
-                node.replace_all_uses_with(new)
-                gm.graph.erase_node(node)
-                gm.graph.erase_node(src)
-                n += 1
-                changed = True
-                break
-        if changed:
-            gm.graph.lint()
-            gm.recompile()
-    return n
-
-
-_TRANSPARENT = (nn.Identity, nn.Dropout)
-
-
-def _graph_of(mod: nn.Module, cache: dict) -> Optional[fx.Graph]:
-    """The module's fx graph (GraphModule), or a one-level trace of its ``forward`` (None if untraceable)."""
-    if isinstance(mod, fx.GraphModule):
-        return mod.graph
-    key = id(mod)
-    if key not in cache:
-        from qtoolkit.fuse import _OneLevelTracer
-
-        try:
-            cache[key] = _OneLevelTracer().trace(mod)
-        except Exception:  # noqa: BLE001 - data-dependent forward: unknown consumers, assume float
-            cache[key] = None
-    return cache[key]
-
-
-def _consumes_codes(mod: nn.Module, cache: dict) -> bool:
-    """Does ``mod`` start by feeding its input to a module that takes int8 codes (static Int8Layer / Int8Add)?"""
-    if isinstance(mod, Int8Layer):
-        return mod.mode == "static"
-    if isinstance(mod, Int8Add):
-        return True
-    if isinstance(mod, nn.Sequential):
-        kids = [c for c in mod if not isinstance(c, _TRANSPARENT)]
-        return bool(kids) and _consumes_codes(kids[0], cache)
-    if not mod._modules:
-        return False
-    graph = _graph_of(mod, cache)
-    if graph is None:
-        return False
-    users = [u for n in graph.nodes if n.op == "placeholder" for u in n.users]
-    return bool(users) and all(_node_consumes_codes(mod, u, cache) for u in users)
-
-
-def _node_consumes_codes(owner: nn.Module, node: fx.Node, cache: dict) -> bool:
-    if node.op == "call_module":
-        return _consumes_codes(owner.get_submodule(str(node.target)), cache)
-    return node.op == "call_function" and node.target is fused_conv_add
-
-
-def mark_float_outputs(model: nn.Module) -> list[str]:
-    """Mark converted modules whose output goes to float code (or out of the model) to return fp32.
-
-    In ``"fast"`` execution a static module normally returns int8 codes (a
-    :class:`~qtoolkit.kernels.qtensor.QuantizedActivation`) for the next quantized module.  Where the
-    consumer is not a quantized module (e.g. ``avgpool`` before the classifier, or the model's output),
-    an fp32 output avoids a rounding the reference path does not have.  Follows ``nn.Sequential``
-    order and the ``torch.fx`` graphs of the converted model (other containers are traced one level
-    for this analysis only; untraceable ones count as float consumers).  Returns the marked names.
-
-    Example::
-
-        >>> mark_float_outputs(nn.Sequential(nn.ReLU()))
-        []
-    """
-    marked: list[str] = []
-    cache: dict = {}
-    for m in model.modules():
-        if isinstance(m, (Int8Layer, Int8Add)):
-            m.fast_float_output = False
-            invalidate(m)
-
-    def visit(mod: nn.Module, out_float: bool) -> None:
-        if isinstance(mod, (Int8Layer, Int8Add)):
-            if out_float and not mod.fast_float_output:  # a module called from several sites: any float consumer
-                mod.fast_float_output = True
-                invalidate(mod)
-                marked.append(mod.name)
-        elif isinstance(mod, nn.Sequential):
-            kids = [c for c in mod if not isinstance(c, _TRANSPARENT)]
-            for i, c in enumerate(kids):
-                visit(c, out_float if i == len(kids) - 1 else not _consumes_codes(kids[i + 1], cache))
-        elif mod._modules:
-            graph = _graph_of(mod, cache)
-            if graph is None:
-                for c in mod.children():
-                    visit(c, True)
-                return
-            for node in graph.nodes:
-                if node.op == "call_module":
-                    target = mod.get_submodule(str(node.target))
-                elif node.op == "call_function" and node.target is fused_conv_add:
-                    target = mod.get_submodule(str(node.args[1].target))  # the add
-                else:
-                    continue
-                flt = any((u.op == "output" and out_float) or (u.op != "output" and not _node_consumes_codes(mod, u, cache))
-                          for u in node.users)  # fmt: skip
-                visit(target, flt)
-
-    visit(model, True)
-    return marked
-
-
-def _returns_fresh(mod: nn.Module) -> bool:
-    """Does calling ``mod`` always return a new tensor (never its input)?"""
-    if isinstance(mod, (Int8Layer, Int8Add)):
-        return True
-    if isinstance(mod, nn.Sequential):
-        kids = [c for c in mod if not isinstance(c, _TRANSPARENT)]
-        return bool(kids) and _returns_fresh(kids[-1])
-    return False
-
-
-def mark_donations(model: nn.Module) -> int:
-    """Let residual adds overwrite an operand in place where the fx graph proves it is dead afterwards.
-
-    An :class:`~qtoolkit.nn.Int8Add` operand qualifies when it is the output of a module call that always
-    returns a fresh tensor (an Int8Layer / Int8Add, or a Sequential ending in one) and the add is its only
-    user.  The fast add then uses those int8 codes as oneDNN's in-place ``sum`` accumulator instead of
-    copying them; the consumed activation object raises if touched again (e.g. kept by a forward hook).
-    Returns the number of adds marked.
-
-    Example::
-
-        >>> mark_donations(nn.Sequential(nn.ReLU()))
-        0
-    """
-    n = 0
-    for gm in model.modules():
-        if not isinstance(gm, fx.GraphModule):
-            continue
-        for node in gm.graph.nodes:
-            if node.op != "call_module":
-                continue
-            add = gm.get_submodule(str(node.target))
-            if not isinstance(add, Int8Add):
-                continue
-            add.fast_donate = None
-            if len(node.args) != 2 or node.kwargs:
-                continue
-            ok = [i for i, src in enumerate(node.args)
-                  if (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1
-                      and node.args.count(src) == 1 and _returns_fresh(gm.get_submodule(str(src.target))))]  # fmt: skip
-            if ok:
-                # both dead: donate the one with a non-zero zero point, so the kernel's input has none
-                # (oneDNN's source zero-point path costs extra per call: scripts/bench_op_overhead.py)
-                zps = [int(add.lhs_zero_point) - min(add.qmin, 0), int(add.rhs_zero_point) - min(add.qmin, 0)]
-                add.fast_donate = next((i for i in ok if zps[i] != 0), ok[0]) if len(ok) == 2 else ok[0]
-                n += 1
-    return n
-
-
-def _nodes(args: Any) -> list[fx.Node]:
-    out: list[fx.Node] = []
-    fx.node.map_arg(args, lambda n: out.append(n) or n)  # type: ignore[func-returns-value]
-    return out
-
-
-def dequantize_output_hook(module: nn.Module, args: Any, output: Any) -> Any:
-    """Forward hook (on the converted model's root): int8 carriers never leave the model, and with a
-    float16/bfloat16 input the float outputs are returned in that dtype (inside, the converted model
-    computes in float32 and passes int8 codes)."""
-    first = args[0] if isinstance(args, tuple) and args else None
-    half = first.dtype if type(first) is Tensor and first.dtype in HALF_DTYPES else None
-    if type(output) is Tensor and (half is None or output.dtype != torch.float32):
-        return None
-    output = dequantize_tree(output)
-    if half is not None:
-        output = tree_map(
-            lambda t: t.to(half) if type(t) is Tensor and t.dtype == torch.float32 else t, output
-        )
-    return output
 
 
 def prepare_fast(model: nn.Module) -> dict[str, str]:
