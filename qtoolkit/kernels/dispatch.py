@@ -29,12 +29,14 @@ or the layer is not supported (Conv1d, asymmetric or unsigned weights, activatio
 the module runs its reference path — same results — and warns **once**, naming the layer
 (:class:`FastPathWarning`).
 
-Saturation policy (CPUs without VNNI): there oneDNN's u8×s8 kernels add pairs of products in int16
-with saturation; a layer is exact only if ``2 · (largest input code) · max|q_w| ≤ 32767``.  The fast
-path checks this per layer when it prepacks; a layer that can exceed it still runs the fast kernel and
-:func:`prepare_fast` warns once, naming every such layer (use the ``"w8a8-x86"`` preset — 7-bit
-activations, exact everywhere — or ``set_execution(model, "reference")``).  On CPUs with VNNI / AMX
-(probed by :func:`~qtoolkit.kernels.onednn.saturates_u8s8`) every layer is exact and nothing is said.
+Exact on every CPU (CPUs without VNNI): there oneDNN's u8×s8 kernels add pairs of products in int16 with
+saturation; a layer is exact only if ``2 · (largest input code) · max|q_w| ≤ 32767``.  Each layer picks its
+strategy when it is prepacked: **direct** (one kernel call) where its kernel class does not saturate on this
+CPU (probed per class by :func:`~qtoolkit.kernels.onednn.saturates_u8s8`: dense, grouped, depthwise conv,
+linear) or the bound holds (7-bit activations as in ``"w8a8-x86"``, ≤ 7-bit weights); otherwise **split**
+(:func:`_split_codes`: the input codes as two halves ≤ 128 over twice the input channels, the weight repeated
+per half, the input zero point folded into the bias) — one kernel call, exact, twice the MACs.
+:func:`fast_status` tells each layer's strategy; nothing warns, because nothing is inexact.
 
 Example::
 

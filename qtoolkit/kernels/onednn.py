@@ -68,7 +68,8 @@ u8×s8 kernels (dense and grouped conv, linear) use ``vpmaddubsw``, which adds *
 int16 with saturation.  Results are exact only if ``2 * max(q_x) * max|q_w| <= 32767`` — e.g. 7-bit
 activations (``qmax = 127``, "reduce_range") with 8-bit weights, or 8-bit activations with
 ``|q_w| <= 64``.  Depthwise conv is unaffected.  :func:`saturates_u8s8` probes this once;
-:func:`safe_activation_qmax` gives the largest safe activation code.  The same limitation applies to
+:func:`safe_activation_qmax` gives the largest safe activation code; :mod:`qtoolkit.kernels.dispatch` runs
+the exact split kernel where a layer could saturate.  The same limitation applies to
 fbgemm / ``torch.ops.quantized`` on such CPUs (why torch.ao uses ``reduce_range=True`` on x86).
 
 Example::
