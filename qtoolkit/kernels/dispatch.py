@@ -421,7 +421,7 @@ def fast_forward(m: Int8Layer, x: Tensor) -> Tensor:
         return _fallback(m, st, x)
     if type(x) is not _QA and x.device.type != "cpu":  # carriers are made by the CPU kernels only
         return _fallback(m, f"input on {x.device.type}", x)
-    if st.kind == "conv2d" and x.dim() != 4:
+    if st.kind == "conv2d" and type(x) is not _QA and x.dim() != 4:  # carriers are 4-D (made by the kernels)
         return _fallback(m, "unbatched (3-D) input", x)
     try:
         y = _without_grad(m, _fast_forward, m, st, x)
