@@ -29,7 +29,7 @@ from torch import nn
 from qtoolkit.nn.quant_layer import QuantLayer
 from qtoolkit.toggles import quantizers
 
-__all__ = ["calibrate", "model_device", "batch_input", "call_model"]
+__all__ = ["calibrate", "model_device", "batch_input", "call_model", "to_device"]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -64,11 +64,14 @@ def batch_input(batch: Any) -> Any:
     )
 
 
-def _to_device(x: Any, device: torch.device) -> Any:
+def to_device(x: Any, device: torch.device) -> Any:
+    """Tensors in a (nested) tuple / list / dict moved to ``device``; anything else as it is."""
     if isinstance(x, torch.Tensor):
-        return x.to(device)
+        return x.to(device, non_blocking=True)
     if isinstance(x, (tuple, list)):
-        return type(x)(_to_device(v, device) for v in x)
+        return type(x)(to_device(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
     return x
 
 
@@ -140,7 +143,7 @@ def calibrate(
             iterator = tqdm(iterator, total=total, desc="calibrate", unit="batch", leave=False)
         with torch.no_grad():
             for batch in iterator:
-                x = _to_device(batch_input(batch), device)
+                x = to_device(batch_input(batch), device)
                 call_model(model, x)
                 seen += 1
         if seen == 0:

@@ -140,20 +140,10 @@ def compute_qparams(
     return scale.to(torch.float32), zero_point
 
 
+#: Inputs of these dtypes are computed in float32 by quantized modules and returned in their own dtype
+#: (8-bit grids need float32's precision: bfloat16 cannot even hold every code of a 256-step grid);
+#: see the README, "Input dtypes".
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype quantized modules compute in for an input of ``dtype``: float32 for float16 / bfloat16
-    (8-bit grids need float32's precision: a bfloat16 value cannot even hold every code of a 256-step grid),
-    else the input's own dtype.  Modules return their input's dtype (see the README, "Input dtypes").
-
-    Example::
-
-        >>> compute_dtype(torch.bfloat16), compute_dtype(torch.float64)
-        (torch.float32, torch.float64)
-    """
-    return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
 def integer_dtype_for(qmin: int, qmax: int) -> torch.dtype:

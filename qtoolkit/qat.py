@@ -59,7 +59,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from qtoolkit.calibrate import batch_input, call_model, model_device
+from qtoolkit.calibrate import batch_input, call_model, model_device, to_device
 from qtoolkit.nn.quant_layer import QuantLayer
 from qtoolkit.qat_checkpoint import (
     CHECKPOINT_FORMAT,
@@ -324,16 +324,6 @@ def _batch_target(batch: Any) -> Any:
     )
 
 
-def _to(x: Any, device: torch.device) -> Any:
-    if isinstance(x, Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    return x
-
-
 def _n_correct(out: Any, target: Any) -> Tensor | None:
     """Number of top-1 hits, or None when the output is not classification logits."""
     if (
@@ -392,7 +382,7 @@ def evaluate_top1(
             for i, batch in enumerate(loader):
                 if max_batches is not None and i >= max_batches:
                     break
-                x, y = _to(batch_input(batch), dev), _to(_batch_target(batch), dev)
+                x, y = to_device(batch_input(batch), dev), to_device(_batch_target(batch), dev)
                 out = call_model(module, x)
                 hits = _n_correct(out, y)
                 if hits is None:
@@ -662,7 +652,7 @@ class QATTrainer:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         try:
             for step, batch in enumerate(self._batches()):
-                x, y = _to(batch_input(batch), dev), _to(_batch_target(batch), dev)
+                x, y = to_device(batch_input(batch), dev), to_device(_batch_target(batch), dev)
                 self.optimizer.zero_grad(set_to_none=True)
                 out = call_model(self.model, x)
                 loss = self.loss_fn(out, y)
