@@ -18,6 +18,14 @@ from qtoolkit.export import export_onnx, verify_onnx
 from qtoolkit.fake_quant import FakeQuantize
 from qtoolkit.fuse import fuse_model
 from qtoolkit.prepare import float_ops, prepare
+from qtoolkit.ptq import (
+    MixedPrecisionResult,
+    SensitivityReport,
+    mixed_precision,
+    reconstruct,
+    sensitivity,
+    weight_bytes,
+)
 from qtoolkit.qat import QATConfig, QATTrainer, evaluate_top1, fit_qat, sync_quantizers
 from qtoolkit.spec import QuantSpec
 from qtoolkit.summary import summary, summary_rows
@@ -38,11 +46,13 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS",
     "FakeQuantize",
+    "MixedPrecisionResult",
     "QATConfig",
     "QATTrainer",
     "QConfig",
     "QuantSpec",
     "QuantizerConfig",
+    "SensitivityReport",
     "calibrate",
     "convert",
     "disable_fake_quant",
@@ -57,9 +67,12 @@ __all__ = [
     "freeze_bn",
     "fuse_model",
     "get_qconfig",
+    "mixed_precision",
     "observers_disabled",
     "prepare",
     "quantizers",
+    "reconstruct",
+    "sensitivity",
     "set_execution",
     "summary",
     "summary_rows",
@@ -67,4 +80,5 @@ __all__ = [
     "uncalibrated_sites",
     "unfreeze_bn",
     "verify_onnx",
+    "weight_bytes",
 ]
