@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from qtoolkit.config import QuantizerConfig
+from qtoolkit.fake_quant import FakeQuantize
 from qtoolkit.nn.quant_layer import QuantLayer
 from qtoolkit.toggles import quantizers
 
@@ -88,6 +90,39 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
+def _observe_first_batch(model: nn.Module, fqs: list[tuple[str, FakeQuantize]], x: Any) -> dict[int, FakeQuantize]:
+    """Run the first batch, finding quantizers that observe the very same tensor with the same config (a layer's
+    observe-only output quantizer and the next layer's input quantizer, a residual add's operands): all but the
+    first of each such group stop observing for the remaining batches and later copy the first's statistics.
+    Returns ``{id(follower): leader}``."""
+    seen: list[tuple[FakeQuantize, Any]] = []
+
+    def pre(mod: nn.Module, args: tuple) -> None:
+        if args and mod.observer_enabled:
+            seen.append((mod, args[0]))  # the tensor is kept alive until grouping: ids stay unique
+
+    handles = [fq.register_forward_pre_hook(pre) for _, fq in fqs if fq.role in ("activation", "output")]
+    try:
+        call_model(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+    leaders: dict[tuple[int, QuantizerConfig], FakeQuantize] = {}
+    followers: dict[int, FakeQuantize] = {}
+    calls: dict[int, int] = {}
+    for fq, _ in seen:
+        calls[id(fq)] = calls.get(id(fq), 0) + 1
+    for fq, t in seen:
+        if calls[id(fq)] != 1 or not isinstance(t, torch.Tensor):  # called more than once: not a simple site
+            continue
+        key = (id(t), fq.config)
+        leader = leaders.setdefault(key, fq)
+        if leader is not fq and calls[id(leader)] == 1:
+            followers[id(fq)] = leader
+            fq.enable_observer(False)
+    return followers
+
+
 def calibrate(
     model: nn.Module,
     data: Iterable[Any],
@@ -141,10 +176,14 @@ def calibrate(
             if total is None and hasattr(data, "__len__"):
                 total = len(data)  # type: ignore[arg-type]
             iterator = tqdm(iterator, total=total, desc="calibrate", unit="batch", leave=False)
+        followers: dict[int, FakeQuantize] = {}
         with torch.no_grad():
             for batch in iterator:
                 x = to_device(batch_input(batch), device)
-                call_model(model, x)
+                if seen == 0:
+                    followers = _observe_first_batch(model, fqs, x)
+                else:
+                    call_model(model, x)
                 seen += 1
         if seen == 0:
             raise ValueError("calibrate: `data` yielded no batches; pass a non-empty DataLoader or iterable")
@@ -153,12 +192,20 @@ def calibrate(
             if isinstance(m, QuantLayer):
                 m.calibrate_weight()
         for name, fq in fqs:
-            if fq.role in ("weight", "dynamic"):
+            if fq.role in ("weight", "dynamic") or id(fq) in followers:
                 continue
             if not fq.observer.has_data:
                 unobserved.append(name)
                 continue
             fq.finalize()
+        for name, fq in fqs:
+            leader = followers.get(id(fq))
+            if leader is not None:  # saw the same tensors as its leader: same statistics, same range
+                fq.observer.load_state_dict(leader.observer.state_dict())
+                if leader.observer.has_data:
+                    fq._load_qparams(leader.scale.detach(), leader.zero_point)
+                else:
+                    unobserved.append(name)
         if unobserved:
             warnings.warn(
                 "calibrate: these quantizers saw no data (their layers never ran on the calibration "

@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import random
+import re
 import sys
 import time
 from collections.abc import Iterable
@@ -170,13 +171,17 @@ def make_qconfig(
     percentile: float = PERCENTILE_DEFAULT,
     per_tensor_weights: bool = False,
     lsq: bool = False,
+    weight_calibrator: str | None = None,
 ) -> qt.QConfig:
     """A preset with another activation calibrator, per-tensor weights and/or LSQ scales.
 
     ``calibrator=None`` keeps the preset's (``minmax``; ``prepare(qat=True)`` turns
     it into ``ema``). ``percentile`` is used by the ``percentile`` calibrator.
+    Besides qtoolkit's presets, ``"w<bits>a<bits>"`` (e.g. ``"w2a4"``) is W8A8 with those bit widths.
     """
-    qc = qt.get_qconfig(preset)
+    qc = preset_qconfig(preset)
+    if weight_calibrator is not None and weight_calibrator != "minmax" and qc.weight is not None:
+        qc = qc.with_weight_calibrator(weight_calibrator)
     if calibrator is not None and qc.activation is not None:
         opts = {"percentile": percentile} if calibrator == "percentile" else {}
         qc = qc.with_activation_calibrator(calibrator, **opts)
@@ -187,6 +192,16 @@ def make_qconfig(
         a = replace(qc.activation, learnable=True) if qc.activation is not None and qc.mode == "static" else qc.activation
         qc = replace(qc, weight=w, activation=a)
     return qc
+
+
+def preset_qconfig(preset: str) -> qt.QConfig:
+    """A qtoolkit preset, or ``"w<W>a<A>"`` built from ``w8a8`` with ``W``-bit weights and ``A``-bit activations."""
+    if preset in qt.PRESETS:
+        return qt.get_qconfig(preset)
+    m = re.fullmatch(r"w(\d+)a(\d+)", preset)
+    if m is None:
+        return qt.get_qconfig(preset)  # raises with the list of presets
+    return qt.get_qconfig("w8a8").with_bits(weight_bits=int(m.group(1)), activation_bits=int(m.group(2)))
 
 
 def make_overrides(keep_8bit: Iterable[str], calibrator: str | None = None, **kwargs: Any) -> dict[str, qt.QConfig]:
@@ -298,7 +313,8 @@ def save_prepared(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any
     """Save a prepared model's ``state_dict`` with the metadata to rebuild it.
 
     ``meta`` keys: ``model``, ``dataset``, ``preset``, ``calibrator``, ``percentile``,
-    ``per_tensor_weights``, ``lsq``, ``keep_8bit`` (list), ``qat`` (bool).
+    ``per_tensor_weights``, ``lsq``, ``keep_8bit`` (list), ``qat`` (bool); optional ``weight_calibrator``,
+    ``high_layers`` (mixed precision: layers at ``mp_high``).
     Loadable with ``torch.load(path, weights_only=True)``.
     """
     payload = {
@@ -317,9 +333,12 @@ def prepare_from_meta(fp32: nn.Module, meta: dict[str, Any]) -> nn.Module:
         "percentile": meta.get("percentile", PERCENTILE_DEFAULT),
         "per_tensor_weights": bool(meta.get("per_tensor_weights", False)),
         "lsq": bool(meta.get("lsq", False)),
+        "weight_calibrator": meta.get("weight_calibrator"),
     }
     qc = make_qconfig(meta["preset"], meta.get("calibrator"), **kw)
-    overrides = make_overrides(meta.get("keep_8bit") or [], meta.get("calibrator"), **kw)
+    overrides: dict[str, Any] = dict(make_overrides(meta.get("keep_8bit") or [], meta.get("calibrator"), **kw))
+    for name in meta.get("high_layers") or []:  # mixed precision
+        overrides[name] = make_qconfig(meta.get("mp_high", "w8a8"), meta.get("calibrator"), **kw)
     return qt.prepare(fp32, qc, qat=bool(meta.get("qat", False)), overrides=overrides)
 
 

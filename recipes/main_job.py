@@ -10,6 +10,9 @@ Steps (each one is also a standalone recipe; the exact commands are recorded):
 1. FP32 test top-1 (:mod:`recipes.evaluate`);
 2. PTQ at W8A8 and W4A8 with the minmax, percentile, entropy and MSE calibrators
    (:mod:`recipes.ptq`; calibration on the training split);
+2b. PTQ without training or labels (``--recon-method``, default QDrop, :func:`qtoolkit.reconstruct`, within
+   ``--recon-time-budget`` seconds per model): W4A4 on all layers, W4A4 with mixed precision at 1.1x its weight
+   bytes (:func:`qtoolkit.mixed_precision`), W4A8, and W4A4 / W2A4 with the stem and the classifier at W8A8;
 3. short QAT fine-tunes at W4A4, then W4A8 (``--qat-preset``), the stem and the classifier at
    W8A8 (:mod:`recipes.qat`, ``--qat-epochs`` on ``--qat-train-fraction`` of the training set);
 4. the best W8A8 model converted to int8 and evaluated with reference and integer-only
@@ -56,6 +59,9 @@ __all__ = ["build_parser", "main", "ensure_dataset", "estimate_fp32_training"]
 # core) keeps the whole job within 15 minutes on 2 CPU cores (measured; see report/results.md).
 QAT_EPOCHS_DEFAULT = 1
 QAT_FRACTION_DEFAULT = 0.5
+# PTQ reconstruction (step 2b): five models (W4A4 uniform and mixed precision, W4A8, W4A4 and W2A4 with the stem and
+# the classifier at W8A8), each reconstruction within this many seconds
+RECON_BUDGET_DEFAULT = 90.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qat-train-fraction", type=float, default=QAT_FRACTION_DEFAULT, help="QAT training-set fraction")
     p.add_argument("--qat-lr", type=float, default=0.0025, help="QAT learning rate")
     p.add_argument("--qat-args", default="", help="extra arguments for recipes.qat, e.g. '--lsq --act-calibrator mse'")
+    p.add_argument("--recon-method", default="qdrop", help="PTQ reconstruction method of step 2b (qtoolkit.reconstruct)")
+    p.add_argument("--recon-calibrator", default="mse", help="activation calibrator before the reconstruction")
+    p.add_argument("--recon-iters", type=int, default=300, help="reconstruction steps per block (step 2b)")
+    p.add_argument("--recon-time-budget", type=float, default=RECON_BUDGET_DEFAULT,
+                   help="seconds per reconstructed model (step 2b)")
+    p.add_argument("--skip-reconstruction", action="store_true", help="skip step 2b")
     p.add_argument("--skip-qat", action="store_true", help="skip step 3")
     p.add_argument("--skip-integer-check", action="store_true", help="skip step 4")
     p.add_argument("--no-install", action="store_true", help="never apt-get install the dataset")
@@ -224,6 +236,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         hist = json.loads(hist_path.read_text())
 
+    # 2b. PTQ without training: reconstruction (and mixed precision) at 4 and 2 bits, no labels used
+    recon_runs: list[dict[str, Any]] = []
+    if not args.skip_reconstruction:
+        t0 = time.perf_counter()
+        recon_common = common + ["--calibrators", args.recon_calibrator, "--calib-batches", str(args.calib_batches),
+                                 "--method", args.recon_method, "--recon-time-budget", str(args.recon_time_budget),
+                                 "--recon-iters", str(args.recon_iters),
+                                 "--fp32-top1", repr(fp32["top1"]), "--hist-layers", ""]
+        for name, extra in (
+            ("w4a4_all", ["--presets", "w4a4", "--mixed-precision", "--size-budget", "1.1"]),
+            ("w4a8_all", ["--presets", "w4a8"]),
+            ("keep8", ["--presets", "w4a4,w2a4", "--keep-8bit", args.keep_8bit]),
+        ):
+            argv_r = recon_common + ["--out", str(work / f"ptq_{args.recon_method}_{name}")] + extra
+            commands.append(command_line("recipes.ptq", argv_r))
+            recon_runs.append(ptq_recipe.main(argv_r))
+        steps["2b_ptq_reconstruction"] = time.perf_counter() - t0
+        _log(f"step 2b PTQ reconstruction ({args.recon_method}) ({steps['2b_ptq_reconstruction']:.0f} s)")
+
     # 3. QAT
     qat: list[dict[str, Any]] = []
     qat_presets = [] if args.skip_qat else parse_list(args.qat_preset)
@@ -256,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "commands": [command_line("recipes.main_job", argv)] + commands,
         "env": env_info(),
     }
-    res = build_report(args.out, fp32, ptq, qat, hist, meta)
+    res = build_report(args.out, fp32, [ptq, *recon_runs], qat, hist, meta)
     wall = time.perf_counter() - t_start
     _log(f"report written to {args.out}/ (results.md, results.json, PNG plots); wall time {wall:.0f} s ({wall / 60:.1f} min)")
     for c in res["checks"]:

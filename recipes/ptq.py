@@ -16,7 +16,13 @@ Writes ``ptq_results.json`` / ``ptq_results.md`` and ``ptq_histograms.json`` (th
 calibration histograms of ``--hist-layers``' input quantizers, for
 :mod:`recipes.report`'s plots) into ``--out``.
 
+``--method qdrop`` (or ``adaround``, ``brecq``, ``bias_correction``, ``cle``, joined with ``+``) runs
+:func:`qtoolkit.reconstruct` after each calibration (calibration data only, no labels);
+``--mixed-precision --size-budget 1.1`` adds, per preset, a model whose layers :func:`qtoolkit.mixed_precision`
+raised to ``--mp-high`` within 1.1x the preset's weight bytes.  Presets may also be ``w<W>a<A>`` (e.g. ``w2a4``).
+
 Example:
+    python -m recipes.ptq --presets w4a4 --calibrators mse --method qdrop --mixed-precision --size-budget 1.1
     python -m recipes.ptq --presets w8a8,w4a8 --calibrators minmax,percentile,entropy,mse \\
         --integer-check --out runs/ptq --threads 2
     python -m recipes.ptq --checkpoint /tmp/quick_ckpt/resnet20_fashion-mnist.pt --max-batches 2  # smoke
@@ -44,6 +50,7 @@ from recipes.common import (
     make_qconfig,
     parse_list,
     predict,
+    preset_qconfig,
     save_prepared,
     seed_everything,
     setup_threads,
@@ -84,6 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layers whose input-activation histograms are saved for the report")
     p.add_argument("--fp32-top1", type=float, default=None,
                    help="reuse this FP32 top-1 instead of evaluating the FP32 model again")
+    p.add_argument("--weight-calibrator", default="minmax", help="weight calibrator (minmax, percentile, mse)")
+    p.add_argument("--method", default="none",
+                   help="after calibration: none, or qtoolkit.reconstruct methods joined with '+' "
+                        f"({', '.join(qt.ptq.METHODS)}), e.g. qdrop or cle+bias_correction+adaround")
+    p.add_argument("--recon-iters", type=int, default=300, help="reconstruction steps per layer / block")
+    p.add_argument("--recon-time-budget", type=float, default=None,
+                   help="seconds for each model's reconstruction (fewer steps per unit if needed)")
+    p.add_argument("--mixed-precision", action="store_true",
+                   help="also a mixed-precision row per preset: layers raised to --mp-high by qtoolkit.mixed_precision "
+                        "within --size-budget (label-free output-SQNR sensitivity on the calibration data)")
+    p.add_argument("--size-budget", type=float, default=1.1,
+                   help="mixed precision weight-storage budget, as a multiple of the preset's all-layer weight bytes")
+    p.add_argument("--mp-high", default="w8a8", help="the higher-precision config mixed precision may choose")
     return p
 
 
@@ -146,15 +166,20 @@ def _markdown(res: dict[str, Any]) -> str:
         f"- test samples: {fp['samples']}{' (SMOKE RUN: --max-batches)' if res['smoke'] else ''}",
         f"- wall time: {res['wall_time_s']:.0f} s, threads {res['env']['threads']}",
         "",
-        "| preset | calibrator | fake-quant top-1 (%) | drop vs FP32 (pt) | calibration (s) | eval (s) | converted size |",
-        "|---|---|---|---|---|---|---|",
+        "| preset | calibrator | method | fake-quant top-1 (%) | drop vs FP32 (pt) | calibration (s) | "
+        "reconstruction (s) | eval (s) | converted size |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["results"]:
         best = " **(best)**" if r["best_of_preset"] else ""
         lines.append(
-            f"| {r['preset']} | {r['calibrator']}{best} | {r['top1']:.2f} | {r['drop_pt']:+.2f} | "
-            f"{r['calibration_s']:.1f} | {r['eval_s']:.1f} | {fmt_bytes(r['size_bytes'])} |"
+            f"| {r['preset']} | {r['calibrator']}{best} | {r.get('method', 'none')} | {r['top1']:.2f} | "
+            f"{r['drop_pt']:+.2f} | {r['calibration_s']:.1f} | {r.get('reconstruct_s', 0.0):.0f} | {r['eval_s']:.1f} | "
+            f"{fmt_bytes(r['size_bytes'])} |"
         )
+    for r in res["results"]:
+        if r.get("mixed_precision"):
+            lines += ["", f"### Mixed precision ({r['preset']}, {r['calibrator']})", "", r["mixed_precision"]["table"]]
     ic = res.get("integer_check")
     if ic:
         lines += [
@@ -194,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not presets or not calibrators:
         raise SystemExit("ptq: --presets and --calibrators must not be empty")
     for pr in presets:
-        qt.get_qconfig(pr)  # fail early on a typo
+        preset_qconfig(pr)  # fail early on a typo
 
     t_start = time.perf_counter()
     fp32, ckpt = load_fp32(args.model, args.dataset, args.checkpoint)
@@ -219,28 +244,61 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sizes: dict[str, int | None] = {}
     from tqdm import tqdm
 
-    sweep = [(pr, cal) for pr in presets for cal in calibrators]
+    method = "none" if args.method in ("", "none") else args.method
+    if method != "none":
+        from qtoolkit.ptq.api import parse_methods
+
+        parse_methods(method)  # fail early on a typo
+    sweep = [(pr, cal, False) for pr in presets for cal in calibrators]
+    if args.mixed_precision:
+        sweep += [(pr, cal, True) for pr in presets for cal in calibrators]
     bar = tqdm(sweep, desc="PTQ sweep", disable=not progress, file=sys.stderr)
-    for preset, cal in bar:
-        bar.set_postfix_str(f"{preset}/{cal}")
-        kw = {"percentile": args.percentile, "per_tensor_weights": args.per_tensor_weights}
+    for preset, cal, mixed in bar:
+        label = f"{preset}+mixed" if mixed else preset
+        bar.set_postfix_str(f"{label}/{cal}")
+        kw = {"percentile": args.percentile, "per_tensor_weights": args.per_tensor_weights,
+              "weight_calibrator": args.weight_calibrator}
         qc = make_qconfig(preset, cal, **kw)
-        overrides = make_overrides(keep8, cal, **kw)
+        overrides: dict[str, Any] = dict(make_overrides(keep8, cal, **kw))
+        mp = None
+        t0 = time.perf_counter()
+        if mixed:
+            budget = args.size_budget * qt.weight_bytes(fp32, qc, overrides)
+            mp = qt.mixed_precision(fp32, calib, low=qc, high=make_qconfig(args.mp_high, cal, **kw),
+                                    size_budget=budget, overrides=overrides, progress=False)
+            overrides = mp.overrides
+        mp_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         qm = qt.prepare(fp32, qc, overrides=overrides)
         qt.calibrate(qm, calib, progress=False)
         calib_s = time.perf_counter() - t0
-        preds, labels, eval_s = predict(qm, test, max_batches=args.max_batches, desc=f"{preset}/{cal}", progress=progress)
+        recon: list[dict[str, Any]] = []
+        recon_s = 0.0
+        if method != "none":
+            t0 = time.perf_counter()
+            qt.reconstruct(qm, calib, method, iters=args.recon_iters, time_budget_s=args.recon_time_budget,
+                           seed=args.seed, progress=progress, report=recon)
+            recon_s = time.perf_counter() - t0
+        preds, labels, eval_s = predict(qm, test, max_batches=args.max_batches, desc=f"{label}/{cal}", progress=progress)
         acc = top1(preds, labels)
-        if preset not in sizes:  # the converted layout depends on the bits only, not on the calibrator
+        if label not in sizes:  # the converted layout depends on the bits only, not on the calibrator
             try:
-                sizes[preset] = state_dict_bytes(qt.convert(qm))
+                sizes[label] = state_dict_bytes(qt.convert(qm))
             except Exception as e:  # noqa: BLE001 - report the model, not crash the sweep
-                print(f"[ptq] convert failed for {preset}/{cal}, size not measured: {type(e).__name__}: {e}", flush=True)
-                sizes[preset] = None
-        size = sizes[preset]
+                print(f"[ptq] convert failed for {label}/{cal}, size not measured: {type(e).__name__}: {e}", flush=True)
+                sizes[label] = None
+        size = sizes[label]
         rec = {
-            "preset": preset,
+            "preset": label,
+            "base_preset": preset,
+            "method": method,
+            "weight_calibrator": args.weight_calibrator,
+            "reconstruct_s": recon_s,
+            "reconstruct_units": [{k: v for k, v in r.items() if k != "layers"} for r in recon],
+            "mixed_precision": None if mp is None else {
+                "high_layers": mp.high_layers, "weight_bytes": mp.weight_bytes, "low_weight_bytes": mp.low_weight_bytes,
+                "size_budget_factor": args.size_budget, "metric": mp.metric, "low_metric": mp.low_metric,
+                "search_s": mp_s, "table": mp.table()},
             "calibrator": cal,
             "weight_bits": qc.weight.spec.bits,
             "activation_bits": qc.activation.spec.bits if qc.activation is not None else None,
@@ -253,25 +311,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "best_of_preset": False,
         }
         results.append(rec)
-        tqdm.write(f"[ptq] {preset:6s} {cal:10s} top-1 {acc:6.2f}% (drop {fp32_top1 - acc:+.2f} pt), "
-                   f"calibration {calib_s:.1f} s, eval {eval_s:.1f} s, size "
+        tqdm.write(f"[ptq] {label:6s} {cal:10s} {'' if method == 'none' else method + ' '}top-1 {acc:6.2f}% "
+                   f"(drop {fp32_top1 - acc:+.2f} pt), calibration {calib_s:.1f} s"
+                   + (f", reconstruction {recon_s:.0f} s" if method != "none" else "")
+                   + (f", mixed precision: {len(mp.high_layers)} layers at {args.mp_high}" if mp is not None else "")
+                   + f", eval {eval_s:.1f} s, size "
                    + (f"{size / 1024:.0f} KiB" if size is not None else "n/a"), file=sys.stdout)
         sys.stdout.flush()
-        if not histograms.get(preset) and any(fq.uses_histogram for _, fq in qt.quantizers(qm) if fq.role == "activation"):
+        if not mixed and not histograms.get(preset) and any(fq.uses_histogram for _, fq in qt.quantizers(qm) if fq.role == "activation"):
             histograms[preset] = _histograms(qm, hist_layers)
-        if preset not in best or acc > best[preset]["rec"]["top1"]:
-            best[preset] = {"rec": rec, "model": qm, "preds": preds}
+        if label not in best or acc > best[label]["rec"]["top1"]:
+            best[label] = {"rec": rec, "model": qm, "preds": preds, "overrides": overrides}
     bar.close()
 
     saved: dict[str, str] = {}
     for preset, b in best.items():
         b["rec"]["best_of_preset"] = True
+        mp = b["rec"]["mixed_precision"]
         meta = {
-            "model": args.model, "dataset": args.dataset, "preset": preset, "calibrator": b["rec"]["calibrator"],
+            "model": args.model, "dataset": args.dataset, "preset": b["rec"]["base_preset"],
+            "calibrator": b["rec"]["calibrator"], "weight_calibrator": args.weight_calibrator,
             "percentile": args.percentile, "per_tensor_weights": args.per_tensor_weights, "lsq": False,
-            "keep_8bit": keep8, "qat": False, "top1": b["rec"]["top1"],
+            "keep_8bit": keep8, "qat": False, "top1": b["rec"]["top1"], "method": b["rec"]["method"],
+            "high_layers": mp["high_layers"] if mp else [], "mp_high": args.mp_high,
         }
-        path = save_prepared(out / f"ptq_best_{preset}.pt", b["model"], meta)
+        path = save_prepared(out / f"ptq_best_{preset.replace('+', '_')}.pt", b["model"], meta)
         saved[preset] = str(path)
 
     integer_check = None

@@ -34,6 +34,11 @@ TARGETS = {
     "converted_within_pt": 0.05,
     "integer_agreement_pct": 99.9,
     "w4a4_qat_max_drop_pt": 1.0,
+    # issue 12: PTQ without training (reconstruction), no labels used
+    "w4a4_ptq_min_top1": 92.7,
+    "w4a4_keep8_ptq_min_top1": 93.5,
+    "w4a8_ptq_max_drop_pt": 0.2,
+    "reconstruct_max_s": 300.0,
 }
 
 CALIBRATOR_COLORS = {"minmax": "tab:blue", "percentile": "tab:orange", "entropy": "tab:green", "mse": "tab:red",
@@ -73,32 +78,56 @@ def _qat_list(qat: dict[str, Any] | list[dict[str, Any]] | None) -> list[dict[st
     return list(qat) if isinstance(qat, (list, tuple)) else [qat]
 
 
-def _rows(fp32: dict[str, Any], ptq: dict[str, Any] | None, qat_results: Any) -> list[dict[str, Any]]:
+def _ptq_list(ptq: dict[str, Any] | list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """PTQ results as a list (one ``ptq_results.json`` dict, a list of them, or None)."""
+    if not ptq:
+        return []
+    return list(ptq) if isinstance(ptq, (list, tuple)) else [ptq]
+
+
+def _ptq_method(r: dict[str, Any]) -> str:
+    method = r.get("method") or "none"
+    label = f"PTQ {r['calibrator']}" + ("" if method == "none" else f" + {method}")
+    if r.get("mixed_precision"):
+        label += " (mixed precision)"
+    return label
+
+
+def _rows(fp32: dict[str, Any], ptq: Any, qat_results: Any) -> list[dict[str, Any]]:
     base = fp32["top1"]
     rows: list[dict[str, Any]] = [{
         "method": "FP32", "bits": "FP32", "weight_bits": 32, "activation_bits": 32, "top1": base, "drop_pt": 0.0,
         "size_bytes": fp32.get("size_bytes"), "time_s": fp32.get("train_time_s"), "time_kind": "FP32 training",
         "notes": "shipped checkpoint" if fp32.get("shipped") else "",
     }]
-    if ptq:
-        keep = ptq.get("keep_8bit") or []
-        for r in ptq["results"]:
+    for run in _ptq_list(ptq):
+        keep = run.get("keep_8bit") or []
+        for r in run["results"]:
             bits = _bits_label(r["weight_bits"], r["activation_bits"])
             note = []
-            if r.get("best_of_preset"):
+            if r.get("best_of_preset") and (r.get("method") or "none") == "none":
                 note.append("best of preset")
             if keep and r["preset"] != "w8a8":
                 note.append(f"{', '.join(keep)} at W8A8")
-            if ptq["args"].get("per_tensor_weights"):
+            if run["args"].get("per_tensor_weights"):
                 note.append("per-tensor weights")
+            if r.get("weight_calibrator", "minmax") != "minmax":
+                note.append(f"{r['weight_calibrator']} weight ranges")
+            mp = r.get("mixed_precision")
+            if mp:
+                note.append(f"{len(mp['high_layers'])} layers at {run['args'].get('mp_high', 'w8a8').upper()} "
+                            f"({', '.join(mp['high_layers'][:6])}{' ...' if len(mp['high_layers']) > 6 else ''}), "
+                            f"weights {mp['weight_bytes'] / mp['low_weight_bytes']:.2f}x all-{bits[:2]}")
+            recon = r.get("reconstruct_s") or 0.0
             rows.append({
-                "method": f"PTQ {r['calibrator']}", "bits": bits, "weight_bits": r["weight_bits"],
+                "method": _ptq_method(r), "bits": bits if not mp else f"{bits} mixed", "weight_bits": r["weight_bits"],
                 "activation_bits": r["activation_bits"], "top1": r["top1"], "drop_pt": base - r["top1"],
-                "size_bytes": r["size_bytes"], "time_s": r["calibration_s"], "time_kind": "calibration",
+                "size_bytes": r["size_bytes"], "time_s": r["calibration_s"] + recon,
+                "time_kind": "calibration + reconstruction" if recon else "calibration",
                 "notes": "; ".join(note),
             })
-        ic = ptq.get("integer_check")
-        if ic:
+        ic = run.get("integer_check")
+        if ic and ic.get("executions"):
             for ex, e in ic["executions"].items():
                 if "error" in e:
                     continue
@@ -131,11 +160,70 @@ def _rows(fp32: dict[str, Any], ptq: dict[str, Any] | None, qat_results: Any) ->
     return rows
 
 
-def _checks(rows: list[dict[str, Any]], ptq: dict[str, Any] | None, qat: dict[str, Any] | None,
+def _reconstruction_checks(runs: list[dict[str, Any]], fp32: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 12's bars over every PTQ run that used a reconstruction method or mixed precision."""
+    t = TARGETS
+    recs = []
+    for run in runs:
+        keep = tuple(run.get("keep_8bit") or [])
+        for r in run["results"]:
+            recs.append({**r, "keep": keep})
+    out: list[dict[str, Any]] = []
+
+    def best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+        return max(rows, key=lambda r: r["top1"]) if rows else None
+
+    recon = [r for r in recs if (r.get("method") or "none") != "none"]
+    if not recon:
+        return out
+    w4a4 = best([r for r in recon if r["preset"] == "w4a4" and not r["keep"]])
+    if w4a4:
+        out.append({"bar": f"W4A4 all layers PTQ >= {t['w4a4_ptq_min_top1']}%",
+                    "value": f"{w4a4['top1']:.2f}% ({_ptq_method(w4a4)})", "pass": w4a4["top1"] >= t["w4a4_ptq_min_top1"]})
+    keep8 = best([r for r in recon if r["preset"] == "w4a4" and r["keep"]])
+    if keep8:
+        out.append({"bar": f"W4A4 PTQ, {', '.join(keep8['keep'])} at W8A8 >= {t['w4a4_keep8_ptq_min_top1']}%",
+                    "value": f"{keep8['top1']:.2f}% ({_ptq_method(keep8)})",
+                    "pass": keep8["top1"] >= t["w4a4_keep8_ptq_min_top1"]})
+    w4a8 = best([r for r in recs if r["preset"] == "w4a8" and not r["keep"]])
+    if w4a8:
+        drop = fp32["top1"] - w4a8["top1"]
+        out.append({"bar": f"W4A8 PTQ drop <= {t['w4a8_ptq_max_drop_pt']} pt", "value": f"{drop:+.2f} pt ({_ptq_method(w4a8)})",
+                    "pass": drop <= t["w4a8_ptq_max_drop_pt"] + 1e-9})
+    w2 = [r for r in recs if r["weight_bits"] == 2]
+    if w2:
+        b = best(w2)
+        assert b is not None
+        out.append({"bar": "W2A4 PTQ reported", "value": f"{b['top1']:.2f}% ({_ptq_method(b)}"
+                    + (f"; {', '.join(b['keep'])} at W8A8)" if b["keep"] else ")"), "pass": True})
+    for r in recs:
+        mp = r.get("mixed_precision")
+        if not mp:
+            continue
+        uniform = best([u for u in recs if u["preset"] == r["base_preset"] and not u.get("mixed_precision")
+                        and u["keep"] == r["keep"] and u.get("method") == r.get("method")
+                        and u["calibrator"] == r["calibrator"]])
+        if uniform is None:
+            continue
+        out.append({"bar": f"mixed precision at {mp['size_budget_factor']:.2f}x the all-{r['base_preset'].upper()} weight "
+                           f"bytes beats uniform {r['base_preset'].upper()}",
+                    "value": f"{r['top1']:.2f}% vs {uniform['top1']:.2f}% ({_ptq_method(uniform)}; weights "
+                             f"{mp['weight_bytes'] / mp['low_weight_bytes']:.2f}x)",
+                    "pass": r["top1"] > uniform["top1"]})
+    slowest = max(recon, key=lambda r: r.get("reconstruct_s") or 0.0)
+    out.append({"bar": f"reconstruction <= {t['reconstruct_max_s'] / 60:.0f} min per model",
+                "value": f"slowest {slowest['reconstruct_s']:.0f} s ({slowest['preset']}, {slowest['method']})",
+                "pass": slowest["reconstruct_s"] <= t["reconstruct_max_s"]})
+    return out
+
+
+def _checks(rows: list[dict[str, Any]], ptq: Any, qat: dict[str, Any] | None,
             fp32: dict[str, Any]) -> list[dict[str, Any]]:
     t = TARGETS
     checks = [{"bar": f"FP32 top-1 >= {t['fp32_min_top1']}%", "value": f"{fp32['top1']:.2f}%",
                "pass": fp32["top1"] >= t["fp32_min_top1"]}]
+    runs = _ptq_list(ptq)
+    ptq = runs[0] if runs else None
     if ptq:
         w8 = [r for r in ptq["results"] if r["preset"] == "w8a8"]
         if w8:
@@ -172,6 +260,7 @@ def _checks(rows: list[dict[str, Any]], ptq: dict[str, Any] | None, qat: dict[st
                            "value": value, "pass": drop <= t["w4a4_qat_max_drop_pt"] + 1e-9})
         else:  # no bar for other bit widths: reported
             checks.append({"bar": f"{label} QAT reported", "value": f"top-1 {q['top1']:.2f}%, drop {value}", "pass": True})
+    checks += _reconstruction_checks(runs, fp32)
     return checks
 
 
@@ -273,7 +362,7 @@ def _fmt_time(s: float | None) -> str:
 def build_report(
     out: str | Path,
     fp32: dict[str, Any],
-    ptq: dict[str, Any] | None = None,
+    ptq: dict[str, Any] | list[dict[str, Any]] | None = None,
     qat: dict[str, Any] | list[dict[str, Any]] | None = None,
     hist: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
@@ -282,7 +371,8 @@ def build_report(
 
     Args:
         fp32: ``{"top1", "size_bytes", "samples", "shipped", "train_time_s"?, "checkpoint"?}``.
-        ptq: ``ptq_results.json`` contents. qat: ``qat_results.json`` contents (or a
+        ptq: ``ptq_results.json`` contents, or a list of them (the calibrator sweep first, then the
+            reconstruction / mixed-precision runs). qat: ``qat_results.json`` contents (or a
             list of them, one per QAT preset).
         hist: ``ptq_histograms.json`` contents. meta: anything else to record
             (commands, wall time, dataset, smoke flag).
@@ -353,7 +443,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m recipes.report", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--fp32", required=True, help="eval_results.json of recipes.evaluate (its 'fp32' entry is used)")
-    p.add_argument("--ptq", default=None, help="ptq_results.json")
+    p.add_argument("--ptq", default=None, nargs="*", help="ptq_results.json (the sweep first; then reconstruction runs)")
     p.add_argument("--hist", default=None, help="ptq_histograms.json (default: next to --ptq)")
     p.add_argument("--qat", action="append", default=None, help="qat_results.json (repeat for several presets)")
     p.add_argument("--out", default="report", help="output folder")
@@ -361,9 +451,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ev = _load(args.fp32)
     assert ev is not None
     fp32 = ev.get("fp32", ev)
-    hist_path = args.hist or (str(Path(args.ptq).with_name("ptq_histograms.json")) if args.ptq else None)
+    hist_path = args.hist or (str(Path(args.ptq[0]).with_name("ptq_histograms.json")) if args.ptq else None)
     hist = _load(hist_path) if hist_path and Path(hist_path).is_file() else None
-    return build_report(args.out, fp32, _load(args.ptq), [_load(q) for q in args.qat or []], hist)
+    ptq = [_load(p) for p in args.ptq or []]
+    return build_report(args.out, fp32, ptq or None, [_load(q) for q in args.qat or []], hist)
 
 
 if __name__ == "__main__":

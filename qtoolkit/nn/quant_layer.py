@@ -228,6 +228,15 @@ class QuantLayer(nn.Module):
             y = self.output_quantizer(y)
         return y
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[override]
+        # bias correction (qtoolkit.reconstruct) gives a bias to a layer that had none: a freshly prepared twin
+        # takes it instead of rejecting the key
+        key = prefix + "bias"
+        if self.bias is None and isinstance(state_dict.get(key), Tensor) and state_dict[key].shape == (self.out_channels,):
+            self.bias = nn.Parameter(torch.empty_like(state_dict[key], device=self.weight.device, dtype=self.weight.dtype),
+                                     requires_grad=self.weight.requires_grad)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
     def extra_repr(self) -> str:
         if self.kind == "linear":
             shape = f"in_features={self.in_features}, out_features={self.out_features}"

@@ -13,7 +13,9 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import time
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -22,8 +24,8 @@ import torch
 from torch import nn
 
 from qtoolkit.nn.quant_layer import QuantLayer
-from qtoolkit.ptq.engine import UnitOptions, reconstruct_unit
-from qtoolkit.ptq.sites import FloatReference, find_units, probe
+from qtoolkit.ptq.engine import UnitOptions, chained_inputs, reconstruct_unit
+from qtoolkit.ptq.sites import FloatReference, feeds, find_units, probe
 
 __all__ = ["reconstruct", "METHODS", "ROUNDING_METHODS"]
 
@@ -88,6 +90,7 @@ def reconstruct(
     beta: tuple[float, float] = (20.0, 2.0),
     drop_prob: float | None = None,
     max_block_layers: int = 4,
+    time_budget_s: float | None = None,
     seed: int = 0,
     progress: bool = True,
     report: list[dict[str, Any]] | None = None,
@@ -119,6 +122,8 @@ def reconstruct(
         drop_prob: QDrop's probability of passing an activation element unquantized (default: the method's,
             0.5 for ``qdrop``, 0 otherwise).
         max_block_layers: largest number of quantized layers in one block unit.
+        time_budget_s: wall-clock budget of the rounding step: each unit gets an equal share of what is left
+            when it starts and runs as many of its ``iters`` as fit (its schedule is fitted to that number).
         seed: seeds the sampling and drop masks.
         progress: tqdm progress bar over the units.
         report: if given, one record per unit (losses before / after, share of flipped roundings, seconds)
@@ -166,8 +171,10 @@ def reconstruct(
                     warmup=warmup, beta_start=beta[0], beta_end=beta[1], learn_activation_scale=learn_act,
                     drop_prob=default_drop if drop_prob is None else float(drop_prob),
                 )
+                if time_budget_s is not None and time_budget_s <= 0:
+                    raise ValueError(f"reconstruct: time_budget_s must be positive, got {time_budget_s}")
                 _run_rounding(model, batches, step, granularity, opts, max_block_layers, generator, progress, records,
-                              reference)
+                              reference, time_budget_s)
     finally:
         model.train(was_training)
     return model
@@ -176,6 +183,7 @@ def reconstruct(
 def _run_rounding(
     model: nn.Module, batches: list[Any], step: str, granularity: str, opts: UnitOptions, max_block_layers: int,
     generator: torch.Generator, progress: bool, records: list[dict[str, Any]], reference: FloatReference,
+    time_budget_s: float | None,
 ) -> None:
     pr = probe(model, batches[0])
     units, left_out = find_units(model, pr, granularity, max_block_layers)
@@ -188,9 +196,18 @@ def _run_rounding(
     from tqdm.auto import tqdm
 
     bar = tqdm(units, desc=step, unit="unit", leave=False, disable=not progress)
-    for unit in bar:
+    prev = None
+    t0 = time.perf_counter()
+    for i, unit in enumerate(bar):
         bar.set_postfix_str(unit.name)
-        rec = reconstruct_unit(model, unit, batches, pr, reference, opts, generator)
+        if time_budget_s is not None:
+            share = max(time_budget_s - (time.perf_counter() - t0), 0.0) / (len(units) - i)
+            opts = dataclasses.replace(opts, time_budget_s=share)
+        inputs = None
+        if prev is not None and feeds(pr, prev[0], unit):
+            inputs = chained_inputs(model, prev[0], prev[1], prev[2], unit, batches[0], reference)
+        rec, x_q, y_fp = reconstruct_unit(model, unit, batches, pr, reference, opts, generator, inputs)
+        prev = (unit, x_q, y_fp)
         rec["step"] = step
         records.append(rec)
         bar.set_postfix_str(f"{unit.name}: loss {rec['loss_before']:.3g} -> {rec['loss_after']:.3g}")

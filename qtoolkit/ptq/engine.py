@@ -35,7 +35,7 @@ from qtoolkit.numerics import fake_quantize_lsq, quantize
 from qtoolkit.ptq.adaround import AdaRoundWeight, BetaSchedule
 from qtoolkit.ptq.sites import FloatReference, Probe, Unit, capture
 
-__all__ = ["UnitOptions", "reconstruct_unit"]
+__all__ = ["UnitOptions", "reconstruct_unit", "chained_inputs", "forward_chunks"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ class UnitOptions:
     beta_end: float = 2.0
     learn_activation_scale: bool = False
     drop_prob: float = 0.0
+    time_budget_s: float | None = None  # this unit's share, capture included: fewer iterations if needed
     round_weights: bool = True
 
 
@@ -93,13 +94,27 @@ def reconstruct_unit(
     reference: FloatReference,
     opts: UnitOptions,
     generator: torch.Generator,
-) -> dict[str, Any]:
-    """Reconstruct one unit in place; returns a record (losses before/after, flipped share, seconds)."""
+    inputs: tuple[Tensor, Tensor] | None = None,
+) -> tuple[dict[str, Any], Tensor, Tensor]:
+    """Reconstruct one unit in place.
+
+    ``inputs``: the unit's quantized-model and float-model inputs when the caller has them (a chain, see
+    :func:`chained_inputs`); otherwise they are captured by running the model on ``batches``.
+
+    Returns a record (losses before / after, flipped share, seconds) and the unit's quantized-model input
+    and float target, for the next unit of a chain.
+    """
     t0 = time.perf_counter()
-    x_q, _ = capture(model, unit.module, batches, want_output=False)
-    with reference.active(model):
-        x_fp, y_fp = capture(model, unit.module, batches, want_output=True)
+    if inputs is None:
+        x_q, _ = capture(model, unit.module, batches, want_output=False)
+        with reference.active(model):
+            x_fp, y_fp = capture(model, unit.module, batches, want_output=True)
+    else:
+        x_q, x_fp = inputs
+        with reference.active(model):
+            y_fp = forward_chunks(unit.module, x_fp)
     assert y_fp is not None
+    t_capture = time.perf_counter() - t0
     n = x_q.shape[0]
     # the reconstruction loss is taken relative to the target's energy and the regularizer is a mean over
     # the weights, so one reg_weight fits layers whose activations are 1e-2 or 1e3
@@ -169,7 +184,15 @@ def reconstruct_unit(
         if groups:
             opt = torch.optim.Adam(groups)
             bs = min(opts.batch_size, n)
-            for it in range(opts.iters):
+            iters, it, timed = opts.iters, 0, 5
+            t_loop = time.perf_counter()
+            while it < iters:
+                if opts.time_budget_s is not None and it == timed:
+                    # the schedule (warm-up, beta annealing) is fitted to the iterations the budget allows
+                    per_step = (time.perf_counter() - t_loop) / timed
+                    left = opts.time_budget_s - (time.perf_counter() - t0) - 10 * per_step  # the final evaluations
+                    iters = max(timed + 1, min(opts.iters, timed + int(left / per_step)))
+                    beta = BetaSchedule(iters, opts.warmup, opts.beta_start, opts.beta_end)
                 idx = torch.randint(0, n, (bs,), generator=generator).to(x_q.device)  # generator: CPU
                 xin = x_q[idx]
                 if drop > 0:
@@ -185,6 +208,8 @@ def reconstruct_unit(
                 opt.step()
                 for a in act_scales:  # the int32 bias of the fake-quant layer follows the live step size
                     a.write_back()
+                it += 1
+            record["iters"] = iters
         with torch.no_grad():
             record["loss_soft"] = _eval_loss(unit.module, x_q, y_fp, opts.batch_size) / energy
             h = [ar.h() for ar in rounders.values()]
@@ -212,11 +237,47 @@ def reconstruct_unit(
         / max(sum(ar.v.numel() for ar in rounders.values()), 1)
     )
     record["seconds"] = time.perf_counter() - t0
-    return record
+    record["capture_seconds"] = t_capture
+    record["chained"] = inputs is not None
+    return record, x_q, y_fp
 
 
 @torch.no_grad()
-def _eval_loss(module: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> float:
+def forward_chunks(module: nn.Module, x: Tensor, chunk: int = 256) -> Tensor:
+    """``module(x)`` in chunks of ``chunk`` samples (eval mode, no grad)."""
+    was_training = module.training
+    module.eval()
+    try:
+        return torch.cat([module(x[i:i + chunk]).float() for i in range(0, x.shape[0], chunk)])
+    finally:
+        module.train(was_training)
+
+
+@torch.no_grad()
+def chained_inputs(
+    model: nn.Module, prev: Unit, prev_x_q: Tensor, prev_y_fp: Tensor, unit: Unit, batch: Any,
+    reference: FloatReference,
+) -> tuple[Tensor, Tensor] | None:
+    """``unit``'s inputs computed from the previous unit of a chain (its output with the final rounding, and
+    its float target), or None when a check on ``batch`` shows the model computes something else between
+    them (an in-place op, say): then the caller captures them from the model."""
+    x_q = forward_chunks(prev.module, prev_x_q)
+    got_q, _ = capture(model, unit.module, [batch], want_output=False)
+    with reference.active(model):
+        got_fp, _ = capture(model, unit.module, [batch], want_output=False)
+    k = got_q.shape[0]
+    if got_q.shape[1:] != x_q.shape[1:] or got_fp.shape[1:] != prev_y_fp.shape[1:]:
+        return None
+    tol = dict(rtol=1e-4, atol=1e-5 * float(got_fp.abs().max().clamp_min(1.0)))
+    if not (torch.allclose(x_q[:k], got_q, **tol) and torch.allclose(prev_y_fp[:k], got_fp, **tol)):
+        return None
+    return x_q, prev_y_fp
+
+
+@torch.no_grad()
+def _eval_loss(module: nn.Module, x: Tensor, y: Tensor, batch_size: int, limit: int = 512) -> float:
+    """The reconstruction loss on the first ``limit`` cached samples (a diagnostic for the report)."""
+    x, y = x[:limit], y[:limit]
     total, count = 0.0, 0
     step = max(batch_size, 256)
     for i in range(0, x.shape[0], step):

@@ -110,6 +110,7 @@ def mixed_precision(
     eval_fn: Callable[[nn.Module], float] | None = None,
     overrides: Mapping[Any, Any] | None = None,
     num_batches: int | None = None,
+    metric_batches: int | None = 8,
     progress: bool = True,
 ) -> MixedPrecisionResult:
     """Choose per-layer ``low`` / ``high`` configs for a float model (see the module docstring).
@@ -124,7 +125,9 @@ def mixed_precision(
         eval_fn: ``prepared model -> float``, higher is better (e.g. top-1 on held-out data); default: output
             SQNR (dB) against the float model over ``data``, no labels.
         overrides: per-layer configs fixed by the user (kept, never chosen by the search), as in ``prepare``.
-        num_batches: batches of ``data`` used.
+        num_batches: batches of ``data`` used for calibration.
+        metric_batches: the first this many of them are the default metric's data (one forward per layer each;
+            ``None``: all).
         progress: tqdm progress bar.
 
     Returns:
@@ -151,9 +154,10 @@ def mixed_precision(
         if isinstance(m, QuantLayer) and n in high_layers_all and m.qconfig == low_qc
     ]
     if eval_fn is None:
+        metric_data = batches[:metric_batches] if metric_batches else batches
         with fake_quant_disabled(low_qm):
-            ref = _outputs(low_qm, batches)
-        eval_fn = output_sqnr(batches, ref)
+            ref = _outputs(low_qm, metric_data)
+        eval_fn = output_sqnr(metric_data, ref)
         metric_name = "output SQNR vs float (dB)"
     else:
         metric_name = getattr(eval_fn, "__name__", "metric")

@@ -32,7 +32,7 @@ from qtoolkit.fake_quant import FakeQuantize
 from qtoolkit.nn.quant_add import QuantAdd
 from qtoolkit.nn.quant_layer import QuantLayer
 
-__all__ = ["Unit", "Probe", "probe", "find_units", "capture", "FloatReference"]
+__all__ = ["Unit", "Probe", "probe", "find_units", "feeds", "capture", "FloatReference"]
 
 
 @dataclass
@@ -64,6 +64,8 @@ class Probe:
     consumers: dict[int, list[nn.Module]] = field(default_factory=dict)  # id(tensor) -> modules it was passed to
     outputs: dict[int, int] = field(default_factory=dict)  # id(module) -> id(its output tensor)
     passthrough: set[int] = field(default_factory=set)  # ids of modules that returned their input itself
+    inputs: dict[int, int] = field(default_factory=dict)  # id(module) -> id(its first input tensor)
+    first_call: dict[int, int] = field(default_factory=dict)  # id(module) -> index of its first call
 
     def group_of(self, fq: FakeQuantize) -> list[FakeQuantize]:
         for g in self.groups:
@@ -94,11 +96,16 @@ def probe(model: nn.Module, batch: Any) -> Probe:
     consumers: dict[int, list[nn.Module]] = defaultdict(list)
     outputs: dict[int, int] = {}
     passthrough: set[int] = set()
+    inputs: dict[int, int] = {}
+    first_call: dict[int, int] = {}
     handles = []
 
     def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
         calls[id(mod)] += 1
         simple[id(mod)] = len(args) == 1 and not kwargs and isinstance(args[0], Tensor)
+        first_call.setdefault(id(mod), len(first_call))
+        if args and isinstance(args[0], Tensor):
+            inputs.setdefault(id(mod), id(args[0]))
         alive.append(args)
         for a in args:
             if isinstance(a, Tensor):
@@ -139,7 +146,7 @@ def probe(model: nn.Module, batch: Any) -> Probe:
             members = [m for m in rest if all(m is not s for s in same)]
             if len(same) > 1:
                 groups.append(same)
-    return Probe(dict(calls), simple, groups, order, dict(consumers), outputs, passthrough)
+    return Probe(dict(calls), simple, groups, order, dict(consumers), outputs, passthrough, inputs, first_call)
 
 
 def _count(m: nn.Module, kind: type) -> int:
@@ -149,7 +156,7 @@ def _count(m: nn.Module, kind: type) -> int:
 def find_units(
     model: nn.Module, pr: Probe, granularity: str = "block", max_block_layers: int = 4
 ) -> tuple[list[Unit], list[str]]:
-    """Units in forward order (as modules are registered) and the quantized layers that fit in none
+    """Units in the order they run and the quantized layers that fit in none
     (called more than once, or with several inputs): those keep round-to-nearest."""
     if granularity not in ("layer", "block"):
         raise ValueError(f"granularity must be 'layer' or 'block', got {granularity!r}")
@@ -179,7 +186,15 @@ def find_units(
             walk(child, name)
 
     walk(model, "")
+    units.sort(key=lambda u: pr.first_call.get(id(u.module), 0))
     return units, left_out
+
+
+def feeds(pr: Probe, first: Unit, second: Unit) -> bool:
+    """Whether ``second``'s input is the very tensor ``first`` returned (a chain: ``second``'s inputs can be
+    computed from ``first``'s without running the model from its input)."""
+    out = pr.outputs.get(id(first.module))
+    return out is not None and out == pr.inputs.get(id(second.module))
 
 
 class _Stop(Exception):

@@ -84,6 +84,30 @@ def test_ptq_and_evaluate(tiny_fashion: Path, tiny_ckpt: Path, tmp_path: Path) -
     assert (tmp_path / "eval" / "eval_results.md").is_file()
 
 
+def test_ptq_reconstruction_and_mixed_precision_reload(tiny_fashion: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ptq"
+    res = ptq.main(_common(tiny_fashion, tiny_ckpt) + [
+        "--out", str(out), "--presets", "w4a4", "--calibrators", "mse", "--calib-batch-size", "8",
+        "--method", "bias_correction+adaround", "--recon-iters", "3", "--mixed-precision", "--size-budget", "1.2"])
+    rows = res["results"]
+    assert [(r["preset"], r["method"]) for r in rows] == [("w4a4", "bias_correction+adaround"),
+                                                          ("w4a4+mixed", "bias_correction+adaround")]
+    mp = rows[1]["mixed_precision"]
+    assert mp["high_layers"] and mp["weight_bytes"] <= 1.2 * mp["low_weight_bytes"]
+    assert rows[0]["reconstruct_s"] > 0 and rows[0]["reconstruct_units"]
+    md = (out / "ptq_results.md").read_text()
+    assert "bias_correction+adaround" in md and "### Mixed precision" in md
+    # the saved mixed-precision model (rounded weights, corrected biases, 8-bit layers) reloads to the same top-1
+    fp32, _ = load_fp32("resnet20", "fashion-mnist", tiny_ckpt)
+    qm, meta = load_prepared(out / "ptq_best_w4a4_mixed.pt", fp32)
+    assert meta["high_layers"] == mp["high_layers"]
+    test = ptq.test_loader("fashion-mnist", 8, str(tiny_fashion), False)
+    preds, labels, _ = predict(qm, test, max_batches=2, progress=False)
+    assert top1(preds, labels) == pytest.approx(rows[1]["top1"])
+    with pytest.raises(ValueError, match="unknown method"):
+        ptq.main(_common(tiny_fashion, tiny_ckpt) + ["--out", str(tmp_path / "x"), "--method", "adarond"])
+
+
 def test_qat_resume_and_reload(tiny_fashion: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "qat"
     args = _common(tiny_fashion, tiny_ckpt) + ["--out", str(out), "--train-batch-size", "8", "--calib-batch-size", "8",
@@ -125,13 +149,19 @@ def test_main_job_smoke(tiny_fashion: Path, tiny_ckpt: Path, tmp_path: Path) -> 
     res = main_job.main(["--data-dir", str(tiny_fashion), "--checkpoint", str(tiny_ckpt), "--threads", "1",
                          "--max-batches", "2", "--no-progress", "--out", str(out), "--work-dir", str(tmp_path / "work"),
                          "--calibrators", "minmax,percentile", "--qat-epochs", "1", "--no-install",
-                         "--qat-args=--act-calibrator=percentile"])
+                         "--qat-args=--act-calibrator=percentile", "--recon-iters", "3"])
     data = json.loads((out / "results.json").read_text())
     assert {"meta", "fp32", "rows", "checks", "plots", "ptq", "qat"} <= set(data)
     methods = [r["method"] for r in data["rows"]]
     assert methods[0] == "FP32" and "PTQ minmax" in methods and "QAT" in methods
     assert "int8 converted (integer)" in methods and "int8 converted (reference)" in methods
     assert "PTQ percentile (QAT init)" in methods  # --qat-args reached recipes.qat
+    # step 2b: reconstruction rows (uniform, mixed precision, W4A8, and the stem/classifier-at-8-bit runs)
+    assert methods.count("PTQ mse + qdrop") == 4 and "PTQ mse + qdrop (mixed precision)" in methods
+    bars = [c["bar"] for c in data["checks"]]
+    for bar in ("W4A4 all layers PTQ", "W4A4 PTQ, conv1, fc at W8A8", "W4A8 PTQ drop", "W2A4 PTQ reported",
+                "mixed precision at 1.10x", "reconstruction <="):
+        assert any(b.startswith(bar) for b in bars), bar
     for r in data["rows"]:
         assert {"bits", "top1", "drop_pt", "size_bytes", "time_s"} <= set(r)
     assert {r["bits"] for r in data["rows"]} >= {"FP32", "W8A8", "W4A8", "W4A4"}
@@ -149,6 +179,7 @@ def test_main_job_smoke(tiny_fashion: Path, tiny_ckpt: Path, tmp_path: Path) -> 
     # the report can be rebuilt from the saved JSON files
     work = tmp_path / "work"
     again = report.main(["--fp32", str(work / "eval" / "eval_results.json"), "--ptq", str(work / "ptq" / "ptq_results.json"),
+                         *[str(work / f"ptq_qdrop_{n}" / "ptq_results.json") for n in ("w4a4_all", "w4a8_all", "keep8")],
                          "--qat", str(work / "qat_w4a4" / "qat_results.json"),
                          "--qat", str(work / "qat_w4a8" / "qat_results.json"), "--out", str(tmp_path / "report2")])
     assert [r["top1"] for r in again["rows"]] == [r["top1"] for r in data["rows"]]
@@ -158,7 +189,7 @@ def test_main_job_cifar_trains_fp32_first(tiny_cifar: Path, tmp_path: Path, caps
     res = main_job.main(["--dataset", "cifar10", "--data-dir", str(tiny_cifar), "--threads", "1", "--max-batches", "1",
                          "--fp32-epochs", "1", "--no-progress", "--out", str(tmp_path / "report"),
                          "--work-dir", str(tmp_path / "work"), "--presets", "w8a8", "--calibrators", "minmax",
-                         "--skip-qat", "--skip-integer-check", "--no-install"])
+                         "--skip-qat", "--skip-integer-check", "--skip-reconstruction", "--no-install"])
     assert "training one first" in capsys.readouterr().out
     assert (tmp_path / "work" / "fp32" / "resnet20_cifar10.pt").is_file()
     assert "trained by this job" in res["meta"]["checkpoint"]
