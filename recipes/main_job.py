@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  "--recon-iters", str(args.recon_iters),
                                  "--fp32-top1", repr(fp32["top1"]), "--hist-layers", ""]
         for name, extra in (
-            ("w4a4_all", ["--presets", "w4a4", "--mixed-precision", "--size-budget", "1.1"]),
+            ("w4a4_all", ["--presets", "w4a4", "--mixed-precision", "--size-budget", "1.1", "--sensitivity"]),
             ("w4a8_all", ["--presets", "w4a8"]),
             ("keep8", ["--presets", "w4a4,w2a4", "--keep-8bit", args.keep_8bit]),
         ):

@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -104,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size-budget", type=float, default=1.1,
                    help="mixed precision weight-storage budget, as a multiple of the preset's all-layer weight bytes")
     p.add_argument("--mp-high", default="w8a8", help="the higher-precision config mixed precision may choose")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="per-site sensitivity of each calibrated (not mixed) model before any reconstruction: "
+                        "qtoolkit.sensitivity on 8 calibration batches, table + sensitivity_<preset>_<calibrator>.png")
     return p
 
 
@@ -178,6 +182,9 @@ def _markdown(res: dict[str, Any]) -> str:
             f"{fmt_bytes(r['size_bytes'])} |"
         )
     for r in res["results"]:
+        if r.get("sensitivity"):
+            lines += ["", f"### Sensitivity ({r['preset']}, {r['calibrator']}, before reconstruction)", "",
+                      r["sensitivity"]["table"], "", f"![sensitivity]({Path(r['sensitivity']['plot']).name})"]
         if r.get("mixed_precision"):
             lines += ["", f"### Mixed precision ({r['preset']}, {r['calibrator']})", "", r["mixed_precision"]["table"]]
     ic = res.get("integer_check")
@@ -272,6 +279,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         qm = qt.prepare(fp32, qc, overrides=overrides)
         qt.calibrate(qm, calib, progress=False)
         calib_s = time.perf_counter() - t0
+        sens = None
+        if args.sensitivity and not mixed:
+            t0 = time.perf_counter()
+            rep = qt.sensitivity(qm, calib, num_batches=8, progress=False)
+            png = rep.plot(str(out / f"sensitivity_{label}_{cal}.png"))
+            sens = {"table": rep.table(), "plot": png, "seconds": time.perf_counter() - t0,
+                    "rows": [vars(r) for r in rep.rows], "metric": rep.metric,
+                    "float_metric": rep.float_metric if math.isfinite(rep.float_metric) else None,
+                    "quantized_metric": rep.quantized_metric}
         recon: list[dict[str, Any]] = []
         recon_s = 0.0
         if method != "none":
@@ -299,6 +315,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "high_layers": mp.high_layers, "weight_bytes": mp.weight_bytes, "low_weight_bytes": mp.low_weight_bytes,
                 "size_budget_factor": args.size_budget, "metric": mp.metric, "low_metric": mp.low_metric,
                 "search_s": mp_s, "table": mp.table()},
+            "sensitivity": sens,
             "calibrator": cal,
             "weight_bits": qc.weight.spec.bits,
             "activation_bits": qc.activation.spec.bits if qc.activation is not None else None,

@@ -389,6 +389,16 @@ def build_report(
         p = plot_activation_histograms(hist, out / "activation_histograms.png")
         if p is not None:
             plots["activation_histograms"] = str(p)
+    for run in _ptq_list(ptq):  # per-site sensitivity plots of the PTQ runs (recipes.ptq --sensitivity)
+        for r in run["results"]:
+            sens = r.get("sensitivity")
+            if sens and Path(sens["plot"]).is_file():
+                import shutil
+
+                dst = out / Path(sens["plot"]).name
+                if Path(sens["plot"]).resolve() != dst.resolve():
+                    shutil.copyfile(sens["plot"], dst)
+                plots[f"sensitivity_{r['preset']}_{r['calibrator']}"] = str(dst)
     results = {"meta": meta, "fp32": fp32, "rows": rows, "checks": checks, "plots": plots,
                "ptq": ptq, "qat": qat}
     write_json(out / "results.json", results)

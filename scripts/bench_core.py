@@ -312,6 +312,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=15, help="timed runs per measurement (>= 10)")
     ap.add_argument("--wait-idle", type=float, default=0.0, help="wait up to S s per row for an idle CPU")
+    ap.add_argument("--only", default="", help="comma-separated groups to run: fake_quant, observers, calibrators, "
+                                              "calibration (default: all)")
     ARGS = ap.parse_args()
     ARGS.repeats = max(10, ARGS.repeats)
     torch.set_num_threads(2)
@@ -320,10 +322,13 @@ def main() -> None:
           f"{platform.machine()}; " + ", ".join(f"{k}={v}" for k, v in env.items()))
     print(f"median of {ARGS.repeats} interleaved runs after warm-up; 'others busy' = CPUs used by other processes "
           "just before the row (0 = idle box)\n")
-    bench_fake_quant()
-    bench_observers()
-    bench_calibrators()
-    bench_model_calibration()
+    groups = {"fake_quant": bench_fake_quant, "observers": bench_observers, "calibrators": bench_calibrators,
+              "calibration": bench_model_calibration}
+    only = [g for g in ARGS.only.split(",") if g] or list(groups)
+    for g in only:
+        if g not in groups:
+            ap.error(f"--only: unknown group {g!r}; choose from {', '.join(groups)}")
+        groups[g]()
     print("| op | ours (ms) | peer / baseline | peer (ms) | ratio | target | others busy |")
     print("|---|---:|---|---:|---:|---|---:|")
     for r in ROWS:

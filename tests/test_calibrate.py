@@ -111,3 +111,33 @@ def test_a_non_tensor_reaching_a_quantizer_names_it():
     qm = qt.prepare(_net())
     with pytest.raises(TypeError, match=r"^0\.input_quantizer: expected a tensor, got a tuple"):
         qm((torch.randn(1, 3, 8, 8),))
+
+
+def test_shared_tensor_is_observed_once_with_identical_ranges():
+    """A layer's output quantizer and the next layer's input quantizer see the same tensor: one histogram is
+    collected and both get the same statistics and range as when each observes on its own."""
+    from qtoolkit.calibrate import _observe_first_batch
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    data = [torch.randn(4, 3, 10, 10) for _ in range(3)]
+    qc = qt.get_qconfig("w8a8").with_activation_calibrator("percentile", percentile=99.0)
+    qm = qt.calibrate(qt.prepare(m, qc), data, progress=False)
+    assert torch.equal(qm[0].output_quantizer.scale, qm[2].input_quantizer.scale)
+    assert torch.equal(qm[0].output_quantizer.observer.hist, qm[2].input_quantizer.observer.hist)
+    # the follower really stopped observing after the first batch
+    fresh = qt.disable_fake_quant(qt.prepare(m, qc))
+    fqs = list(qt.quantizers(fresh))
+    followers = _observe_first_batch(fresh, fqs, data[0])
+    assert len(followers) == 1 and not bool(fresh[2].input_quantizer.observer_enabled)
+    # independent oracle: a quantizer fed the same batches directly
+    from qtoolkit.fake_quant import FakeQuantize
+
+    solo = FakeQuantize(qc.activation, role="activation")
+    solo.enable_fake_quant(False)
+    with torch.no_grad():
+        for x in data:
+            solo(torch.relu(m[0](x)))
+    solo.finalize()
+    torch.testing.assert_close(solo.scale, qm[2].input_quantizer.scale)
+    assert int(solo.zero_point) == int(qm[2].input_quantizer.zero_point)

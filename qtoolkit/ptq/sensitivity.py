@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,7 +139,8 @@ class SensitivityReport:
             if any(v is not None for v in vals):
                 ax.bar([x + off for x in xs], [v if v is not None else 0.0 for v in vals], width=0.4, label=label)
         ax.axhline(self.quantized_metric, color="k", lw=0.8, ls="--", label="all quantized")
-        ax.axhline(self.float_metric, color="g", lw=0.8, ls=":", label="all float")
+        if math.isfinite(self.float_metric):  # the default SQNR metric is infinite for the float model
+            ax.axhline(self.float_metric, color="g", lw=0.8, ls=":", label="all float")
         ax.set_xticks(list(xs))
         ax.set_xticklabels(names, rotation=90, fontsize=7)
         ax.set_ylabel(self.metric)

@@ -137,3 +137,38 @@ def test_parse_methods():
         parse_methods("qdrop+bias_correction")
     with pytest.raises(ValueError, match="twice"):
         parse_methods("cle+cle")
+
+
+def test_chained_inputs_equal_captured_ones(tiny_resnet, batches):
+    from qtoolkit.ptq.engine import chained_inputs, forward_chunks
+    from qtoolkit.ptq.sites import FloatReference, capture, feeds
+
+    qm = _prepared(tiny_resnet, batches)
+    pr = probe(qm, batches[0])
+    units, _ = find_units(qm, pr, "block")
+    ref = FloatReference(qm)
+    first, second, fc = units[1], units[2], units[3]
+    assert feeds(pr, first, second) and not feeds(pr, second, fc)  # avgpool + flatten sit before fc
+    x_q, _ = capture(qm, first.module, batches, want_output=False)
+    with ref.active(qm):
+        _, y_fp = capture(qm, first.module, batches, want_output=True)
+    got = chained_inputs(qm, first, x_q, y_fp, second, batches[0], ref)
+    assert got is not None
+    want_q, _ = capture(qm, second.module, batches, want_output=False)
+    with ref.active(qm):
+        want_fp, _ = capture(qm, second.module, batches, want_output=False)
+    torch.testing.assert_close(got[0], want_q, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], want_fp, rtol=1e-5, atol=1e-6)
+    # a wrong "previous" output is noticed on the check batch
+    assert chained_inputs(qm, first, x_q, y_fp * 1.5, second, batches[0], ref) is None
+    assert forward_chunks(first.module, x_q, chunk=7).shape == want_q.shape
+
+
+def test_time_budget_cuts_iterations(tiny_resnet, batches):
+    qm = _prepared(tiny_resnet, batches)
+    report: list = []
+    qt.reconstruct(qm, batches, "brecq", iters=100_000, time_budget_s=2.0, progress=False, report=report)
+    assert all(r["iters"] < 100_000 for r in report)
+    assert sum(r["seconds"] for r in report) < 10.0
+    with pytest.raises(ValueError, match="time_budget_s"):
+        qt.reconstruct(qm, batches, "brecq", time_budget_s=0, progress=False)

@@ -174,7 +174,8 @@ def test_main_job_smoke(tiny_fashion: Path, tiny_ckpt: Path, tmp_path: Path) -> 
     assert "SMOKE RUN" in md and "| method | bits | top-1 (%)" in md and "## Accuracy bars" in md
     for png in ("accuracy_vs_bits.png", "activation_histograms.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
-    assert res["plots"].keys() == {"accuracy_vs_bits", "activation_histograms"}
+    assert res["plots"].keys() == {"accuracy_vs_bits", "activation_histograms", "sensitivity_w4a4_mse"}
+    assert (out / "sensitivity_w4a4_mse.png").read_bytes()[:8] == PNG_MAGIC
 
     # the report can be rebuilt from the saved JSON files
     work = tmp_path / "work"
