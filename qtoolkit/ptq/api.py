@@ -136,7 +136,9 @@ def reconstruct(
         recompute the ranges and undo the learned step sizes.
 
     Raises:
-        ValueError: not a prepared / calibrated PTQ model, no data, unknown method.
+        ValueError: not a prepared / calibrated PTQ model, no data, unknown method (checked before anything
+            changes).  Any exception raised half-way (a unit's forward failing, KeyboardInterrupt) restores the
+            model's state as it was before the call, then propagates.
     """
     steps = parse_methods(method)
     _check_model(model)
@@ -148,6 +150,9 @@ def reconstruct(
     if not batches:
         raise ValueError("reconstruct: `data` yielded no batches")
     was_training = model.training
+    # an exception half-way (a unit's forward failing, Ctrl-C) must not leave a half-reconstructed model
+    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    had_bias = {id(m): m.bias is not None for m in model.modules() if isinstance(m, QuantLayer)}
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     records = report if report is not None else []
@@ -175,9 +180,21 @@ def reconstruct(
                     raise ValueError(f"reconstruct: time_budget_s must be positive, got {time_budget_s}")
                 _run_rounding(model, batches, step, granularity, opts, max_block_layers, generator, progress, records,
                               reference, time_budget_s)
+    except BaseException:
+        _restore(model, snapshot, had_bias)
+        raise
     finally:
         model.train(was_training)
     return model
+
+
+@torch.no_grad()
+def _restore(model: nn.Module, snapshot: dict[str, torch.Tensor], had_bias: dict[int, bool]) -> None:
+    """Put the model back as it was before :func:`reconstruct` (weights, biases, every quantizer buffer)."""
+    for m in model.modules():
+        if isinstance(m, QuantLayer) and not had_bias.get(id(m), True):
+            m.bias = None  # added by bias correction
+    model.load_state_dict(snapshot)
 
 
 def _run_rounding(

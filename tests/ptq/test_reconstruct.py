@@ -172,3 +172,26 @@ def test_time_budget_cuts_iterations(tiny_resnet, batches):
     assert sum(r["seconds"] for r in report) < 10.0
     with pytest.raises(ValueError, match="time_budget_s"):
         qt.reconstruct(qm, batches, "brecq", time_budget_s=0, progress=False)
+
+
+def test_failure_half_way_leaves_the_model_as_it_was(tiny_resnet, batches, monkeypatch):
+    import qtoolkit.ptq.api as api
+
+    qm = _prepared(tiny_resnet, batches)
+    before = {k: v.clone() for k, v in qm.state_dict().items()}
+    real = api.reconstruct_unit
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "reconstruct_unit", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        qt.reconstruct(qm, batches, "bias_correction+qdrop", iters=5, progress=False)
+    after = qm.state_dict()
+    assert after.keys() == before.keys()  # the biases bias correction added are gone again
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
