@@ -35,6 +35,9 @@ from qtoolkit.nn.quant_layer import QuantLayer
 __all__ = ["Unit", "Probe", "probe", "find_units", "feeds", "capture", "FloatReference"]
 
 
+_PASSTHROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Flatten)
+
+
 @dataclass
 class Unit:
     """A module reconstructed as one piece."""
@@ -63,7 +66,7 @@ class Probe:
     order: list[str] = field(default_factory=list)  # quantized layers in the order they first ran
     consumers: dict[int, list[nn.Module]] = field(default_factory=dict)  # id(tensor) -> modules it was passed to
     outputs: dict[int, int] = field(default_factory=dict)  # id(module) -> id(its output tensor)
-    passthrough: set[int] = field(default_factory=set)  # ids of modules that returned their input itself
+    passthrough: set[int] = field(default_factory=set)  # ids of Identity-like modules that returned their input
     inputs: dict[int, int] = field(default_factory=dict)  # id(module) -> id(its first input tensor)
     first_call: dict[int, int] = field(default_factory=dict)  # id(module) -> index of its first call
 
@@ -120,7 +123,9 @@ def probe(model: nn.Module, batch: Any) -> Probe:
         alive.append(out)
         if isinstance(out, Tensor):
             outputs[id(mod)] = id(out)
-            if args and out is args[0]:
+            # Identity / eval-mode Dropout hand the very tensor on; an in-place activation (ReLU(inplace=True),
+            # SiLU(inplace=True)) also returns its input object but changed it, so it is not a pass-through
+            if args and out is args[0] and isinstance(mod, _PASSTHROUGH):
                 passthrough.add(id(mod))
 
     for m in model.modules():

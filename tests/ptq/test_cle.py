@@ -74,3 +74,24 @@ def test_pair_with_an_unseen_consumer_is_put_back():
     qt.reconstruct(qm, data, "cle", progress=False, report=rep)
     assert rep[0]["pairs"] == [] and rep[0]["reverted"] == ["conv1->conv2"]
     assert torch.equal(qm.conv1.weight.detach(), w)
+
+
+class _InplaceSiLU(nn.Module):
+    """conv1 -> SiLU(inplace) -> conv2: the SiLU returns conv1's output object, changed; not an equalizable pair."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3)
+        self.act = nn.SiLU(inplace=True)
+        self.conv2 = nn.Conv2d(6, 4, 3)
+
+    def forward(self, x):
+        return self.conv2(self.act(self.conv1(x)))
+
+
+def test_inplace_activation_between_is_not_a_pair():
+    torch.manual_seed(0)
+    m = _InplaceSiLU().eval()
+    data = _data()
+    qm = qt.calibrate(qt.prepare(m, "w8a8"), data, progress=False)
+    assert equalization_pairs(qm, data[0]) == []
