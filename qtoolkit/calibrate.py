@@ -6,6 +6,11 @@ observers record; then every calibrator runs its range search once
 (:meth:`FakeQuantize.finalize`), weight ranges are computed from the (folded)
 weights, observers are frozen and fake quantization switched on.
 
+Each tensor is observed once: quantizers that see the very same tensor with the same config (a layer's
+observe-only output quantizer and the next layer's input quantizer, a residual add's operand) are found on the
+first batch; all but one stop observing and copy its statistics and range at the end (identical results, about
+half the histogram work).  This assumes the model runs the same graph on every batch.
+
 Example::
 
     >>> import torch
