@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -393,8 +394,6 @@ def build_report(
         for r in run["results"]:
             sens = r.get("sensitivity")
             if sens and Path(sens["plot"]).is_file():
-                import shutil
-
                 dst = out / Path(sens["plot"]).name
                 if Path(sens["plot"]).resolve() != dst.resolve():
                     shutil.copyfile(sens["plot"], dst)

@@ -53,7 +53,6 @@ class UnitOptions:
     learn_activation_scale: bool = False
     drop_prob: float = 0.0
     time_budget_s: float | None = None  # this unit's share, capture included: fewer iterations if needed
-    round_weights: bool = True
 
 
 def _rand(shape: torch.Size, device: torch.device, generator: torch.Generator) -> Tensor:
@@ -127,15 +126,14 @@ def reconstruct_unit(
     rounders: dict[str, AdaRoundWeight] = {}
     handles = []
     silenced: list[FakeQuantize] = []  # the hook computes their output: their own Q/DQ is skipped meanwhile
-    if opts.round_weights:
-        for name, layer in unit.layers:
-            wq = layer.weight_quantizer
-            if not bool(wq.fake_quant_enabled) or not wq.is_calibrated:
-                continue
-            ar = AdaRoundWeight(layer.weight, wq.scale, wq.zero_point, wq.qmin, wq.qmax).to(layer.weight.device)
-            rounders[name] = ar
-            handles.append(wq.register_forward_hook(lambda mod, args, out, ar=ar: ar().to(args[0].dtype)))
-            silenced.append(wq)
+    for name, layer in unit.layers:
+        wq = layer.weight_quantizer
+        if not bool(wq.fake_quant_enabled) or not wq.is_calibrated:
+            continue
+        ar = AdaRoundWeight(layer.weight, wq.scale, wq.zero_point, wq.qmin, wq.qmax).to(layer.weight.device)
+        rounders[name] = ar
+        handles.append(wq.register_forward_hook(lambda mod, args, out, ar=ar: ar().to(args[0].dtype)))
+        silenced.append(wq)
 
     act_scales: list[_ActScale] = []
     drop = float(opts.drop_prob)
@@ -144,7 +142,7 @@ def reconstruct_unit(
         if not bool(fq.fake_quant_enabled) or not fq.is_calibrated or fq.spec.axis is not None:
             continue
         if opts.learn_activation_scale and id(fq) not in by_fq:
-            group = [m for m in pr.group_of(fq)]
+            group = pr.group_of(fq)
             shared = _ActScale(group)
             act_scales.append(shared)
             for m in group:
