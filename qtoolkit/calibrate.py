@@ -164,6 +164,7 @@ def calibrate(
     flags = [(fq, int(fq.observer_enabled), int(fq.fake_quant_enabled)) for _, fq in fqs]
     for _, fq in fqs:
         weight = fq.role == "weight"
+        fq.collect_only = True  # qparams once at the end, not after every batch
         fq.enable_observer(not weight)
         fq.fake_quant_enabled.fill_(0)
         if not weight:
@@ -220,6 +221,7 @@ def calibrate(
             )
     except BaseException:
         for name, fq in fqs:
+            fq.collect_only = False
             fq.load_state_dict(snapshot[name])
         for fq, obs, fake in flags:
             fq.observer_enabled.fill_(obs)
@@ -227,6 +229,7 @@ def calibrate(
         model.train(was_training)
         raise
     for _, fq in fqs:
+        fq.collect_only = False
         fq.enable_observer(False)
         fq.enable_fake_quant(True)
     model.train(was_training)

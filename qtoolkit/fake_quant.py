@@ -75,6 +75,9 @@ class FakeQuantize(nn.Module):
         self.register_buffer("observer_enabled", torch.tensor(1, dtype=torch.uint8))
         self.register_buffer("fake_quant_enabled", torch.tensor(0 if role == "output" else 1, dtype=torch.uint8))
         self.register_buffer("calibrated", torch.tensor(0, dtype=torch.uint8))
+        #: set by :func:`qtoolkit.calibrate` while it feeds batches: statistics only,
+        #: the qparams are computed once at the end (not state: never saved)
+        self.collect_only = False
 
     # ---------------------------------------------------------------- naming
     def set_name(self, name: str) -> None:
@@ -163,7 +166,7 @@ class FakeQuantize(nn.Module):
             # quant runs (QAT); observe-only output quantizers too, so that a model
             # trained in a hand-written QAT loop converts without a calibrate() call.
             live = bool(self.fake_quant_enabled) or self.role == "output"
-            if (live and not self.uses_histogram) or self.role == "weight":
+            if (live and not self.uses_histogram and not self.collect_only) or self.role == "weight":
                 self._load_qparams(*self.observer.calculate_qparams())
         if not self.fake_quant_enabled:
             return x

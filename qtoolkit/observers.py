@@ -213,7 +213,7 @@ class ObserverBase(nn.Module):
         non-finite policy applied; ``None`` if the batch has no finite value."""
         if self.spec.axis is None:
             mn, mx = torch.aminmax(x)
-            if bool(torch.isfinite(mn) & torch.isfinite(mx)):
+            if all(map(math.isfinite, torch.stack([mn, mx]).tolist())):  # one host sync
                 return mn, mx
             if not self.ignore_nonfinite:
                 raise self._nonfinite_error()

@@ -141,3 +141,21 @@ def test_shared_tensor_is_observed_once_with_identical_ranges():
     solo.finalize()
     torch.testing.assert_close(solo.scale, qm[2].input_quantizer.scale)
     assert int(solo.zero_point) == int(qm[2].input_quantizer.zero_point)
+
+
+def test_calibrate_computes_qparams_once_and_leaves_output_quantizers_live():
+    from qtoolkit.fake_quant import FakeQuantize
+
+    cfg = qt.get_qconfig("w8a8").activation
+    x = torch.randn(64) * 3
+    fq = FakeQuantize(cfg, role="output")
+    fq.collect_only = True  # as inside calibrate: statistics only
+    fq(x)
+    assert torch.equal(fq.scale, torch.ones(())) and not fq.is_calibrated
+    fq.collect_only = False  # a hand-written QAT loop: output ranges follow the data
+    fq(x)
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    assert fq.is_calibrated and abs(float(fq.scale) - (hi - lo) / 255) < 1e-6
+    qm = qt.prepare(_net())
+    qt.calibrate(qm, [torch.randn(4, 3, 8, 8) for _ in range(2)], progress=False)
+    assert not any(q.collect_only for _, q in qt.quantizers(qm))
