@@ -156,15 +156,7 @@ def _any_calibrated(model: nn.Module) -> bool:
 def _float_twin(q: QuantLayer) -> nn.Module:
     """The float module a prepared layer came from: weight with BN folded, the fused activation kept."""
     w, b = q.folded_weight_bias()
-    if q.kind == "linear":
-        layer: nn.Module = nn.Linear(q.in_features, q.out_features, bias=b is not None)
-    else:
-        conv = nn.Conv2d if q.kind == "conv2d" else nn.Conv1d
-        layer = conv(q.in_channels, q.out_channels, q.kernel_size, q.stride, q.padding, q.dilation, q.groups, bias=b is not None)
-    layer = layer.to(device=w.device, dtype=w.dtype)
-    layer.weight.copy_(w.detach())
-    if b is not None:
-        layer.bias.copy_(b.detach())
+    layer = q.kind_info.make_float(q, w, b)
     return layer if q.act is None else FusedLayer(layer, None, q.act)
 
 

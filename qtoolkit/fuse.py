@@ -36,12 +36,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from qtoolkit.layer_kinds import kind_of, weight_layer_types
 from qtoolkit.nn.fused import Add, FusedLayer
 
-__all__ = ["FloatOp", "fuse_model", "WEIGHT_LAYERS"]
-
-WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
-_BN_FOR = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Linear: nn.BatchNorm1d}
+__all__ = ["FloatOp", "fuse_model"]
 
 _ADD_FUNCS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
@@ -115,10 +113,10 @@ def _fuse_sequential(seq: nn.Sequential) -> bool:
     i = 0
     while i < len(mods):
         m = mods[i]
-        if type(m) in WEIGHT_LAYERS:
+        if type(m) in weight_layer_types():
             j = i + 1
             bn = None
-            if j < len(mods) and type(mods[j]) is _BN_FOR[type(m)]:
+            if j < len(mods) and type(mods[j]) is kind_of(m).bn_type:
                 bn = mods[j]
                 j += 1
             act = None
@@ -162,7 +160,7 @@ def _fuse_graph(root: nn.Module, qualname: str, report: list[FloatOp]) -> nn.Mod
     changed = False
 
     for node in list(graph.nodes):
-        if node.op != "call_module" or type(modules.get(str(node.target))) not in WEIGHT_LAYERS:
+        if node.op != "call_module" or type(modules.get(str(node.target))) not in weight_layer_types():
             continue
         if counts[str(node.target)] != 1:
             continue  # shared layer: fusing would change other call sites
@@ -170,7 +168,7 @@ def _fuse_graph(root: nn.Module, qualname: str, report: list[FloatOp]) -> nn.Mod
         last = node
         bn_node = None
         u = _only_user(last)
-        if (u is not None and u.op == "call_module" and type(modules.get(str(u.target))) is _BN_FOR[type(layer)]
+        if (u is not None and u.op == "call_module" and type(modules.get(str(u.target))) is kind_of(layer).bn_type
                 and counts[str(u.target)] == 1 and _single_tensor_arg(u, last)):
             bn_node, last = u, u
         act = None

@@ -3,7 +3,7 @@
 1. :func:`~qtoolkit.fuse.fuse_model` finds Conv/Linear → BN → ReLU chains and
    residual adds in the unmodified model (one-level ``torch.fx`` traces per
    container, positional fusion in ``nn.Sequential``).
-2. Every fused layer, Conv1d/Conv2d/Linear and residual ``Add`` is swapped for its
+2. Every fused layer, weight layer (each kind in :mod:`qtoolkit.layer_kinds`) and residual ``Add`` is swapped for its
    quantization-aware twin (:class:`~qtoolkit.nn.QuantLayer`,
    :class:`~qtoolkit.nn.QuantAdd`) with the QConfig resolved for its name.
 3. What stays float is recorded (``qtoolkit.summary`` prints it).
@@ -31,7 +31,8 @@ from collections.abc import Iterable, Mapping
 from torch import nn
 
 from qtoolkit.config import QConfig, get_qconfig
-from qtoolkit.fuse import WEIGHT_LAYERS, FloatOp, fuse_model
+from qtoolkit.fuse import FloatOp, fuse_model
+from qtoolkit.layer_kinds import weight_layer_types
 from qtoolkit.nn.fused import Add, FusedLayer
 from qtoolkit.nn.quant_add import QuantAdd
 from qtoolkit.nn.quant_layer import QuantLayer
@@ -204,7 +205,7 @@ def _convert_one(
     """The quantized twin of ``child``; ``child`` itself to keep it float; None to recurse."""
     if isinstance(child, FusedLayer):
         layer, bn, act = child.layer, child.bn, child.act
-    elif type(child) in WEIGHT_LAYERS:
+    elif type(child) in weight_layer_types():
         layer, bn, act = child, None, None
     elif isinstance(child, Add):
         qc = resolve_qconfig(name, Add, default, overrides, skip)

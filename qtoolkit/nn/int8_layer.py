@@ -1,4 +1,4 @@
-"""Converted Conv1d / Conv2d / Linear holding integer weights (the *converted* form).
+"""Converted weight layers (Conv1d/2d/3d, ConvTranspose, Linear: every kind in :mod:`qtoolkit.layer_kinds`) holding integer weights (the *converted* form).
 
 Weights live in a plain ``torch.int8`` buffer (``weight_q``), packed two per
 byte in ``uint8`` for ≤ 4 bits, or ``torch.int16`` for 9–16-bit grids (those run
@@ -33,10 +33,10 @@ Example::
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qtoolkit.kernels.qtensor import QuantizedActivation
+from qtoolkit.layer_kinds import LayerKind, get_layer_kind
 from qtoolkit.nn.fused import apply_activation
 from qtoolkit.nn.quant_layer import QuantLayer
 from qtoolkit.numerics import (
@@ -104,7 +104,8 @@ class Int8Layer(nn.Module):
         self.name = "int8_layer"
         self.execution = "reference"
         self.fast_float_output = False  # set by convert() where the output feeds float code (model output, avgpool)
-        for attr in ("stride", "padding", "dilation", "groups", "in_channels", "kernel_size", "in_features", "out_features"):
+        for attr in ("stride", "padding", "dilation", "groups", "in_channels", "kernel_size", "in_features", "out_features",
+                     "output_padding"):
             if hasattr(q, attr):
                 setattr(self, attr, getattr(q, attr))
         self.out_channels = q.out_channels
@@ -194,11 +195,14 @@ class Int8Layer(nn.Module):
     def dequantized_weight(self) -> Tensor:
         return dequantize(self.int_weight(), self.weight_scale, self.weight_zero_point, axis=0)
 
+    @property
+    def kind_info(self) -> LayerKind:
+        """The :class:`~qtoolkit.layer_kinds.LayerKind` of this layer."""
+        return get_layer_kind(self.kind)
+
     def _op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        if self.kind == "linear":
-            return F.linear(x, w, b)
-        conv = F.conv2d if self.kind == "conv2d" else F.conv1d
-        return conv(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+        """The layer's float op with a canonical (out-channels-first) weight."""
+        return self.kind_info.op(x, w, b, self)
 
     def _quantize_input(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if self.mode == "static":
@@ -260,7 +264,7 @@ class Int8Layer(nn.Module):
             [-1] + [1] * (len(self.weight_shape) - 1)
         )
         acc = self._int_accumulate(qx.to(torch.int64) - zx.to(torch.int64), wq)
-        cshape = [1, -1] + [1] * (acc.dim() - 2) if self.kind != "linear" else [-1]
+        cshape = self.kind_info.channel_shape(acc.dim())
         if self.bias is not None:
             acc = acc + self.bias_int32.to(torch.int64).reshape(cshape)
         if self.fast_float_output:
@@ -285,14 +289,14 @@ class Int8Layer(nn.Module):
             x = x.codes if x.codes is not None else x
         elif not isinstance(x, Tensor):
             raise TypeError(f"{self.name}: expected a tensor, got a {type(x).__name__}")
-        if self.kind == "linear":
+        if self.kind_info.is_linear:
             if x.dim() < 1 or x.shape[-1] != self.in_features:
                 raise ValueError(
                     f"{self.name}: Linear expects inputs with {self.in_features} features in the last dimension, "
                     f"got shape {tuple(x.shape)}"
                 )
             return
-        dims = 4 if self.kind == "conv2d" else 3
+        dims = self.kind_info.input_dims
         if x.dim() not in (dims - 1, dims) or x.shape[-(dims - 1)] != self.in_channels:
             raise ValueError(
                 f"{self.name}: {self.kind} expects a [N, {self.in_channels}, ...] input ({dims}-D, or {dims - 1}-D "

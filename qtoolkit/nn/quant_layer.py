@@ -1,6 +1,6 @@
-"""Quantization-aware Conv1d / Conv2d / Linear (the *prepared* form).
+"""Quantization-aware weight layers (every kind in :mod:`qtoolkit.layer_kinds`: Conv1d/2d/3d, ConvTranspose, Linear; the *prepared* form).
 
-One class covers the three layer kinds: a :class:`QuantLayer` holds the float
+One class covers every layer kind: a :class:`QuantLayer` holds the float
 weight and bias, a weight :class:`~qtoolkit.fake_quant.FakeQuantize`
 (per-channel), an input activation quantizer (static or dynamic; none for
 weight-only), an observe-only *output* quantizer that records the range an
@@ -34,20 +34,16 @@ from torch import Tensor, nn
 
 from qtoolkit.config import QConfig
 from qtoolkit.fake_quant import FakeQuantize
+from qtoolkit.layer_kinds import LayerKind, get_layer_kind, kind_of
 from qtoolkit.nn.fused import ACTIVATIONS, apply_activation
 from qtoolkit.numerics import HALF_DTYPES
 
 __all__ = ["QuantLayer", "layer_kind", "fold_bn"]
 
-_KINDS = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Linear: "linear"}
-
-
 def layer_kind(layer: nn.Module) -> str:
-    """``"conv1d"``, ``"conv2d"`` or ``"linear"`` for a supported float layer."""
-    kind = _KINDS.get(type(layer))
-    if kind is None:
-        raise TypeError(f"unsupported layer type {type(layer).__name__}; expected Conv1d, Conv2d or Linear")
-    return kind
+    """The registered kind name (``"conv2d"``, ``"linear"``, ...) of a supported float layer
+    (see :mod:`qtoolkit.layer_kinds`)."""
+    return kind_of(layer).name
 
 
 def _bn_factors(bn: nn.Module) -> tuple[Tensor, Tensor]:
@@ -88,26 +84,16 @@ class QuantLayer(nn.Module):
         qat: bool = False,
     ) -> None:
         super().__init__()
-        self.kind = layer_kind(layer)
+        kind = kind_of(layer)
+        self.kind = kind.name
         if act not in (None, *ACTIVATIONS):
             raise ValueError(f"QuantLayer: unknown activation {act!r}")
-        if self.kind != "linear":
-            if layer.padding_mode != "zeros":
-                raise ValueError(f"QuantLayer: padding_mode={layer.padding_mode!r} is not supported (only 'zeros')")
-            if isinstance(layer.padding, str):
-                raise ValueError("QuantLayer: string padding ('same'/'valid') is not supported; use integer padding")
-            self.stride = tuple(layer.stride)
-            self.padding = tuple(layer.padding)
-            self.dilation = tuple(layer.dilation)
-            self.groups = int(layer.groups)
-            self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
-            self.kernel_size = tuple(layer.kernel_size)
-        else:
-            self.in_features, self.out_features = layer.in_features, layer.out_features
-            self.out_channels = layer.out_features
+        for attr, value in kind.geometry(layer).items():
+            setattr(self, attr, value)
         self.qconfig = qconfig
         self.act = act
-        weight = layer.weight.detach().clone()
+        # held out-channels-first (canonical layout): per-channel scales, BN folding and packing along axis 0
+        weight = kind.to_canonical(layer.weight.detach(), getattr(layer, "groups", 1)).clone()
         bias = None if layer.bias is None else layer.bias.detach().clone()
         self.bn: nn.Module | None = None
         if bn is not None and not qat:
@@ -131,11 +117,13 @@ class QuantLayer(nn.Module):
             self.input_quantizer = FakeQuantize(qconfig.activation, role="dynamic")
 
     # ---------------------------------------------------------------- helpers
+    @property
+    def kind_info(self) -> LayerKind:
+        """The :class:`~qtoolkit.layer_kinds.LayerKind` of this layer."""
+        return get_layer_kind(self.kind)
+
     def _op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        if self.kind == "linear":
-            return F.linear(x, w, b)
-        conv = F.conv2d if self.kind == "conv2d" else F.conv1d
-        return conv(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+        return self.kind_info.op(x, w, b, self)
 
     def _channel_shape(self, ndim: int) -> list[int]:
         return [1, -1] + [1] * (ndim - 2)
@@ -238,7 +226,7 @@ class QuantLayer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
-        if self.kind == "linear":
+        if self.kind_info.is_linear:
             shape = f"in_features={self.in_features}, out_features={self.out_features}"
         else:
             shape = (
