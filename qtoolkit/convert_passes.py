@@ -141,13 +141,13 @@ def mark_float_outputs(model: nn.Module) -> list[str]:
     cache: dict = {}
     for m in model.modules():
         if isinstance(m, (Int8Layer, Int8Add)):
-            m.fast_float_output = False
+            m.float_output = False
             invalidate(m)
 
     def visit(mod: nn.Module, out_float: bool) -> None:
         if isinstance(mod, (Int8Layer, Int8Add)):
-            if out_float and not mod.fast_float_output:  # a module called from several sites: any float consumer
-                mod.fast_float_output = True
+            if out_float and not mod.float_output:  # a module called from several sites: any float consumer
+                mod.float_output = True
                 invalidate(mod)
                 marked.append(mod.name)
         elif isinstance(mod, nn.Sequential):
@@ -209,7 +209,9 @@ def mark_donations(model: nn.Module) -> int:
             add = gm.get_submodule(str(node.target))
             if not isinstance(add, Int8Add):
                 continue
-            add.fast_donate = None
+            if add.fast_donate is not None:
+                add.fast_donate = None
+                invalidate(add)
             if len(node.args) != 2 or node.kwargs:
                 continue
             ok = [i for i, src in enumerate(node.args)
@@ -220,6 +222,7 @@ def mark_donations(model: nn.Module) -> int:
                 # (oneDNN's source zero-point path costs extra per call: scripts/bench_op_overhead.py)
                 zps = [int(add.lhs_zero_point) - min(add.qmin, 0), int(add.rhs_zero_point) - min(add.qmin, 0)]
                 add.fast_donate = next((i for i in ok if zps[i] != 0), ok[0]) if len(ok) == 2 else ok[0]
+                invalidate(add)  # the kernels' state is a snapshot of the module's parameters
                 n += 1
     return n
 

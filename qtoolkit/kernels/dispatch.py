@@ -38,6 +38,11 @@ linear) or the bound holds (7-bit activations as in ``"w8a8-x86"``, ≤ 7-bit we
 per half, the input zero point folded into the bias) — one kernel call, exact, twice the MACs.
 :func:`fast_status` tells each layer's strategy; nothing warns, because nothing is inexact.
 
+The kernels see a converted module only through its frozen ``kernel_params()``
+(:class:`~qtoolkit.kernels.params.LayerParams` / :class:`~qtoolkit.kernels.params.AddParams`); the
+prepacked state built from them is cached on the module and dropped by :func:`invalidate` whenever the
+module changes. This file imports nothing from :mod:`qtoolkit.nn`.
+
 Example::
 
     >>> import torch
@@ -61,10 +66,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qtoolkit.inference import inference_only
 from qtoolkit.kernels import onednn
+from qtoolkit.kernels.params import AddParams, LayerParams
 from qtoolkit.kernels.qtensor import QuantizedActivation, dequantize_tree
-from qtoolkit.nn.int8_add import Int8Add
-from qtoolkit.nn.int8_layer import Int8Layer, inference_only
 from qtoolkit.numerics import HALF_DTYPES, compute_qparams
 
 __all__ = [
@@ -178,61 +183,92 @@ class _AddState:
     need_clamp: bool
     out_dtype: torch.dtype  # see _LayerState.out_dtype
     float_out: bool
+    relu6: bool
+    donate: Optional[int]  # operand the graph proved dead after the add (its codes become the accumulator)
 
 
-def _unsupported_reason(m: Int8Layer) -> Optional[str]:
+def _params(m: nn.Module) -> LayerParams | AddParams | None:
+    """The module's frozen kernel parameters (converted modules define ``kernel_params()``), else None."""
+    fn = getattr(m, "kernel_params", None)
+    return fn() if callable(fn) else None
+
+
+def _unsupported_reason(p: LayerParams) -> Optional[str]:
     if not onednn.is_available():
         return "the oneDNN int8 kernels are not available in this torch build / on this CPU"
-    if m.mode == "weight_only":
+    if p.mode == "weight_only":
         return "weight-only"
-    if m.kind not in ("conv2d", "linear"):
-        return f"{m.kind} has no int8 kernel here"
-    if m.weight_q.device.type != "cpu":
-        return f"weights on {m.weight_q.device.type}"
-    if m.weight_qmin < -128 or m.weight_qmax > 127 or (not m.packed and m.weight_q.dtype != torch.int8):
+    if p.kind not in ("conv2d", "linear"):
+        return f"{p.kind} has no int8 kernel here"
+    if p.weight_codes.device.type != "cpu":
+        return f"weights on {p.weight_codes.device.type}"
+    if p.weight_qmin < -128 or p.weight_qmax > 127 or p.weight_codes.dtype != torch.int8:
         return "weights are not signed <=8-bit"
-    if bool((m.weight_zero_point != 0).any()):
+    if bool((p.weight_zero_point != 0).any()):
         return "asymmetric weights (non-zero weight zero point)"
-    if m.act_qmax - m.act_qmin > 255:
-        return f"activations wider than 8 bit ([{m.act_qmin}, {m.act_qmax}])"
+    if p.act_qmax - p.act_qmin > 255:
+        return f"activations wider than 8 bit ([{p.act_qmin}, {p.act_qmax}])"
     return None
 
 
+def _add_unsupported_reason(p: AddParams) -> Optional[str]:
+    if not onednn.is_available():
+        return "the oneDNN int8 kernels are not available"
+    return "codes wider than 8 bit" if p.qmax - p.qmin > 255 else None
+
+
 def supports_fast(m: nn.Module) -> bool:
-    """True if ``m`` (an Int8Layer / Int8Add) can run on the int8 kernels here (weight-only: False).
+    """True if ``m`` (a converted layer / add) can run on the int8 kernels here (weight-only: False).
 
     Example::
 
         >>> supports_fast(nn.Linear(2, 2))
         False
     """
-    if isinstance(m, Int8Layer):
-        return _unsupported_reason(m) is None
-    if isinstance(m, Int8Add):
-        return onednn.is_available() and m.qmax - m.qmin <= 255
+    p = _params(m)
+    if isinstance(p, LayerParams):
+        return _unsupported_reason(p) is None
+    if isinstance(p, AddParams):
+        return _add_unsupported_reason(p) is None
     return False
 
 
+def _build(m: nn.Module) -> Any:
+    """Prepacked state (or the reason there is none) of a converted module, cached on it."""
+    p = _params(m)
+    return _set_state(m, _layer_state(p) if isinstance(p, LayerParams) else _add_state(p))
+
+
+def _build_layer(m: nn.Module) -> Any:
+    return _set_state(m, _layer_state(m.kernel_params()))  # type: ignore[operator]
+
+
+def _build_add(m: nn.Module) -> Any:
+    return _set_state(m, _add_state(m.kernel_params()))  # type: ignore[operator]
+
+
 @torch.no_grad()
-def _build_layer(m: Int8Layer) -> Any:
-    reason = _unsupported_reason(m)
+def _layer_state(p: LayerParams) -> Any:
+    """The kernels' state for a layer: prepacked weight, requantization, clamps; or why it cannot run."""
+    reason = _unsupported_reason(p)
     if reason is not None:
-        return _set_state(m, reason)
-    w = m.int_weight().to(torch.int8)
-    w_scale = m.weight_scale.detach().to(torch.float32).reshape(-1).contiguous()
-    shift = -m.act_qmin if m.act_qmin < 0 else 0
-    qmin, qmax = m.act_qmin + shift, m.act_qmax + shift
-    static = m.mode == "static"
-    x_scale = float(m.input_scale) if static else 1.0
-    x_zp = int(m.input_zero_point) + shift if static else qmin
-    bias = None if m.bias is None else m.effective_bias().detach().to(torch.float32).contiguous()
-    if m.kind == "conv2d":
-        if isinstance(m.padding, str):
-            return _set_state(m, f"padding={m.padding!r}")
-        if getattr(m, "padding_mode", "zeros") != "zeros":
-            return _set_state(m, f"padding_mode={m.padding_mode!r}")
-        stride, padding, dilation = list(m.stride), list(m.padding), list(m.dilation)
-        groups = int(m.groups)
+        return reason
+    w = p.weight_codes.to(torch.int8)
+    w_scale = p.weight_scale.detach().to(torch.float32).reshape(-1).contiguous()
+    shift = -p.act_qmin if p.act_qmin < 0 else 0
+    qmin, qmax = p.act_qmin + shift, p.act_qmax + shift
+    static = p.mode == "static"
+    x_scale = p.input_scale if static else 1.0
+    x_zp = p.input_zero_point + shift if static else qmin
+    bias = None if p.bias is None else p.bias.detach().to(torch.float32).contiguous()
+    if p.kind == "conv2d":
+        g = p.geometry
+        if isinstance(g["padding"], str):
+            return f"padding={g['padding']!r}"
+        if g.get("padding_mode", "zeros") != "zeros":
+            return f"padding_mode={g['padding_mode']!r}"
+        stride, padding, dilation = list(g["stride"]), list(g["padding"]), list(g["dilation"])
+        groups = int(g["groups"])
         kernel_class = "depthwise" if w.shape[1] == 1 and groups > 1 else "grouped" if groups > 1 else "conv"
     else:
         stride = padding = dilation = []
@@ -245,7 +281,7 @@ def _build_layer(m: Int8Layer) -> Any:
     pad, w_sum, kernel_zp = None, None, x_zp
     if split:
         w = w.repeat_interleave(2, dim=1).contiguous()  # both halves of an input channel see its weight
-        w_sum = m.int_weight().to(torch.float64).reshape(w.shape[0], -1).sum(1)
+        w_sum = p.weight_codes.to(torch.float64).reshape(w.shape[0], -1).sum(1)
         # The split kernel runs with input zero point 0 (the halves cannot share one; it is also cheaper for
         # oneDNN): the correction -zp * sum(w) goes into the bias (static: here; dynamic: per call), and
         # padded positions must then hold the zero point's code, so padding becomes explicit.
@@ -253,16 +289,16 @@ def _build_layer(m: Int8Layer) -> Any:
         if static and x_zp != 0:
             corr = -x_scale * w_scale.double() * x_zp * w_sum
             bias = (corr if bias is None else bias.double() + corr).to(torch.float32)
-        if m.kind == "conv2d" and any(padding) and (not static or x_zp != 0):
+        if p.kind == "conv2d" and any(padding) and (not static or x_zp != 0):
             pad, padding = padding, [0, 0]
-    if m.kind == "conv2d":
+    if p.kind == "conv2d":
         packed = onednn.prepack_conv_weight(w, w_scale, x_scale, kernel_zp, stride, padding, dilation, groups)
     else:
         packed = onednn.prepack_linear_weight(w)
-    out_scale, out_zp = (float(m.output_scale), int(m.output_zero_point) + shift) if static else (1.0, 0)
-    relu6 = m.act == "relu6"
-    post_op = "relu" if m.act in ("relu", "relu6") else "none"
-    float_out = (not static) or bool(getattr(m, "fast_float_output", False))
+    out_scale, out_zp = (p.output_scale, p.output_zero_point + shift) if static else (1.0, 0)
+    relu6 = p.act == "relu6"
+    post_op = "relu" if p.act in ("relu", "relu6") else "none"
+    float_out = (not static) or p.float_output
     lo, hi = qmin, qmax
     if post_op == "relu":
         lo = max(lo, out_zp)
@@ -274,38 +310,36 @@ def _build_layer(m: Int8Layer) -> Any:
         # ReLU keeps codes >= out_zp >= 0 and an int8 output saturates at 127: the kernel does the clamp,
         # and its int8 output is the same bytes as the uint8 codes.
         need_clamp, out_dtype = False, torch.int8
-    st = _LayerState(
-        m.kind, m.mode, packed, w_scale, torch.zeros(w_scale.numel(), dtype=torch.long), bias,
-        stride, padding, dilation, groups, shift, qmin, qmax, x_scale, x_zp, bool(m.act_symmetric),
-        m.act_qmin, m.act_qmax, out_scale, out_zp, post_op, lo, hi, need_clamp, out_dtype, relu6, float_out,
+    return _LayerState(
+        p.kind, p.mode, packed, w_scale, torch.zeros(w_scale.numel(), dtype=torch.long), bias,
+        stride, padding, dilation, groups, shift, qmin, qmax, x_scale, x_zp, p.act_symmetric,
+        p.act_qmin, p.act_qmax, out_scale, out_zp, post_op, lo, hi, need_clamp, out_dtype, relu6, float_out,
         "split" if split else "direct", pad, None if w_sum is None else w_sum.to(torch.float32),
     )  # fmt: skip
-    return _set_state(m, st)
 
 
-def _build_add(m: Int8Add) -> Any:
-    if not supports_fast(m):
-        return _set_state(
-            m, "the oneDNN int8 kernels are not available" if not onednn.is_available() else "codes wider than 8 bit"
-        )
-    shift = -m.qmin if m.qmin < 0 else 0
-    qmin, qmax = m.qmin + shift, m.qmax + shift
-    zo = int(m.output_zero_point) + shift
-    so = float(m.output_scale)
+def _add_state(p: AddParams) -> Any:
+    """The kernels' state for a residual add, or why it cannot run."""
+    reason = _add_unsupported_reason(p)
+    if reason is not None:
+        return reason
+    shift = -p.qmin if p.qmin < 0 else 0
+    qmin, qmax = p.qmin + shift, p.qmax + shift
+    zo = p.output_zero_point + shift
+    so = p.output_scale
     lo, hi = qmin, qmax
-    if m.act in ("relu", "relu6"):
+    if p.act in ("relu", "relu6"):
         lo = max(lo, zo)
-    if m.act == "relu6":
+    if p.act == "relu6":
         hi = min(hi, zo + round(6.0 / so))
     need_clamp, out_dtype = lo > 0 or hi < 255, torch.uint8
-    if need_clamp and hi == 127 and qmax == 127 and m.act == "relu" and lo == zo:
-        need_clamp, out_dtype = False, torch.int8  # as in _build_layer: the kernel's int8 saturation is the clamp
-    st = _AddState(
-        float(m.lhs_scale), int(m.lhs_zero_point) + shift, float(m.rhs_scale), int(m.rhs_zero_point) + shift,
-        so, zo, shift, qmin, qmax, lo, hi, "relu" if m.act in ("relu", "relu6") else "none",
-        need_clamp, out_dtype, bool(getattr(m, "fast_float_output", False)),
+    if need_clamp and hi == 127 and qmax == 127 and p.act == "relu" and lo == zo:
+        need_clamp, out_dtype = False, torch.int8  # as in _layer_state: the kernel's int8 saturation is the clamp
+    return _AddState(
+        p.lhs_scale, p.lhs_zero_point + shift, p.rhs_scale, p.rhs_zero_point + shift,
+        so, zo, shift, qmin, qmax, lo, hi, "relu" if p.act in ("relu", "relu6") else "none",
+        need_clamp, out_dtype, p.float_output, p.act == "relu6", p.donate,
     )  # fmt: skip
-    return _set_state(m, st)
 
 
 # ------------------------------------------------------------------------------------------- warnings
@@ -343,7 +377,7 @@ def _input_codes(st: Any, x: Tensor, scale: float, zp: int) -> Tensor:
     return onednn.quantize_u8(x, scale, zp, st.qmin, st.qmax)
 
 
-def _finish(m: Int8Layer, st: _LayerState, y: Tensor) -> Tensor:
+def _finish(m: nn.Module, st: _LayerState, y: Tensor) -> Tensor:
     if st.float_out:
         if st.relu6:
             y = y.clamp_(max=6.0)
@@ -412,7 +446,7 @@ def _run_layer(st: _LayerState, xq: Tensor, x_scale: float, x_zp: int, residual:
     return y if len(lead) == 1 else y.reshape(*lead, y.shape[-1])
 
 
-def fast_forward(m: Int8Layer, x: Tensor) -> Tensor:
+def fast_forward(m: nn.Module, x: Tensor) -> Tensor:
     """``Int8Layer`` forward on the int8 kernels (see the module docstring); falls back when needed."""
     st = _get_state(m)
     if st is None:
@@ -432,7 +466,7 @@ def fast_forward(m: Int8Layer, x: Tensor) -> Tensor:
         raise RuntimeError(f"{m.name}: the int8 kernel failed on an input of shape {tuple(x.shape)}: {e}") from e
 
 
-def _fast_forward(m: Int8Layer, st: _LayerState, x: Tensor) -> Tensor:
+def _fast_forward(m: nn.Module, st: _LayerState, x: Tensor) -> Tensor:
     if st.mode == "static":
         xq = _input_codes(st, x, st.x_scale, st.x_zp)
         if st.float_out:
@@ -467,14 +501,14 @@ def _operand_codes(st: _AddState, t: Tensor, scale: float, zp: int) -> Tensor:
     return onednn.quantize_u8(t, scale, zp, st.qmin, st.qmax)
 
 
-def fast_add(m: Int8Add, a: Tensor, b: Tensor) -> Tensor:
+def fast_add(m: nn.Module, a: Tensor, b: Tensor) -> Tensor:
     """``Int8Add`` forward on uint8 codes: ``clamp(round(((qa−za)·sa + (qb−zb)·sb) / so) + zo)``."""
     y = _without_grad(m, _fast_add, m, a, b)
     dt = torch.promote_types(a.dtype, b.dtype) if type(a) is Tensor and type(b) is Tensor else None
     return y.to(dt) if dt in HALF_DTYPES and type(y) is not _QA else y
 
 
-def _fast_add(m: Int8Add, a: Tensor, b: Tensor) -> Tensor:
+def _fast_add(m: nn.Module, a: Tensor, b: Tensor) -> Tensor:
     st = _get_state(m)
     if st is None:
         st = _build_add(m)
@@ -522,7 +556,7 @@ def _rows(x: Tensor, acc: Tensor) -> Optional[tuple[Tensor, Tensor]]:
     return x.as_strided(shape, (_ID, 1)), acc.as_strided(shape, (_ID, 1))
 
 
-def _kernel_add(m: Int8Add, st: _AddState, a: Tensor, b: Tensor, qa: Tensor, qb: Tensor) -> Tensor:
+def _kernel_add(m: nn.Module, st: _AddState, a: Tensor, b: Tensor, qa: Tensor, qb: Tensor) -> Tensor:
     """The add as one oneDNN int8 GEMM: ``x_codes @ I`` (a 16x16 identity) with the other operand as the
     in-place ``sum`` accumulator.  One kernel, one rounding, ReLU and the output requantization fused.
 
@@ -533,7 +567,7 @@ def _kernel_add(m: Int8Add, st: _AddState, a: Tensor, b: Tensor, qa: Tensor, qb:
     """
     x_codes, x_scale, x_zp = qa, st.lhs_scale, st.lhs_zp
     rows = None
-    donate = getattr(m, "fast_donate", None)
+    donate = st.donate
     donor = a if donate == 0 else b if donate == 1 else None
     if donor is not None and not st.float_out and type(donor) is _QA and donor.codes is (qa if donor is a else qb):
         # the graph proved this operand is dead after the add: it becomes the in-place accumulator (no copy)
@@ -594,9 +628,9 @@ def _out(m: nn.Module, y: Tensor) -> Tensor:
     return y if type(y) is _QA else inference_only(y, m.name)
 
 
-def _finish_add(m: Int8Add, st: _AddState, y: Tensor) -> Tensor:
+def _finish_add(m: nn.Module, st: _AddState, y: Tensor) -> Tensor:
     if st.float_out:
-        if m.act == "relu6":
+        if st.relu6:
             y = y.clamp_(max=6.0)
         return y  # the caller attaches inference_only outside no_grad
     if st.need_clamp:
@@ -606,7 +640,7 @@ def _finish_add(m: Int8Add, st: _AddState, y: Tensor) -> Tensor:
     return _QA.wrap(y, st.out_scale, st.out_zp, st.qmin, st.qmax)
 
 
-def fused_conv_add(conv: Int8Layer, add: Int8Add, x: Tensor, other: Tensor, conv_is_lhs: bool) -> Tensor:
+def fused_conv_add(conv: nn.Module, add: nn.Module, x: Tensor, other: Tensor, conv_is_lhs: bool) -> Tensor:
     """``add(conv(x), other)`` (or ``add(other, conv(x))``) as one oneDNN conv with a ``sum`` post-op.
 
     Used by the graphs :func:`qtoolkit.convert_passes.fuse_residual_adds` rewrites.  Runs the two modules one after the other
@@ -619,7 +653,7 @@ def fused_conv_add(conv: Int8Layer, add: Int8Add, x: Tensor, other: Tensor, conv
     return add(y, other) if conv_is_lhs else add(other, y)
 
 
-def _fused_conv_add(conv: Int8Layer, add: Int8Add, x: Tensor, other: Tensor, conv_is_lhs: bool) -> Optional[Tensor]:
+def _fused_conv_add(conv: nn.Module, add: nn.Module, x: Tensor, other: Tensor, conv_is_lhs: bool) -> Optional[Tensor]:
     if conv.execution == "fast" and add.execution == "fast" and not (conv._forward_hooks or conv._forward_pre_hooks
                                                                      or add._forward_hooks or add._forward_pre_hooks):  # fmt: skip
         st = _get_state(conv)
@@ -654,10 +688,8 @@ def prepare_fast(model: nn.Module) -> dict[str, str]:
     """
     status: dict[str, str] = {}
     for m in model.modules():
-        if isinstance(m, Int8Layer) and m.execution == "fast":
-            status[m.name] = _describe(_build_layer(m))
-        elif isinstance(m, Int8Add) and m.execution == "fast":
-            status[m.name] = _describe(_build_add(m))
+        if callable(getattr(m, "kernel_params", None)) and getattr(m, "execution", None) == "fast":
+            status[m.name] = _describe(_build(m))
     return status
 
 
@@ -683,12 +715,12 @@ def fast_status(model: nn.Module) -> dict[str, str]:
     """
     out: dict[str, str] = {}
     for m in model.modules():
-        if isinstance(m, (Int8Layer, Int8Add)):
+        if callable(getattr(m, "kernel_params", None)):
             if m.execution != "fast":
                 out[m.name] = m.execution
                 continue
             st = _get_state(m)
             if st is None:
-                st = _build_layer(m) if isinstance(m, Int8Layer) else _build_add(m)
+                st = _build(m)
             out[m.name] = _describe(st) if not isinstance(st, str) else f"reference ({st})"
     return out

@@ -29,9 +29,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from qtoolkit.inference import inference_only
+from qtoolkit.kernels import dispatch
+from qtoolkit.kernels.params import AddParams
 from qtoolkit.kernels.qtensor import QuantizedActivation
 from qtoolkit.nn.fused import apply_activation
-from qtoolkit.nn.int8_layer import inference_only
 from qtoolkit.nn.quant_add import QuantAdd
 from qtoolkit.numerics import (
     HALF_DTYPES,
@@ -57,7 +59,7 @@ class Int8Add(nn.Module):
         self.act = q.act
         self.name = "int8_add"
         self.execution = "reference"
-        self.fast_float_output = False  # set by convert() where the sum feeds float code
+        self.float_output = False  # set by convert() where the sum leaves the int8 graph: float, not requantized
         self.fast_donate: int | None = None  # set by convert(): operand the fast add may overwrite in place
         for p in ("lhs", "rhs", "output"):
             self.register_buffer(f"{p}_scale", torch.ones(()))
@@ -86,7 +88,7 @@ class Int8Add(nn.Module):
         qa = quantize(a, self.lhs_scale, self.lhs_zero_point, self.qmin, self.qmax).long() - int(self.lhs_zero_point)
         qb = quantize(b, self.rhs_scale, self.rhs_zero_point, self.qmin, self.qmax).long() - int(self.rhs_zero_point)
         sa, sb, so = float(self.lhs_scale), float(self.rhs_scale), float(self.output_scale)
-        if self.fast_float_output:  # the sum leaves the quantized graph: no 8-bit requantization
+        if self.float_output:  # the sum leaves the quantized graph: no 8-bit requantization
             return apply_activation(qa.double() * sa + qb.double() * sb, self.act).to(a.dtype)
         twice_max = 2.0 * max(sa, sb)
         ma, na = quantize_multiplier(sa / twice_max)
@@ -107,9 +109,7 @@ class Int8Add(nn.Module):
         if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
             return a + b
         if self.execution == "fast":
-            from qtoolkit.kernels.dispatch import fast_add  # local: optional kernels
-
-            return fast_add(self, a, b)
+            return dispatch.fast_add(self, a, b)
         if isinstance(a, QuantizedActivation):
             a = a.dequantize()
         if isinstance(b, QuantizedActivation):
@@ -122,6 +122,14 @@ class Int8Add(nn.Module):
         else:
             y = self.forward_reference(a, b)
         return inference_only(y.to(dt) if dt in HALF_DTYPES else y, self.name)
+
+    def kernel_params(self) -> AddParams:
+        """This add as the int8 kernels see it (a frozen snapshot; see :mod:`qtoolkit.kernels.params`)."""
+        return AddParams(
+            self.name, self.act, self.qmin, self.qmax, float(self.lhs_scale), int(self.lhs_zero_point),
+            float(self.rhs_scale), int(self.rhs_zero_point), float(self.output_scale), int(self.output_zero_point),
+            bool(self.float_output), self.fast_donate,
+        )
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         self.__dict__.pop("_qt_fast", None)

@@ -35,6 +35,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from qtoolkit.inference import inference_only
+from qtoolkit.kernels import dispatch
+from qtoolkit.kernels.params import LayerParams
 from qtoolkit.kernels.qtensor import QuantizedActivation
 from qtoolkit.layer_kinds import LayerKind, get_layer_kind
 from qtoolkit.nn.fused import apply_activation
@@ -57,35 +60,6 @@ __all__ = ["Int8Layer", "EXECUTIONS", "inference_only"]
 EXECUTIONS = ("reference", "integer", "fast")
 
 
-class _InferenceOnly(torch.autograd.Function):
-    """Identity whose backward raises: converted models are inference-only."""
-
-    @staticmethod
-    def forward(ctx, y: Tensor, token: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.name = getattr(token, "_qt_name", "converted module")
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        raise RuntimeError(
-            f"{ctx.name}: backward through a converted (int8) model is not supported — it holds integer "
-            "weights and no parameters. Fine-tune the prepared model (qtoolkit.prepare(..., qat=True)) "
-            "and convert afterwards."
-        )
-
-
-_TOKEN = torch.zeros((), requires_grad=True)
-
-
-def inference_only(y: Tensor, name: str) -> Tensor:
-    """Attach a clear backward error to ``y`` when autograd is recording."""
-    if not torch.is_grad_enabled():
-        return y
-    token = _TOKEN.detach().requires_grad_(True)
-    token._qt_name = name  # type: ignore[attr-defined]
-    return _InferenceOnly.apply(y, token)
-
-
 def _code_dtype(spec: QuantSpec) -> torch.dtype:
     """Storage dtype of weight codes: int8 / uint8 up to 8 bits, int16 (int32 for 16-bit unsigned) above."""
     if spec.bits <= 8:
@@ -103,7 +77,9 @@ class Int8Layer(nn.Module):
         self.act = q.act
         self.name = "int8_layer"
         self.execution = "reference"
-        self.fast_float_output = False  # set by convert() where the output feeds float code (model output, avgpool)
+        # set by convert() where the output leaves the int8 graph (model output, avgpool): every execution then
+        # returns the float value of the int32 accumulator instead of requantized 8-bit codes
+        self.float_output = False
         for attr in ("stride", "padding", "dilation", "groups", "in_channels", "kernel_size", "in_features", "out_features",
                      "output_padding"):
             if hasattr(q, attr):
@@ -267,7 +243,7 @@ class Int8Layer(nn.Module):
         cshape = self.kind_info.channel_shape(acc.dim())
         if self.bias is not None:
             acc = acc + self.bias_int32.to(torch.int64).reshape(cshape)
-        if self.fast_float_output:
+        if self.float_output:
             # the output leaves the quantized graph (model output, avgpool): dequantize the
             # int32 accumulator instead of requantizing to 8 bits, as an engine with an fp32
             # network output does; an 8-bit requantization of the logits would flip top-1
@@ -312,9 +288,7 @@ class Int8Layer(nn.Module):
         """
         self.check_input_shape(x)
         if self.execution == "fast":
-            from qtoolkit.kernels.dispatch import fast_forward  # local: optional kernels
-
-            return fast_forward(self, x)
+            return dispatch.fast_forward(self, x)
         if isinstance(x, QuantizedActivation):
             x = x.dequantize()
         if not x.is_floating_point():
@@ -327,6 +301,22 @@ class Int8Layer(nn.Module):
         else:
             y = self.forward_reference(x)
         return inference_only(y.to(dt) if dt in HALF_DTYPES else y, self.name)
+
+    def kernel_params(self) -> LayerParams:
+        """This layer as the int8 kernels see it (a frozen snapshot; see :mod:`qtoolkit.kernels.params`)."""
+        static = self.mode == "static"
+        geometry = {} if self.kind_info.is_linear else {
+            "stride": self.stride, "padding": self.padding, "dilation": self.dilation, "groups": self.groups,
+            "padding_mode": getattr(self, "padding_mode", "zeros"),
+        }  # fmt: skip
+        return LayerParams(
+            self.name, self.kind, self.mode, self.act, self.int_weight(), self.weight_scale, self.weight_zero_point,
+            self.weight_qmin, self.weight_qmax, None if self.bias is None else self.effective_bias(), geometry,
+            self.act_qmin, self.act_qmax, bool(self.act_symmetric),
+            float(self.input_scale) if static else 1.0, int(self.input_zero_point) if static else 0,
+            float(self.output_scale) if static else 1.0, int(self.output_zero_point) if static else 0,
+            bool(self.float_output),
+        )  # fmt: skip
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         self.__dict__.pop("_qt_fast", None)  # prepacked kernel state follows the buffers

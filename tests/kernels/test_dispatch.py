@@ -103,7 +103,7 @@ def test_conv_fast_matches_reference_within_one_step(case, act, one_thread, stra
     tol = 1e-4 * max(ref.abs().max().item(), 1.0)
     assert (fast - ref).abs().max().item() <= tol
     # as an inner layer it returns uint8 codes on its output grid: within one step of the reference
-    layer.fast_float_output = False
+    layer.float_output = False
     dispatch.invalidate(layer)
     with torch.no_grad():
         fast = layer(x)
@@ -123,7 +123,7 @@ def test_linear_and_chain_fast_matches_reference(act, preset, one_thread, strate
     torch.manual_seed(0)
     layers = [nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 16)] + ([nn.ReLU()] if act else [])
     _, q = _convert(nn.Sequential(*layers), preset, shape=(16, 20))
-    assert q[0].execution == "fast" and q[2].execution == "fast" and q[2].fast_float_output
+    assert q[0].execution == "fast" and q[2].execution == "fast" and q[2].float_output
     # 7-bit (w8a8-x86) and 4-bit weights (w4a8) cannot saturate: one direct kernel call everywhere
     assert ("split" in dispatch.fast_status(q)["2"]) == (_expect_split("linear") and preset == "w8a8")
     x = torch.randn(7, 20)
@@ -217,7 +217,7 @@ def test_residual_add_fast_matches_reference(fuse_adds, add_kernel, one_thread, 
     assert d.max().item() <= (2 if fuse_adds else 1)
     assert d.float().mean().item() < (0.3 if fuse_adds else 1e-3)
     # end to end: the last add feeds avgpool (float), the fc returns fp32
-    assert q.blocks[2].add_0.fast_float_output and q.fc.fast_float_output
+    assert q.blocks[2].add_0.float_output and q.fc.float_output
     fast, ref = _fast_and_reference(q, x)
     assert type(fast) is torch.Tensor
     steps = ((fast - ref).abs() / float(q.fc.output_scale)).max().item()
@@ -265,7 +265,7 @@ def test_kernel_add_matches_reference(layouts, donate, act, preset, float_out, m
     for fq in (qa.lhs_quantizer, qa.rhs_quantizer, qa.output_quantizer):
         fq.finalize()
     add = Int8Add.from_quant(qa)
-    add.execution, add.fast_donate, add.fast_float_output = "fast", donate, float_out
+    add.execution, add.fast_donate, add.float_output = "fast", donate, float_out
     st = dispatch._build_add(add)
     fmt = [torch.channels_last if f == "cl" else torch.contiguous_format for f in layouts.split("/")]
     ca = onednn.quantize_u8(a.contiguous(memory_format=fmt[0]), st.lhs_scale, st.lhs_zp, st.qmin, st.qmax)
