@@ -11,7 +11,9 @@ Example::
     >>> int8 = qt.convert(qm)
 """
 
+from qtoolkit._version import __version__ as __version__
 from qtoolkit.calibrate import calibrate
+from qtoolkit.calibrator_registry import register_calibrator
 from qtoolkit.config import PRESETS, QConfig, QuantizerConfig, get_qconfig
 from qtoolkit.convert import convert, set_execution, uncalibrated_sites
 from qtoolkit.export import export_onnx, verify_onnx
@@ -40,8 +42,6 @@ from qtoolkit.toggles import (
     quantizers,
     unfreeze_bn,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "PRESETS",
@@ -72,6 +72,7 @@ __all__ = [
     "prepare",
     "quantizers",
     "reconstruct",
+    "register_calibrator",
     "sensitivity",
     "set_execution",
     "summary",

@@ -16,15 +16,27 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from qtoolkit.calibrator_registry import calibrator_names
 from qtoolkit.spec import QuantSpec
 
 Calibrator = Literal["minmax", "ema", "percentile", "entropy", "mse"]
 Mode = Literal["static", "dynamic", "weight_only"]
 
-CALIBRATORS: tuple[str, ...] = ("minmax", "ema", "percentile", "entropy", "mse")
 MODES: tuple[str, ...] = ("static", "dynamic", "weight_only")
+
+if TYPE_CHECKING:
+    #: names of the registered calibrators (built-ins first), read from the registry
+    CALIBRATORS: tuple[str, ...]
+
+
+def __getattr__(name: str) -> Any:
+    # ``CALIBRATORS`` is computed on access, so it includes calibrators registered
+    # later with qtoolkit.calibrator_registry.register_calibrator
+    if name == "CALIBRATORS":
+        return calibrator_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -54,10 +66,9 @@ class QuantizerConfig:
     learnable: bool = False
 
     def __post_init__(self) -> None:
-        if self.calibrator not in CALIBRATORS:
-            raise ValueError(
-                f"QuantizerConfig.calibrator must be one of {CALIBRATORS}, got {self.calibrator!r}"
-            )
+        names = calibrator_names()
+        if self.calibrator not in names:
+            raise ValueError(f"QuantizerConfig.calibrator must be one of {names}, got {self.calibrator!r}")
 
     def with_calibrator(self, calibrator: str, **options: Any) -> QuantizerConfig:
         """A copy with another calibrator (and its options)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from qtoolkit.calibrator_registry import get_calibrator
 from qtoolkit.config import QuantizerConfig
 from qtoolkit.numerics import compute_qparams, fake_quantize, fake_quantize_lsq
 from qtoolkit.observers import ObserverBase, make_observer
@@ -110,7 +111,7 @@ class FakeQuantize(nn.Module):
     @property
     def uses_histogram(self) -> bool:
         """True when the range comes from an expensive search (compute it once)."""
-        return self.config.calibrator in ("percentile", "entropy", "mse")
+        return get_calibrator(self.config.calibrator).uses_histogram
 
     def calculate_qparams(self) -> tuple[Tensor, Tensor]:
         """Scale and zero point from the observer (raises if it saw no data)."""

@@ -414,3 +414,15 @@ def test_entropy_4bit_does_not_collapse_onto_a_few_bins():
     assert clipped > 0.6
     with pytest.raises(ValueError, match="max_clip_fraction"):
         entropy_range(hist, edges, bits=4, symmetric=False, max_clip_fraction=1.0)
+
+
+def test_calibrators_module_reexports_the_split_modules() -> None:
+    """qtoolkit.calibrators stays the import path; the functions live in one module per kind."""
+    import qtoolkit.calibrators as cal
+    from qtoolkit import histogram_calibrators, tensor_calibrators
+
+    for name in ("abs_histogram", "percentile_range", "entropy_range", "mse_range", "expected_quant_mse"):
+        assert getattr(cal, name) is getattr(histogram_calibrators, name) and name in cal.__all__
+    for name in ("percentile_range_tensor", "mse_range_tensor"):
+        assert getattr(cal, name) is getattr(tensor_calibrators, name) and name in cal.__all__
+    assert cal._kl_divergences is histogram_calibrators._kl_divergences and cal.KL_EPS == histogram_calibrators.KL_EPS

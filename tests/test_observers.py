@@ -544,3 +544,30 @@ def test_histogram_counts_values_on_bin_edges() -> None:
         total += x.numel()
         assert int(obs.hist.sum()) == total
         assert int(obs.hist[-1]) >= 5 and int(obs.hist[0]) >= 5
+
+
+def test_observers_module_reexports_the_family_modules() -> None:
+    """qtoolkit.observers stays the import path; the classes live in one module per family."""
+    import qtoolkit.observers as obs
+    from qtoolkit import histogram_observer, minmax_observers, observer_base, per_channel_observers
+
+    homes = {
+        "ObserverBase": observer_base,
+        "MinMaxObserver": minmax_observers,
+        "PerChannelMinMaxObserver": minmax_observers,
+        "MovingAverageMinMaxObserver": minmax_observers,
+        "HistogramObserver": histogram_observer,
+        "PerChannelPercentileObserver": per_channel_observers,
+        "PerChannelMSEObserver": per_channel_observers,
+    }
+    assert set(obs.__all__) == set(homes) | {"make_observer"}
+    for name, module in homes.items():
+        assert getattr(obs, name) is getattr(module, name)
+        assert issubclass(getattr(obs, name), ObserverBase)
+
+
+def test_make_observer_unknown_calibrator_names_the_registered_ones() -> None:
+    cfg = QuantizerConfig(U8_ASYM, "minmax")
+    object.__setattr__(cfg, "calibrator", "kl")  # bypass the config's own check
+    with pytest.raises(ValueError, match=r"unknown calibrator 'kl'; registered calibrators: \('minmax', 'ema'"):
+        make_observer(cfg)
