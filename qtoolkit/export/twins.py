@@ -11,12 +11,12 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qtoolkit.export.errors import ExportError
 from qtoolkit.export.qdq import _activation_site, _container_dtype, _DQFn, _StaticSite
 from qtoolkit.fake_quant import FakeQuantize
+from qtoolkit.layer_kinds import get_layer_kind
 from qtoolkit.nn.fused import apply_activation
 from qtoolkit.nn.int8_add import Int8Add
 from qtoolkit.nn.int8_layer import Int8Layer
@@ -52,9 +52,15 @@ class _ExportLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.kind = q.kind
+        kind = q.kind_info
         self.act = q.act
-        if self.kind != "linear":
-            self.stride, self.padding, self.dilation, self.groups = q.stride, q.padding, q.dilation, q.groups
+        self.op_args = kind.op_args(q)  # stride / padding / ... of the functional op
+        self.functional = kind.functional
+        groups = getattr(q, "groups", 1)
+        # weights in the layer's own layout, so that DQ feeds the ONNX op directly (ConvTranspose: [in, out/g, *k]);
+        # a grouped transposed conv has no single output-channel axis there: DQ on [out, in/g, *k], then reordered
+        self.canonical = kind.transposed and groups > 1
+        self.weight_groups = groups
         self.input_site = _activation_site(q.input_quantizer, f"{name}.input_quantizer", opset)
         with torch.no_grad():
             w, b = q.folded_weight_bias()
@@ -73,6 +79,9 @@ class _ExportLayer(nn.Module):
             if axis is not None and scale.numel() != w.shape[axis]:
                 raise ExportError(f"{site}: {scale.numel()} scales for {w.shape[axis]} channels (axis {axis})")
             codes = quantize(w, scale, zp, wq.qmin, wq.qmax, axis, dtype=torch.int32)
+            if kind.transposed and not self.canonical:  # [out, in, *k] -> the layer's [in, out, *k]
+                codes = kind.from_canonical(codes, groups).contiguous()
+                axis = None if axis is None else 1
             if weight_dtype == "uint8" and dtype == torch.int8:
                 # same values, shifted container: (c + 128 − (z + 128))·s == (c − z)·s
                 codes, zp, dtype = codes + 128, zp.to(torch.int32) + 128, torch.uint8
@@ -82,7 +91,7 @@ class _ExportLayer(nn.Module):
             self.weight_axis = axis
             w_scale = scale
         else:
-            self.register_buffer("weight", w)
+            self.register_buffer("weight", w if self.canonical else kind.from_canonical(w, groups).contiguous())
         self.bias_axis: int | None = None
         self.int32_bias = False
         if b is not None:
@@ -124,11 +133,9 @@ class _ExportLayer(nn.Module):
             b = _DQFn.apply(self.bias_codes, self.bias_scale, self.bias_zero_point, self.bias_axis)
         else:
             b = self.bias
-        if self.kind == "linear":
-            y = F.linear(x, w, b)
-        else:
-            conv = F.conv2d if self.kind == "conv2d" else F.conv1d
-            y = conv(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+        if self.canonical:
+            w = get_layer_kind(self.kind).from_canonical(w, self.weight_groups)
+        y = self.functional(x, w, b, **self.op_args)
         return apply_activation(y, self.act)
 
 

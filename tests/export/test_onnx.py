@@ -540,3 +540,32 @@ def test_export_leaves_model_untouched(r20, tmp_path):
     after = qm.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert math.isfinite(_out_step(qm))
+
+
+@pytest.mark.parametrize("layer, shape", [
+    (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1), (2, 4, 5, 5)),
+    (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2), (2, 4, 5, 5)),
+    (lambda: nn.ConvTranspose1d(4, 6, 3, stride=2), (2, 4, 7)),
+    (lambda: nn.Conv3d(4, 6, 3, padding=1), (2, 4, 4, 5, 5)),
+], ids=["convT2d", "convT2d-groups", "convT1d", "conv3d"])
+def test_every_layer_kind_exports_and_matches_ort(layer, shape, tmp_path):
+    from qtoolkit.layer_kinds import kind_of
+    from tests.conftest import randomize_bn
+
+    torch.manual_seed(0)
+    first = layer()
+    kind = kind_of(first)
+    model = randomize_bn(nn.Sequential(first, kind.bn_type(6), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))).eval()
+    x = torch.randn(*shape)
+    model(x)  # materialize the LazyLinear
+    qm = qt.prepare(model, "w8a8")
+    qt.calibrate(qm, [torch.randn(*shape) for _ in range(4)], progress=False)
+    path = tmp_path / "kind.onnx"
+    export_onnx(qm, x, path, target="vnni")
+    ops = _ops(path)
+    assert ops[kind.onnx_op] == 1
+    if kind.transposed and first.groups == 1:
+        assert ops.get("Transpose", 0) == 0  # DQ (axis 1) feeds ConvTranspose directly
+    ref = _reference(qm, x)
+    out = _run(path, x)
+    assert np.abs(out - ref).max() <= float(qm[-1].output_quantizer.scale) + 1e-6  # within one output step
