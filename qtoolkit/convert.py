@@ -25,6 +25,8 @@ import warnings
 import torch
 from torch import nn
 
+import qtoolkit.convert_passes as passes
+from qtoolkit.kernels import dispatch
 from qtoolkit.nn.fused import Add, FusedLayer
 from qtoolkit.nn.int8_add import Int8Add
 from qtoolkit.nn.int8_layer import EXECUTIONS, Int8Layer
@@ -119,9 +121,6 @@ def convert(
         model = copy.deepcopy(model)
     _swap(model, "", not allow_uncalibrated)
     model.eval()
-    from qtoolkit import convert_passes as passes  # local: kernels import the nn modules
-    from qtoolkit.kernels import dispatch
-
     if fuse_adds:
         passes.fuse_residual_adds(model)  # rewrites fx graphs only; modules / state_dict unchanged
     passes.mark_float_outputs(model)
@@ -209,7 +208,5 @@ def set_execution(model: nn.Module, execution: str) -> nn.Module:
     if not found:
         raise ValueError("set_execution: the model has no converted modules; call qtoolkit.convert first")
     if execution == "fast":
-        from qtoolkit.kernels.dispatch import prepare_fast
-
-        prepare_fast(model)
+        dispatch.prepare_fast(model)
     return model

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor
 
-from qtoolkit import calibrators as cal
+import qtoolkit.calibrators as cal
 from qtoolkit.observer_base import ObserverBase
 from qtoolkit.spec import QuantSpec
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qtoolkit import calibrators as cal
+import qtoolkit.calibrators as cal
 from qtoolkit.observer_base import ObserverBase, _clean_range
 from qtoolkit.spec import QuantSpec
 

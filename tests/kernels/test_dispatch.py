@@ -20,6 +20,7 @@ from torch import nn
 
 import qtoolkit as qt
 from qtoolkit.kernels import dispatch, onednn
+from qtoolkit.kernels import fast_add as fast_add_module
 from qtoolkit.kernels.dispatch import FastPathWarning
 from qtoolkit.kernels.qtensor import QuantizedActivation
 from qtoolkit.nn import Int8Add, Int8Layer
@@ -196,7 +197,7 @@ class _Net(nn.Module):
 @pytest.mark.parametrize("fuse_adds,add_kernel", [(False, "onednn"), (False, "float"), (True, "onednn")])
 def test_residual_add_fast_matches_reference(fuse_adds, add_kernel, one_thread, monkeypatch, strategy):
     # small tensors take the float-arithmetic add; force the oneDNN identity-conv add too
-    monkeypatch.setattr(dispatch, "_ADD_KERNEL_MIN_NUMEL", 0 if add_kernel == "onednn" else 1 << 40)
+    monkeypatch.setattr(fast_add_module, "_ADD_KERNEL_MIN_NUMEL", 0 if add_kernel == "onednn" else 1 << 40)
     torch.manual_seed(0)
     _, q = _convert(_Net(), shape=(8, 3, 16, 16), fuse_adds=fuse_adds)
     adds = [m for m in q.modules() if isinstance(m, Int8Add)]
@@ -253,7 +254,7 @@ def test_kernel_add_matches_reference(layouts, donate, act, preset, float_out, m
     from qtoolkit.config import get_qconfig
     from qtoolkit.nn.quant_add import QuantAdd
 
-    monkeypatch.setattr(dispatch, "_ADD_KERNEL_MIN_NUMEL", 0)
+    monkeypatch.setattr(fast_add_module, "_ADD_KERNEL_MIN_NUMEL", 0)
     calls = []
     real_op = onednn.op
     monkeypatch.setattr(onednn, "op", lambda *a: calls.append(a) or real_op(*a))
@@ -301,7 +302,7 @@ def test_add_without_linear_sum_kernel_uses_float_arithmetic(monkeypatch, one_th
     from qtoolkit.nn.quant_add import QuantAdd
 
     assert onednn.linear_sum_in_place()  # the probe passes on this machine (the kernel add is tested above)
-    monkeypatch.setattr(dispatch, "_ADD_KERNEL_MIN_NUMEL", 0)
+    monkeypatch.setattr(fast_add_module, "_ADD_KERNEL_MIN_NUMEL", 0)
     monkeypatch.setattr(onednn, "linear_sum_in_place", lambda: False)
     calls = []
     real_op = onednn.op
@@ -502,7 +503,7 @@ def test_reference_and_integer_paths_accept_the_carrier():
 
 
 def test_add_overwrites_only_a_dead_operand_and_says_so(monkeypatch, one_thread):
-    monkeypatch.setattr(dispatch, "_ADD_KERNEL_MIN_NUMEL", 0)
+    monkeypatch.setattr(fast_add_module, "_ADD_KERNEL_MIN_NUMEL", 0)
     torch.manual_seed(0)
     _, q = _convert(_Net(), shape=(8, 3, 16, 16))
     block = q.blocks[1]  # conv2 -> add (lhs, single user: donated); shortcut conv -> add (rhs)
