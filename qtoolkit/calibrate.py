@@ -34,6 +34,7 @@ from torch import nn
 from qtoolkit.config import QuantizerConfig
 from qtoolkit.fake_quant import FakeQuantize
 from qtoolkit.nn.quant_layer import QuantLayer
+from qtoolkit.numerics import SCALE_EPS
 from qtoolkit.toggles import quantizers
 
 __all__ = ["calibrate", "model_device", "batch_input", "call_model", "to_device"]
@@ -128,6 +129,29 @@ def _observe_first_batch(model: nn.Module, fqs: list[tuple[str, FakeQuantize]], 
     return followers
 
 
+def _warn_scale_floor(fqs: list[tuple[str, FakeQuantize]]) -> None:
+    """Warn, naming them, about quantizers whose data range is so small that the scale floor
+    (:data:`qtoolkit.numerics.SCALE_EPS`) replaces the scale the data asks for: most of their values then
+    round to code 0 and the layer's output is (nearly) zero."""
+    hit = []
+    for name, fq in fqs:
+        if not fq.observer.has_data:
+            continue
+        lo, hi = fq.observer.observed_range()
+        width = float((hi.clamp(min=0) - lo.clamp(max=0)).max())
+        wanted = width / (fq.qmax - fq.qmin)
+        if 0.0 < wanted < SCALE_EPS:
+            hit.append(f"{name} (range {width:.3g}: {width / SCALE_EPS:.2g} steps of the floor {SCALE_EPS:.3g})")
+    if hit:
+        warnings.warn(
+            "calibrate: the data range of these quantizers is below what the scale floor can resolve, so their "
+            "values round to (almost) nothing and the layer output becomes ~0: " + "; ".join(hit[:10])
+            + (" ..." if len(hit) > 10 else "") + ". Calibrate with realistic weights/BN statistics (a randomly "
+            "initialized network can produce ~1e-9 activations) or keep these layers float (skip them in prepare).",
+            stacklevel=3,
+        )
+
+
 def calibrate(
     model: nn.Module,
     data: Iterable[Any],
@@ -212,6 +236,7 @@ def calibrate(
                     fq._load_qparams(leader.scale.detach(), leader.zero_point)
                 else:
                     unobserved.append(name)
+        _warn_scale_floor([(n, fq) for n, fq in fqs if fq.role not in ("weight", "dynamic")])
         if unobserved:
             warnings.warn(
                 "calibrate: these quantizers saw no data (their layers never ran on the calibration "

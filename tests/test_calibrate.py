@@ -159,3 +159,22 @@ def test_calibrate_computes_qparams_once_and_leaves_output_quantizers_live():
     qm = qt.prepare(_net())
     qt.calibrate(qm, [torch.randn(4, 3, 8, 8) for _ in range(2)], progress=False)
     assert not any(q.collect_only for _, q in qt.quantizers(qm))
+
+
+def test_scale_floor_does_not_silently_zero_a_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(1e-9)  # activations ~1e-9, as in a randomly initialized MobileNet
+        model[0].bias.zero_()
+    qm = qt.prepare(model)
+    with pytest.warns(UserWarning, match=r"scale floor.*2[.]input_quantizer"):
+        qt.calibrate(qm, [torch.randn(16, 8) for _ in range(2)], progress=False)
+    # the warning is right: fake quantization zeroes that layer's input
+    x = torch.randn(16, 8)
+    with torch.no_grad():
+        assert torch.count_nonzero(qm[2].input_quantizer(torch.relu(model[0](x)))) == 0
+    qm2 = qt.prepare(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a normal model: no warning
+        qt.calibrate(qm2, [torch.randn(16, 8) for _ in range(2)], progress=False)
