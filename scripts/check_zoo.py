@@ -104,6 +104,27 @@ def per_layer_steps(q: torch.nn.Module, batch: torch.Tensor) -> tuple[float, str
     return round(worst, 3), where
 
 
+def int8_flop_share(q: torch.nn.Module, x: torch.Tensor) -> tuple[float, int, int]:
+    """Share of the converted model's conv / matmul FLOPs that run inside converted (integer-weight) modules,
+    counted by :class:`torch.utils.flop_counter.FlopCounterMode` on the reference execution; and the number of
+    converted modules and of the float ops ``prepare`` reported."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from qtoolkit.convert import CONVERTED
+
+    converted = {n for n, m in q.named_modules() if isinstance(m, tuple(CONVERTED.values()))}
+    qt.set_execution(q, "reference")
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        q(x)
+    total = fc.get_total_flops()
+    inside = 0
+    for key, ops in fc.get_flop_counts().items():
+        name = key.split(".", 1)[1] if "." in key else ""
+        if name in converted:
+            inside += sum(ops.values())
+    return round(100.0 * inside / total if total else 100.0, 2), len(converted), 0
+
+
 def run(name: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -120,6 +141,9 @@ def run(name: str, args: argparse.Namespace) -> dict:
         key = ("fast-split" if "split" in v else "fast") if v.startswith("fast") else v.split(" (")[0]
         strategies[key] = strategies.get(key, 0) + 1
     row["strategies"] = strategies
+    row["int8_flops_%"], row["converted_sites"], _ = int8_flop_share(q, evals[0])
+    row["float_ops"] = len(qt.float_ops(qm))
+    row["float_op_kinds"] = sorted({op.op for op in qt.float_ops(qm)})
     with torch.no_grad():
         fp32 = torch.cat([model(x) for x in evals])
         fq = torch.cat([qm(x) for x in evals])
@@ -162,18 +186,19 @@ def markdown_table(rows: list[dict]) -> str:
         v = r.get(k)
         return "—" if v is None else ("∞" if v == float("inf") else fmt.format(v))
 
-    head = ("| model | layers fast (exact split) | max per-layer diff, fast vs reference (steps) | fast vs fake-quant: "
+    head = ("| model | int8 sites / float ops | int8 share of conv+matmul FLOPs % | layers fast (exact split) | max per-layer diff, fast vs reference (steps) | fast vs fake-quant: "
             "top-1 agree % / SQNR dB | float32 fake-quant vs float64 fake-quant SQNR dB | fast vs float64 fake-quant SQNR dB "
             "| reference vs fake-quant SQNR dB |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | error: {r['error'][:90]} | | | | | |")
+            lines.append(f"| {r['model']} | error: {r['error'][:90]} | | | | | | | |")
             continue
         st = r.get("strategies", {})
         fast = st.get("fast", 0) + st.get("fast-split", 0)
         lines.append(
-            f"| {r['model']} | {fast} ({st.get('fast-split', 0)}) | {num(r, 'fast_max_layer_steps', '{:.2f}')} "
+            f"| {r['model']} | {r.get('converted_sites', '—')} / {r.get('float_ops', '—')} | {num(r, 'int8_flops_%')} "
+            f"| {fast} ({st.get('fast-split', 0)}) | {num(r, 'fast_max_layer_steps', '{:.2f}')} "
             f"| {num(r, 'fast_agree_%', '{:.1f}')} / {num(r, 'fast_sqnr_db')} | {num(r, 'fakequant32_vs_64_sqnr_db')} "
             f"| {num(r, 'fast_vs_fakequant64_sqnr_db')} | {num(r, 'reference_sqnr_db')} |"
         )
