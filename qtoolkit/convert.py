@@ -26,12 +26,25 @@ import torch
 from torch import nn
 
 import qtoolkit.convert_passes as passes
+from qtoolkit.fake_quant import FakeQuantize
 from qtoolkit.kernels import dispatch
-from qtoolkit.nn.fused import Add, FusedLayer
+from qtoolkit.nn.fused import Add, Cat, FusedLayer, MatMul, Mul
 from qtoolkit.nn.int8_add import Int8Add
 from qtoolkit.nn.int8_layer import EXECUTIONS, Int8Layer
+from qtoolkit.nn.int8_ops import Int8Cat, Int8MatMul, Int8Mul
 from qtoolkit.nn.quant_add import QuantAdd
 from qtoolkit.nn.quant_layer import QuantLayer
+from qtoolkit.nn.quant_ops import QuantCat, QuantMatMul, QuantMul
+
+#: prepared module type -> its converted twin (each has ``from_quant(q, require_calibrated)``)
+CONVERTED = {QuantLayer: Int8Layer, QuantAdd: Int8Add, QuantCat: Int8Cat, QuantMul: Int8Mul, QuantMatMul: Int8MatMul}
+_PREPARED = tuple(CONVERTED)
+_CONVERTED = tuple(CONVERTED.values())
+
+
+def _activation_quantizers(m: nn.Module) -> list[tuple[str, FakeQuantize]]:
+    """A prepared module's own static activation / output quantizers (not its weight's, not dynamic ones)."""
+    return [(n, c) for n, c in m.named_children() if isinstance(c, FakeQuantize) and c.role in ("activation", "output")]
 
 __all__ = ["convert", "set_execution", "uncalibrated_sites"]
 
@@ -40,15 +53,8 @@ def uncalibrated_sites(model: nn.Module) -> list[str]:
     """Names of activation quantizers that have no range yet."""
     out = []
     for name, m in model.named_modules():
-        if isinstance(m, QuantLayer):
-            for p in ("input_quantizer", "output_quantizer"):
-                fq = getattr(m, p)
-                if fq is not None and not fq.is_calibrated:
-                    out.append(f"{name}.{p}")
-        elif isinstance(m, QuantAdd):
-            for p in ("lhs_quantizer", "rhs_quantizer", "output_quantizer"):
-                if not getattr(m, p).is_calibrated:
-                    out.append(f"{name}.{p}")
+        if isinstance(m, _PREPARED):
+            out += [f"{name}.{p}" for p, fq in _activation_quantizers(m) if not fq.is_calibrated]
     return out
 
 
@@ -93,7 +99,7 @@ def convert(
     Raises:
         RuntimeError: no activation quantizer was calibrated at all (``calibrate`` forgotten; listed).
     """
-    if not any(isinstance(m, (QuantLayer, QuantAdd)) for m in model.modules()):
+    if not any(isinstance(m, _PREPARED) for m in model.modules()):
         raise ValueError("convert: the model has no prepared layers; call qtoolkit.prepare (and calibrate) first")
     missing = uncalibrated_sites(model)
     if missing and not allow_uncalibrated and _any_calibrated(model):
@@ -140,13 +146,7 @@ def convert(
 
 def _any_calibrated(model: nn.Module) -> bool:
     for m in model.modules():
-        if isinstance(m, QuantLayer):
-            fqs = [m.input_quantizer, m.output_quantizer]
-        elif isinstance(m, QuantAdd):
-            fqs = [m.lhs_quantizer, m.rhs_quantizer, m.output_quantizer]
-        else:
-            continue
-        if any(fq is not None and fq.role != "dynamic" and fq.is_calibrated for fq in fqs):
+        if isinstance(m, _PREPARED) and any(fq.is_calibrated for _, fq in _activation_quantizers(m)):
             return True
     return False
 
@@ -166,6 +166,10 @@ def _restore_float(module: nn.Module, prefix: str, names: set[str]) -> None:
             setattr(module, cname, _float_twin(child))
         elif name in names and isinstance(child, QuantAdd):
             setattr(module, cname, Add(child.act))
+        elif name in names and isinstance(child, QuantCat):
+            setattr(module, cname, Cat(child.dim, child.stack))
+        elif name in names and isinstance(child, (QuantMul, QuantMatMul)):
+            setattr(module, cname, Mul() if isinstance(child, QuantMul) else MatMul())
         else:
             _restore_float(child, name, names)
 
@@ -173,13 +177,11 @@ def _restore_float(module: nn.Module, prefix: str, names: set[str]) -> None:
 def _swap(module: nn.Module, prefix: str, require: bool) -> None:
     for cname, child in list(module.named_children()):
         name = f"{prefix}.{cname}" if prefix else cname
-        if isinstance(child, QuantLayer):
-            new: nn.Module = Int8Layer.from_quant(child, require_calibrated=require)
-        elif isinstance(child, QuantAdd):
-            new = Int8Add.from_quant(child, require_calibrated=require)
-        else:
+        twin = CONVERTED.get(type(child))
+        if twin is None:
             _swap(child, name, require)
             continue
+        new: nn.Module = twin.from_quant(child, require_calibrated=require)
         new.name = name
         setattr(module, cname, new)
 
@@ -200,7 +202,7 @@ def set_execution(model: nn.Module, execution: str) -> nn.Module:
         raise ValueError(f"set_execution: execution must be one of {EXECUTIONS}, got {execution!r}")
     found = False
     for m in model.modules():
-        if isinstance(m, (Int8Layer, Int8Add)):
+        if isinstance(m, _CONVERTED):
             if execution == "integer" and isinstance(m, Int8Layer) and m.mode != "static":
                 raise ValueError(f"set_execution('integer'): {m.name} is in {m.mode} mode; integer-only needs static")
             m.execution = execution

@@ -37,20 +37,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtoolkit.layer_kinds import kind_of, weight_layer_types
-from qtoolkit.nn.fused import Add, FusedLayer
+from qtoolkit.nn.fused import Add, Cat, FusedLayer, MatMul, Mul
 
 __all__ = ["FloatOp", "fuse_model"]
 
 _ADD_FUNCS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
+_CAT_FUNCS = {torch.cat: False, torch.concat: False, torch.concatenate: False, torch.stack: True}
+_MUL_FUNCS, _MUL_METHODS = {operator.mul, torch.mul}, {"mul"}  # in-place forms stay as they are
+_MATMUL_FUNCS, _MATMUL_METHODS = {operator.matmul, torch.matmul, torch.bmm}, {"matmul", "bmm"}
+_SHAPE_METHODS = {"size", "dim", "numel"}
 _RELU_FUNCS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu6: "relu6"}
 _RELU_METHODS = {"relu": "relu", "relu_": "relu"}
-# ops that are exact on quantized tensors or only move data: not worth reporting
+# ops that only move data (exact on quantized values: chunk/split/transpose keep the producer's grid), average or
+# max-pool (the consumer's input quantizer requantizes, as an int8 engine's pooling does), or compute sizes: they
+# need no quantizer of their own and are not reported
 _BENIGN = {
     torch.flatten, torch.reshape, operator.getitem, getattr, operator.mul, F.adaptive_avg_pool2d,
-    F.max_pool2d, F.avg_pool2d, F.dropout, torch.squeeze, torch.unsqueeze,
+    F.max_pool2d, F.avg_pool2d, F.dropout, torch.squeeze, torch.unsqueeze, torch.chunk, torch.split,
+    torch.transpose, torch.permute, torch.narrow, torch.mean, F.adaptive_max_pool2d, operator.floordiv,
 }
-_BENIGN_METHODS = {"size", "view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "dim", "permute"}
+_BENIGN_METHODS = {"size", "view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "dim", "permute",
+                   "chunk", "split", "transpose", "t", "narrow", "mean"}
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,51 @@ def _set_submodule(root: nn.Module, target: str, new: nn.Module) -> None:
     setattr(parent, last, new)
 
 
+_STANDALONE_BN = {nn.BatchNorm2d: nn.Conv2d, nn.BatchNorm3d: nn.Conv3d}
+
+
+@torch.no_grad()
+def bn_as_conv(bn: nn.Module) -> nn.Module | None:
+    """A BatchNorm2d/3d (running statistics) as the depthwise 1x1 convolution computing the same per-channel
+    affine ``γ/σ · x + (β − μ·γ/σ)``; None if it has no running statistics. Its int8 weight is exact (one value
+    per channel, symmetric per-channel scale)."""
+    conv_t = _STANDALONE_BN.get(type(bn))
+    if conv_t is None or bn.running_var is None or bn.running_mean is None:
+        return None
+    c = bn.num_features
+    ref = bn.running_mean
+    conv = conv_t(c, c, 1, groups=c, bias=True).to(device=ref.device, dtype=ref.dtype)
+    scale = (bn.weight if bn.weight is not None else torch.ones_like(ref)) / torch.sqrt(bn.running_var + bn.eps)
+    shift = (bn.bias if bn.bias is not None else torch.zeros_like(ref)) - bn.running_mean * scale
+    conv.weight.copy_(scale.reshape(c, *([1] * (conv.weight.dim() - 1))))
+    conv.bias.copy_(shift)
+    return conv
+
+
+def _act_module(m: nn.Module) -> str | None:
+    if type(m) is nn.ReLU:
+        return "relu"
+    if type(m) is nn.ReLU6 or (type(m) is nn.Hardtanh and m.min_val == 0.0 and m.max_val == 6.0):
+        return "relu6"
+    return None
+
+
+def _fuse_standalone_bn_sequential(seq: nn.Sequential) -> bool:
+    """BatchNorms not folded into a preceding layer become depthwise 1x1 convs (+ the ReLU after them)."""
+    names = list(seq._modules.keys())
+    changed = False
+    for i, n in enumerate(names):
+        conv = bn_as_conv(seq._modules[n]) if type(seq._modules[n]) in _STANDALONE_BN else None
+        if conv is None:
+            continue
+        act = _act_module(seq._modules[names[i + 1]]) if i + 1 < len(names) else None
+        seq._modules[n] = FusedLayer(conv, None, act)
+        if act is not None:
+            seq._modules[names[i + 1]] = nn.Identity()
+        changed = True
+    return changed
+
+
 def _fuse_sequential(seq: nn.Sequential) -> bool:
     """Positional Conv/Linear → BN → act fusion inside a Sequential. Returns True if changed."""
     names = list(seq._modules.keys())
@@ -119,15 +172,9 @@ def _fuse_sequential(seq: nn.Sequential) -> bool:
             if j < len(mods) and type(mods[j]) is kind_of(m).bn_type:
                 bn = mods[j]
                 j += 1
-            act = None
-            if j < len(mods):
-                nxt = mods[j]
-                if type(nxt) is nn.ReLU:
-                    act = "relu"
-                elif type(nxt) is nn.ReLU6 or (type(nxt) is nn.Hardtanh and nxt.min_val == 0.0 and nxt.max_val == 6.0):
-                    act = "relu6"
-                if act:
-                    j += 1
+            act = _act_module(mods[j]) if j < len(mods) else None
+            if act:
+                j += 1
             if bn is not None or act is not None:
                 seq._modules[names[i]] = FusedLayer(m, bn, act)
                 for k in range(i + 1, j):
@@ -147,7 +194,7 @@ def _target_counts(graph: fx.Graph) -> dict[str, int]:
     return counts
 
 
-def _fuse_graph(root: nn.Module, qualname: str, report: list[FloatOp]) -> nn.Module:
+def _fuse_graph(root: nn.Module, qualname: str, report: list[FloatOp], bn_conv: bool = False) -> nn.Module:
     """Trace ``root`` one level deep and rewrite fusions/adds. Returns the (new) module."""
     try:
         graph = _OneLevelTracer().trace(root)
@@ -188,12 +235,32 @@ def _fuse_graph(root: nn.Module, qualname: str, report: list[FloatOp]) -> nn.Mod
                 graph.erase_node(dead)
         changed = True
 
+    for node in list(graph.nodes) if bn_conv else []:  # BatchNorms left standalone: depthwise 1x1 convs
+        if node.op != "call_module" or type(modules.get(str(node.target))) not in _STANDALONE_BN:
+            continue
+        conv = bn_as_conv(modules[str(node.target)]) if counts[str(node.target)] == 1 else None
+        if conv is None:
+            continue
+        act, act_node = None, None
+        u = _only_user(node)
+        if u is not None and _single_tensor_arg(u, node):
+            act = _activation_of(u, modules)
+            act_node = u if act is not None else None
+        _set_submodule(root, str(node.target), FusedLayer(conv, None, act))
+        if act_node is not None:
+            act_node.replace_all_uses_with(node)
+            graph.erase_node(act_node)
+        changed = True
+
     n_add = 0
     existing = set(dict(root.named_children()))
     for node in list(graph.nodes):
         is_add = (node.op == "call_function" and node.target in _ADD_FUNCS) or (
             node.op == "call_method" and node.target in _ADD_METHODS
         )
+        if not is_add and _lift_functional(root, graph, node, existing):
+            changed = True
+            continue
         if not is_add:
             if node.op in ("call_function", "call_method") and node.target not in _BENIGN and node.target not in _BENIGN_METHODS:
                 if _activation_of(node, modules) is None:
@@ -249,33 +316,94 @@ def _fuse_graph(root: nn.Module, qualname: str, report: list[FloatOp]) -> nn.Mod
     return gm
 
 
-_LEAVES = (FusedLayer, Add)
+def _is_shape_value(node: object) -> bool:
+    """True for fx nodes that compute sizes (``x.size(0)``, ``x.shape[1] * 2``): plain numbers, not tensors."""
+    if not isinstance(node, fx.Node):
+        return not isinstance(node, (list, tuple))
+    if node.op == "call_method" and node.target in _SHAPE_METHODS:
+        return True
+    if node.op == "call_function" and node.target is getattr and len(node.args) > 1 and node.args[1] in ("shape", "ndim"):
+        return True
+    if node.op == "call_function" and node.target in (operator.getitem, operator.mul, operator.floordiv, operator.add,
+                                                      operator.sub, len):  # fmt: skip
+        return bool(node.args) and isinstance(node.args[0], fx.Node) and _is_shape_value(node.args[0])
+    return False
 
 
-def _process(module: nn.Module, qualname: str, skip: set[str], report: list[FloatOp]) -> nn.Module:
+def _new_name(existing: set[str], stem: str) -> str:
+    i = 0
+    while f"{stem}_{i}" in existing:
+        i += 1
+    existing.add(f"{stem}_{i}")
+    return f"{stem}_{i}"
+
+
+def _lift_functional(root: nn.Module, graph: fx.Graph, node: fx.Node, existing: set[str]) -> bool:
+    """Replace a ``cat``/``stack``, a tensor-by-tensor ``mul`` or a ``matmul`` node by a call of a new
+    :class:`Cat` / :class:`Mul` / :class:`MatMul` submodule. Returns True if it did."""
+    fn, meth = node.op == "call_function", node.op == "call_method"
+    if fn and node.target in _CAT_FUNCS:
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        extra = set(node.kwargs) - {"dim"}
+        tensors = node.args[0] if node.args else None
+        if extra or not isinstance(dim, int) or len(node.args) > 2 or not (
+            isinstance(tensors, fx.Node) or (isinstance(tensors, (list, tuple)) and all(isinstance(t, fx.Node) for t in tensors))
+        ):
+            return False
+        module: nn.Module = Cat(dim, stack=_CAT_FUNCS[node.target])
+        stem, args = "cat", (list(tensors) if isinstance(tensors, (list, tuple)) else tensors,)
+    elif (fn and node.target in _MUL_FUNCS) or (meth and node.target in _MUL_METHODS):
+        module, stem = Mul(), "mul"
+        args = tuple(node.args)
+    elif (fn and node.target in _MATMUL_FUNCS) or (meth and node.target in _MATMUL_METHODS):
+        module, stem = MatMul(), "matmul"
+        args = tuple(node.args)
+    else:
+        return False
+    if stem != "cat" and (len(args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) and not _is_shape_value(a) for a in args)):
+        return False  # a constant operand (x * 0.5) or size arithmetic: nothing to quantize
+    name = _new_name(existing, stem)
+    root.add_module(name, module)
+    with graph.inserting_before(node):
+        new = graph.call_module(name, args=args)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return True
+
+
+_LEAVES = (FusedLayer, Add, Cat, Mul, MatMul, nn.MultiheadAttention)  # attention: swapped whole by prepare
+
+
+def _process(module: nn.Module, qualname: str, skip: set[str], report: list[FloatOp], bn_conv: bool = False) -> nn.Module:
     if qualname in skip or isinstance(module, _LEAVES) or not module._modules:
         return module
     if isinstance(module, nn.Sequential):
         _fuse_sequential(module)
+        if bn_conv:
+            _fuse_standalone_bn_sequential(module)
     elif not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
-        module = _fuse_graph(module, qualname, report)
+        module = _fuse_graph(module, qualname, report, bn_conv)
     for cname, child in list(module.named_children()):
         if child is None:
             continue
         sub = f"{qualname}.{cname}" if qualname else cname
-        new = _process(child, sub, skip, report)
+        new = _process(child, sub, skip, report, bn_conv)
         if new is not child:
             setattr(module, cname, new)
     return module
 
 
-def fuse_model(model: nn.Module, *, skip: set[str] | frozenset[str] = frozenset(), inplace: bool = False) -> tuple[nn.Module, list[FloatOp]]:
+def fuse_model(model: nn.Module, *, skip: set[str] | frozenset[str] = frozenset(), inplace: bool = False,
+               bn_as_depthwise: bool = False) -> tuple[nn.Module, list[FloatOp]]:
     """Fuse Conv/Linear+BN(+ReLU) and lift residual adds into :class:`Add` modules.
 
     Args:
         model: any ``nn.Module`` (unmodified torchvision models included).
         skip: qualified names of modules to leave untouched.
         inplace: modify ``model`` itself instead of a deep copy.
+        bn_as_depthwise: BatchNorm2d/3d that no layer absorbs become depthwise 1x1 convolutions (exactly the
+            same per-channel affine, :func:`bn_as_conv`), with a following ReLU fused: quantizable like any
+            conv. ``prepare`` does this for PTQ; QAT keeps them as live BatchNorms.
 
     Returns:
         ``(fused_model, float_ops)`` — the model computing the same function, and
@@ -284,5 +412,5 @@ def fuse_model(model: nn.Module, *, skip: set[str] | frozenset[str] = frozenset(
     if not inplace:
         model = copy.deepcopy(model)
     report: list[FloatOp] = []
-    model = _process(model, "", set(skip), report)
+    model = _process(model, "", set(skip), report, bn_as_depthwise)
     return model, report

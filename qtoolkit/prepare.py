@@ -33,9 +33,11 @@ from torch import nn
 from qtoolkit.config import QConfig, get_qconfig
 from qtoolkit.fuse import FloatOp, fuse_model
 from qtoolkit.layer_kinds import weight_layer_types
-from qtoolkit.nn.fused import Add, FusedLayer
+from qtoolkit.nn.fused import Add, Cat, FusedLayer, MatMul, Mul
 from qtoolkit.nn.quant_add import QuantAdd
+from qtoolkit.nn.quant_attention import QuantMultiheadAttention, unsupported_attention_reason
 from qtoolkit.nn.quant_layer import QuantLayer
+from qtoolkit.nn.quant_ops import QuantCat, QuantMatMul, QuantMul
 from qtoolkit.toggles import quantizers
 
 __all__ = ["prepare", "resolve_qconfig", "float_ops"]
@@ -44,8 +46,13 @@ _REPORT_ATTR = "_qtoolkit_float_ops"
 _QAT_ATTR = "_qtoolkit_qat"
 
 # modules that hold parameters but have no quantized twin: reported
+# activations not fused into a layer and not exact on quantized values (ReLU / ReLU6 / max are): reported
+_FLOAT_ACTIVATIONS = (
+    nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.Softmax, nn.LeakyReLU, nn.ELU, nn.Mish,
+    nn.SELU, nn.Softplus,
+)
 _UNSUPPORTED_HINT = (
-    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Conv3d, nn.LSTM, nn.GRU, nn.RNN,
+    nn.LSTM, nn.GRU, nn.RNN,
     nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention, nn.BatchNorm1d, nn.BatchNorm2d,
     nn.LayerNorm, nn.GroupNorm, nn.PReLU,
 )
@@ -119,7 +126,8 @@ def prepare(
 
     Returns:
         The prepared model. Layers become :class:`~qtoolkit.nn.QuantLayer`, adds
-        :class:`~qtoolkit.nn.QuantAdd`. A container whose ``forward`` had to be
+        :class:`~qtoolkit.nn.QuantAdd`, ``torch.cat``/``stack`` :class:`~qtoolkit.nn.QuantCat`, tensor-by-tensor
+        ``mul`` / ``matmul`` :class:`~qtoolkit.nn.QuantMul` / :class:`~qtoolkit.nn.QuantMatMul`. A container whose ``forward`` had to be
         rewritten (fusions, adds) becomes a ``torch.fx.GraphModule`` with the same
         submodule names, so ``state_dict`` keys stay recognisable.
 
@@ -137,7 +145,8 @@ def prepare(
     overrides = dict(overrides or {})
     skip = [skip] if isinstance(skip, str) else list(skip)  # one pattern, not its characters
     _check_overrides(overrides, skip)
-    if any(isinstance(m, (QuantLayer, QuantAdd)) for m in model.modules()):
+    if any(isinstance(m, (QuantLayer, QuantAdd, QuantCat, QuantMul, QuantMatMul, QuantMultiheadAttention))
+           for m in model.modules()):
         raise ValueError("prepare: this model is already prepared (it holds QuantLayer/QuantAdd modules)")
     resolved_overrides = {k: (None if v is None else get_qconfig(v)) for k, v in overrides.items()}
     if qat:
@@ -148,7 +157,7 @@ def prepare(
         model = copy.deepcopy(model)
     names_before = [n for n, _ in model.named_modules()]
     skipped_exact = {n for n in names_before if n and any(fnmatch.fnmatchcase(n, p) for p in skip)}
-    model, report = fuse_model(model, skip=skipped_exact, inplace=True)
+    model, report = fuse_model(model, skip=skipped_exact, inplace=True, bn_as_depthwise=not qat)
 
     all_names = [n for n, _ in model.named_modules()]
     for key in resolved_overrides:
@@ -216,9 +225,33 @@ def _convert_one(
             report.append(FloatOp(name, "add", f"mode={qc.mode}: residual adds are quantized in static mode only"))
             return child
         return QuantAdd(qc, act=child.act)
+    elif isinstance(child, (Cat, Mul, MatMul)):
+        op = type(child).__name__.lower()
+        qc = resolve_qconfig(name, type(child), default, overrides, skip)
+        if qc is None:
+            report.append(FloatOp(name, op, "skipped by configuration"))
+            return child
+        if qc.mode != "static":
+            report.append(FloatOp(name, op, f"mode={qc.mode}: functional ops are quantized in static mode only"))
+            return child
+        if isinstance(child, Cat):
+            return QuantCat(qc, dim=child.dim, stack=child.stack)
+        return QuantMul(qc) if isinstance(child, Mul) else QuantMatMul(qc)
+    elif type(child) is nn.MultiheadAttention:
+        qc = resolve_qconfig(name, nn.MultiheadAttention, default, overrides, skip)
+        why = "skipped by configuration" if qc is None else unsupported_attention_reason(child)
+        if why is None and qc is not None and qc.mode != "static":
+            why = f"mode={qc.mode}: attention is quantized in static mode only (its matmuls need calibrated ranges)"
+        if why is not None or qc is None:
+            report.append(FloatOp(name, "MultiheadAttention", why or "skipped by configuration"))
+            return child
+        return QuantMultiheadAttention(child, qc, qat=qat)
     else:
         if isinstance(child, _UNSUPPORTED_HINT):
             report.append(FloatOp(name, type(child).__name__, "no quantized twin (left float)"))
+        elif isinstance(child, _FLOAT_ACTIVATIONS):
+            report.append(FloatOp(name, type(child).__name__, "activation runs in float between quantized layers "
+                                  "(no int8 lookup table yet)"))
         elif not child._modules and any(True for _ in child.parameters(recurse=False)):
             report.append(FloatOp(name, type(child).__name__, "layer type not supported (left float)"))
         return None

@@ -107,6 +107,7 @@ class OnnxExportReport:
         num_dynamic_quantize: ``DynamicQuantizeLinear`` nodes (dynamic-mode inputs).
         quantized_layers: names of the Conv/Linear layers exported with int weights.
         quantized_adds: names of the residual adds exported with Q/DQ inputs.
+        quantized_ops: names of the cat / mul / matmul ops exported with Q/DQ inputs.
         float_bias: layers whose bias stayed float (and why).
         shared_qdq: activation Q/DQ pairs removed because another quantizer of the
             same tensor had identical qparams.
@@ -120,6 +121,7 @@ class OnnxExportReport:
     num_dynamic_quantize: int = 0
     quantized_layers: list[str] = field(default_factory=list)
     quantized_adds: list[str] = field(default_factory=list)
+    quantized_ops: list[str] = field(default_factory=list)
     float_bias: dict[str, str] = field(default_factory=dict)
     shared_qdq: int = 0
     verification: Any = None  # an OnnxVerifyReport when export_onnx(..., verify=data) ran

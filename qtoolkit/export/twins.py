@@ -20,8 +20,10 @@ from qtoolkit.layer_kinds import get_layer_kind
 from qtoolkit.nn.fused import apply_activation
 from qtoolkit.nn.int8_add import Int8Add
 from qtoolkit.nn.int8_layer import Int8Layer
+from qtoolkit.nn.int8_ops import Int8Cat, Int8MatMul, Int8Mul
 from qtoolkit.nn.quant_add import QuantAdd
 from qtoolkit.nn.quant_layer import QuantLayer
+from qtoolkit.nn.quant_ops import QuantCat, QuantMatMul, QuantMul, _QuantBinary
 from qtoolkit.numerics import quantize
 
 if TYPE_CHECKING:  # annotations only: onnx.py imports this module
@@ -158,9 +160,40 @@ class _ExportAdd(nn.Module):
         return apply_activation(a + b, self.act)
 
 
+class _ExportCat(nn.Module):
+    """Export twin of :class:`QuantCat`: every input through the same Q/DQ, then ``Concat``."""
+
+    def __init__(self, q: QuantCat, name: str, opset: int) -> None:
+        super().__init__()
+        self.dim, self.stack = q.dim, q.stack
+        self.site = _activation_site(q.input_quantizer, f"{name}.input_quantizer", opset)
+
+    def forward(self, tensors: list[Tensor]) -> Tensor:
+        ts = list(tensors)
+        if self.site is not None and all(isinstance(t, Tensor) and t.is_floating_point() for t in ts):
+            ts = [self.site(t) for t in ts]
+        return (torch.stack if self.stack else torch.cat)(ts, self.dim)
+
+
+class _ExportBinary(nn.Module):
+    """Export twin of :class:`QuantMul` / :class:`QuantMatMul`: ``op(QDQ(a), QDQ(b))`` (``Mul`` / ``MatMul``)."""
+
+    def __init__(self, q: _QuantBinary, name: str, opset: int) -> None:
+        super().__init__()
+        self.op = q.op
+        self.lhs_site = _activation_site(q.lhs_quantizer, f"{name}.lhs_quantizer", opset)
+        self.rhs_site = _activation_site(q.rhs_quantizer, f"{name}.rhs_quantizer", opset)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        if isinstance(a, Tensor) and isinstance(b, Tensor) and a.is_floating_point() and b.is_floating_point():
+            a = a if self.lhs_site is None else self.lhs_site(a)
+            b = b if self.rhs_site is None else self.rhs_site(b)
+        return self.op(a, b)
+
+
 # --------------------------------------------------------------------------- validation
 def _converted_types() -> tuple[type, ...]:
-    return (Int8Layer, Int8Add)
+    return (Int8Layer, Int8Add, Int8Cat, Int8Mul, Int8MatMul)
 
 
 def _validate(model: nn.Module) -> None:
@@ -171,7 +204,7 @@ def _validate(model: nn.Module) -> None:
             "export_onnx exports the prepared (fake-quant) model, not qtoolkit.convert()'s output; converted "
             f"modules: {', '.join(converted[:8])}" + (" ..." if len(converted) > 8 else "")
         )
-    quantized = [m for m in model.modules() if isinstance(m, (QuantLayer, QuantAdd))]
+    quantized = [m for m in model.modules() if isinstance(m, (QuantLayer, QuantAdd, QuantCat, QuantMul, QuantMatMul))]
     if not quantized:
         raise ExportError(
             "export_onnx: the model has no quantized layers (QuantLayer/QuantAdd); call qtoolkit.prepare and "
@@ -184,8 +217,10 @@ def _validate(model: nn.Module) -> None:
             wq = m.weight_quantizer
             if bool(wq.fake_quant_enabled) and not bool(wq.observer_enabled) and not wq.is_calibrated:
                 missing.append(f"{name}.weight_quantizer")
-        elif isinstance(m, QuantAdd):
+        elif isinstance(m, (QuantAdd, QuantMul, QuantMatMul)):
             sites = [("lhs_quantizer", m.lhs_quantizer), ("rhs_quantizer", m.rhs_quantizer)]
+        elif isinstance(m, QuantCat):
+            sites = [("input_quantizer", m.input_quantizer)]
         else:
             continue
         for attr, fq in sites:
@@ -226,6 +261,12 @@ def _build_twin(model: nn.Module, opset: int, bias_mode: str, weight_dtype: str,
         if isinstance(child, QuantAdd):
             report.quantized_adds.append(name)
             return _ExportAdd(child, name, opset)
+        if isinstance(child, QuantCat):
+            report.quantized_ops.append(name)
+            return _ExportCat(child, name, opset)
+        if isinstance(child, (QuantMul, QuantMatMul)):
+            report.quantized_ops.append(name)
+            return _ExportBinary(child, name, opset)
         return None
 
     def swap(module: nn.Module, prefix: str) -> None:
@@ -241,4 +282,4 @@ def _build_twin(model: nn.Module, opset: int, bias_mode: str, weight_dtype: str,
     if root is None:
         root = copy.deepcopy(model)
         swap(root, "")
-    return root.float().eval()
+    return root.float().eval().requires_grad_(False)  # a frozen copy: parameters export as initializers

@@ -4,6 +4,8 @@
   (``act(bn(layer(x)))``), the unit an int8 engine runs as one kernel.
 * :class:`Add` — a residual ``a + b`` (optionally followed by ReLU) lifted out of
   a model's ``forward`` into a module, so it can be given quantizers.
+* :class:`Cat`, :class:`Mul`, :class:`MatMul` — ``torch.cat``/``torch.stack``, an elementwise product of two
+  tensors (squeeze-excitation) and a matrix product of two tensors (attention), lifted the same way.
 
 Both compute exactly what the original code computed.
 
@@ -18,6 +20,9 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -79,3 +84,32 @@ class Add(nn.Module):
 
     def extra_repr(self) -> str:
         return f"act={self.act}"
+
+
+class Cat(nn.Module):
+    """``torch.cat(tensors, dim)`` (``stack=True``: ``torch.stack``) as a module."""
+
+    def __init__(self, dim: int = 0, stack: bool = False) -> None:
+        super().__init__()
+        self.dim = int(dim)
+        self.stack = bool(stack)
+
+    def forward(self, tensors: Sequence[Tensor]) -> Tensor:
+        return (torch.stack if self.stack else torch.cat)(list(tensors), self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, stack={self.stack}"
+
+
+class Mul(nn.Module):
+    """``a * b`` of two tensors (broadcasting) as a module."""
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return a * b
+
+
+class MatMul(nn.Module):
+    """``torch.matmul(a, b)`` of two tensors as a module."""
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return torch.matmul(a, b)

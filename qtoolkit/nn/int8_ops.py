@@ -1,0 +1,164 @@
+"""Converted functional ops (:class:`Int8Cat`, :class:`Int8Mul`, :class:`Int8MatMul`): qparams as buffers,
+executions ``"reference"`` (the prepared model's numbers) and ``"integer"`` (integer-only arithmetic).
+
+* ``Int8Cat``: every input quantized to the one shared grid and concatenated; the integer execution concatenates
+  the codes (exactly the reference's values).
+* ``Int8Mul`` / ``Int8MatMul``: ``acc = op(q_a − z_a, q_b − z_b)`` accumulated exactly (int64; a matmul's sums in
+  float64, exact below 2^53), requantized to the output grid with the fixed-point multiplier
+  ``M = s_a·s_b / s_y`` (:func:`qtoolkit.numerics.requantize`). The reference execution does not round the
+  output (the prepared model's output quantizer only observes), so the two differ by at most half an output step.
+
+There is no int8 kernel for these yet: ``"fast"`` runs the reference execution (int8 carriers from the layers
+around them are dequantized on the way in).
+
+Example::
+
+    >>> import torch
+    >>> from qtoolkit.config import get_qconfig
+    >>> from qtoolkit.nn.quant_ops import QuantMul
+    >>> q = QuantMul(get_qconfig("w8a8"))
+    >>> a, b = torch.rand(2, 8), torch.rand(2, 8)
+    >>> _ = q(a, b)
+    >>> for fq in (q.lhs_quantizer, q.rhs_quantizer, q.output_quantizer):
+    ...     fq.finalize()
+    >>> m = Int8Mul.from_quant(q)
+    >>> torch.equal(m(a, b), q(a, b))
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from qtoolkit.inference import inference_only
+from qtoolkit.kernels.qtensor import QuantizedActivation
+from qtoolkit.nn.quant_ops import QuantCat, QuantMatMul, QuantMul, _QuantBinary
+from qtoolkit.numerics import HALF_DTYPES, dequantize, fake_quantize, quantize, quantize_multiplier, requantize
+
+__all__ = ["Int8Cat", "Int8Mul", "Int8MatMul"]
+
+_INT32_MAX = 2**31 - 1
+
+
+def _plain(x: Tensor) -> Tensor:
+    return x.dequantize() if isinstance(x, QuantizedActivation) else x
+
+
+def _qparams(fq: nn.Module, require: bool) -> tuple[Tensor, Tensor] | None:
+    if not fq.is_calibrated:
+        if require:
+            raise RuntimeError(f"{fq.name}: not calibrated")
+        return None
+    return fq.scale.detach().float().reshape(()).clone(), fq.zero_point.detach().reshape(()).to(torch.int32).clone()
+
+
+class Int8Cat(nn.Module):
+    """Converted ``cat``/``stack``: inputs quantized to one grid (``scale``, ``zero_point``), then joined."""
+
+    def __init__(self, q: QuantCat) -> None:
+        super().__init__()
+        spec = q.qconfig.activation.spec  # type: ignore[union-attr]
+        self.qmin, self.qmax = spec.qmin, spec.qmax
+        self.dim, self.stack = q.dim, q.stack
+        self.name = "int8_cat"
+        self.execution = "reference"
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
+
+    @classmethod
+    @torch.no_grad()
+    def from_quant(cls, q: QuantCat, require_calibrated: bool = True) -> Int8Cat:
+        m = cls(q)
+        qp = _qparams(q.input_quantizer, require_calibrated)
+        if qp is not None:
+            m.scale, m.zero_point = qp
+        return m
+
+    def forward(self, tensors: Sequence[Tensor]) -> Tensor:
+        ts = [_plain(t) for t in tensors]
+        op = torch.stack if self.stack else torch.cat
+        if not ts or not all(isinstance(t, Tensor) and t.is_floating_point() for t in ts):
+            return op(ts, self.dim)
+        dt = ts[0].dtype
+        for t in ts[1:]:
+            dt = torch.promote_types(dt, t.dtype)
+        ts = [t.to(torch.float32) for t in ts] if dt in HALF_DTYPES else ts
+        if self.execution == "integer":
+            codes = op([quantize(t, self.scale, self.zero_point, self.qmin, self.qmax) for t in ts], self.dim)
+            y = dequantize(codes, self.scale, self.zero_point).to(ts[0].dtype)
+        else:
+            y = op([fake_quantize(t, self.scale, self.zero_point, self.qmin, self.qmax) for t in ts], self.dim)
+        return inference_only(y.to(dt) if dt in HALF_DTYPES else y, self.name)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, stack={self.stack}, execution={self.execution}"
+
+
+class _Int8Binary(nn.Module):
+    """Converted two-operand op; subclasses give :meth:`op`."""
+
+    def __init__(self, q: _QuantBinary) -> None:
+        super().__init__()
+        spec = q.qconfig.activation.spec  # type: ignore[union-attr]
+        self.qmin, self.qmax = spec.qmin, spec.qmax
+        self.name = f"int8_{q.op_name}"
+        self.execution = "reference"
+        for p in ("lhs", "rhs", "output"):
+            self.register_buffer(f"{p}_scale", torch.ones(()))
+            self.register_buffer(f"{p}_zero_point", torch.zeros((), dtype=torch.int32))
+
+    op = staticmethod(_QuantBinary.op)
+
+    @classmethod
+    @torch.no_grad()
+    def from_quant(cls, q: _QuantBinary, require_calibrated: bool = True) -> _Int8Binary:
+        m = cls(q)
+        for p in ("lhs", "rhs", "output"):
+            qp = _qparams(getattr(q, f"{p}_quantizer"), require_calibrated)
+            if qp is not None:
+                setattr(m, f"{p}_scale", qp[0])
+                setattr(m, f"{p}_zero_point", qp[1])
+        return m
+
+    def forward_reference(self, a: Tensor, b: Tensor) -> Tensor:
+        a = fake_quantize(a, self.lhs_scale, self.lhs_zero_point, self.qmin, self.qmax)
+        b = fake_quantize(b, self.rhs_scale, self.rhs_zero_point, self.qmin, self.qmax)
+        return self.op(a, b)
+
+    def forward_integer(self, a: Tensor, b: Tensor) -> Tensor:
+        qa = quantize(a, self.lhs_scale, self.lhs_zero_point, self.qmin, self.qmax).double() - float(self.lhs_zero_point)
+        qb = quantize(b, self.rhs_scale, self.rhs_zero_point, self.qmin, self.qmax).double() - float(self.rhs_zero_point)
+        acc = torch.round(self.op(qa, qb))  # integer products / sums, exact in float64 below 2^53
+        if bool((acc.abs() > _INT32_MAX).any()):
+            raise RuntimeError(f"{self.name}: the int32 accumulator overflows (|acc| > 2^31 - 1); keep this op float")
+        m0, shift = quantize_multiplier(float(self.lhs_scale) * float(self.rhs_scale) / float(self.output_scale))
+        y = requantize(acc.to(torch.int64), m0, shift, int(self.output_zero_point), self.qmin, self.qmax)
+        return dequantize(y, self.output_scale, self.output_zero_point).to(a.dtype)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        a, b = _plain(a), _plain(b)
+        if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.is_floating_point() and b.is_floating_point()):
+            return self.op(a, b)
+        dt = torch.promote_types(a.dtype, b.dtype)
+        if dt in HALF_DTYPES:
+            a, b = a.to(torch.float32), b.to(torch.float32)
+        y = self.forward_integer(a, b) if self.execution == "integer" else self.forward_reference(a, b)
+        return inference_only(y.to(dt) if dt in HALF_DTYPES else y, self.name)
+
+    def extra_repr(self) -> str:
+        return f"execution={self.execution}"
+
+
+class Int8Mul(_Int8Binary):
+    """Converted elementwise product."""
+
+    op = staticmethod(QuantMul.op)
+
+
+class Int8MatMul(_Int8Binary):
+    """Converted matrix product."""
+
+    op = staticmethod(QuantMatMul.op)

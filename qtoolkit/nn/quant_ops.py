@@ -1,0 +1,119 @@
+"""Quantization-aware functional ops (the *prepared* forms of :class:`~qtoolkit.nn.fused.Cat`,
+:class:`~qtoolkit.nn.fused.Mul` and :class:`~qtoolkit.nn.fused.MatMul`), placed as TensorRT places Q/DQ:
+
+* :class:`QuantCat` — **one** activation quantizer shared by every input of a ``cat``/``stack``: all inputs
+  land on one grid, so the concatenation is exact on codes (an int8 engine concatenates bytes; TensorRT
+  requires equal scales on a concat's inputs). Its range is the union of the inputs' ranges (the output's).
+* :class:`QuantMul`, :class:`QuantMatMul` — both operands fake-quantized (each its own quantizer), the
+  product in float, an observe-only output quantizer recording the range an integer engine requantizes to.
+
+Example::
+
+    >>> import torch
+    >>> from qtoolkit.config import get_qconfig
+    >>> cat = QuantCat(get_qconfig("w8a8"), dim=1)
+    >>> y = cat([torch.rand(2, 3), 2 * torch.rand(2, 5)])   # observes, then fake-quantizes both inputs
+    >>> y.shape
+    torch.Size([2, 8])
+    >>> mm = QuantMatMul(get_qconfig("w8a8"))
+    >>> mm(torch.randn(2, 4, 8), torch.randn(2, 8, 3)).shape
+    torch.Size([2, 4, 3])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from qtoolkit.config import QConfig
+from qtoolkit.fake_quant import FakeQuantize
+from qtoolkit.numerics import HALF_DTYPES
+
+__all__ = ["QuantCat", "QuantMul", "QuantMatMul"]
+
+
+def _static_activation(qconfig: QConfig, who: str) -> None:
+    if qconfig.mode != "static" or qconfig.activation is None:
+        raise ValueError(f"{who} needs a static QConfig with an activation quantizer (got mode={qconfig.mode!r})")
+
+
+def _float_tensors(*ts: object) -> bool:
+    return all(isinstance(t, Tensor) and t.is_floating_point() for t in ts)
+
+
+class QuantCat(nn.Module):
+    """``cat([fq(t) for t in tensors], dim)`` with one shared static activation quantizer ``input_quantizer``."""
+
+    def __init__(self, qconfig: QConfig, dim: int = 0, stack: bool = False) -> None:
+        super().__init__()
+        _static_activation(qconfig, "QuantCat")
+        self.qconfig = qconfig
+        self.dim = int(dim)
+        self.stack = bool(stack)
+        self.input_quantizer = FakeQuantize(qconfig.activation, role="activation")  # type: ignore[arg-type]
+
+    def forward(self, tensors: Sequence[Tensor]) -> Tensor:
+        ts = list(tensors)
+        op = torch.stack if self.stack else torch.cat
+        if not ts or not _float_tensors(*ts):
+            return op(ts, self.dim)
+        dt = ts[0].dtype
+        for t in ts[1:]:
+            dt = torch.promote_types(dt, t.dtype)
+        y = op([self.input_quantizer(t.to(torch.float32) if dt in HALF_DTYPES else t) for t in ts], self.dim)
+        return y.to(dt) if dt in HALF_DTYPES else y
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, stack={self.stack}, spec={self.qconfig.activation.spec.describe()}"  # type: ignore[union-attr]
+
+
+class _QuantBinary(nn.Module):
+    """``op(fq_lhs(a), fq_rhs(b))`` with static activation quantizers and an observe-only output quantizer."""
+
+    op_name = ""
+
+    def __init__(self, qconfig: QConfig) -> None:
+        super().__init__()
+        _static_activation(qconfig, type(self).__name__)
+        self.qconfig = qconfig
+        self.lhs_quantizer = FakeQuantize(qconfig.activation, role="activation")  # type: ignore[arg-type]
+        self.rhs_quantizer = FakeQuantize(qconfig.activation, role="activation")  # type: ignore[arg-type]
+        self.output_quantizer = FakeQuantize(qconfig.activation, role="output")  # type: ignore[arg-type]
+
+    @staticmethod
+    def op(a: Tensor, b: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        if not _float_tensors(a, b):
+            return self.op(a, b)  # e.g. shape arithmetic: nothing to quantize
+        dt = torch.promote_types(a.dtype, b.dtype)
+        if dt in HALF_DTYPES:  # computed in float32, returned in the inputs' dtype (as QuantLayer)
+            a, b = a.to(torch.float32), b.to(torch.float32)
+        y = self.output_quantizer(self.op(self.lhs_quantizer(a), self.rhs_quantizer(b)))
+        return y.to(dt) if dt in HALF_DTYPES else y
+
+    def extra_repr(self) -> str:
+        return f"spec={self.qconfig.activation.spec.describe()}"  # type: ignore[union-attr]
+
+
+class QuantMul(_QuantBinary):
+    """Elementwise ``fq(a) * fq(b)`` (e.g. a squeeze-excitation gate times its features)."""
+
+    op_name = "mul"
+
+    @staticmethod
+    def op(a: Tensor, b: Tensor) -> Tensor:
+        return a * b
+
+
+class QuantMatMul(_QuantBinary):
+    """``torch.matmul(fq(a), fq(b))`` (e.g. attention's ``q @ kᵀ`` and ``softmax(...) @ v``)."""
+
+    op_name = "matmul"
+
+    @staticmethod
+    def op(a: Tensor, b: Tensor) -> Tensor:
+        return torch.matmul(a, b)

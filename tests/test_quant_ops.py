@@ -1,0 +1,233 @@
+"""Quantized functional ops (cat / mul / matmul), standalone BatchNorm as a depthwise conv, and int8 attention:
+found in unmodified models, fake quant against torch's reference ops, converted (reference / integer) against
+the fake-quant model, ONNX Runtime against the fake-quant model."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qtoolkit as qt
+from qtoolkit.nn import Int8Cat, Int8MatMul, Int8Mul, QuantCat, QuantLayer, QuantMatMul, QuantMul, QuantMultiheadAttention
+from tests.conftest import randomize_bn
+
+
+def _fq(x, fq):
+    """torch's own per-tensor fake quantization with the quantizer's qparams (the oracle)."""
+    return torch.fake_quantize_per_tensor_affine(x, float(fq.scale), int(fq.zero_point), fq.qmin, fq.qmax)
+
+
+class Net(nn.Module):
+    """A cat (two branches), a squeeze-excitation mul, a matmul, shape arithmetic and a constant scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 1)
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 8, 1), nn.Sigmoid())
+        self.q = nn.Linear(8, 8)
+        self.k = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], dim=1)
+        y = y * self.se(y)
+        n = y.shape[0] * 1  # size arithmetic: not a tensor product
+        t = y.flatten(2).transpose(1, 2)  # [N, HW, 8]
+        att = torch.matmul(self.q(t), self.k(t).transpose(1, 2)) * 0.5  # constant scale stays float
+        z = torch.bmm(att.softmax(-1), t).mean(1)
+        return self.head(z).reshape(n, -1)
+
+
+def _calibrated(model, shape=(4, 3, 8, 8), n=3):
+    torch.manual_seed(0)
+    data = [torch.randn(*shape) for _ in range(n)]
+    return qt.calibrate(qt.prepare(model, "w8a8"), data, progress=False), data
+
+
+def test_ops_are_found_quantized_and_keep_the_float_function():
+    torch.manual_seed(0)
+    model = Net().eval()
+    qm = qt.prepare(model, "w8a8")
+    kinds = [type(m) for m in qm.modules()]
+    assert kinds.count(QuantCat) == 1 and kinds.count(QuantMul) == 1 and kinds.count(QuantMatMul) == 2
+    # nothing left float but the sigmoid and the softmax (float, reported); the constant scale and the size
+    # arithmetic need nothing
+    assert sorted(op.op for op in qt.float_ops(qm)) == ["Sigmoid", "softmax"]
+    x = torch.randn(2, 3, 8, 8)
+    with qt.fake_quant_disabled(qm), torch.no_grad():
+        torch.testing.assert_close(qm(x), model(x), rtol=0, atol=1e-6)
+
+
+def test_cat_shares_one_grid_whose_range_is_the_union():
+    from torch.ao.quantization.observer import MinMaxObserver  # oracle only
+
+    cat = QuantCat(qt.get_qconfig("w8a8"), dim=1)
+    a, b = torch.rand(2, 3) - 0.2, 3 * torch.rand(2, 5)
+    cat([a, b])
+    cat.input_quantizer.finalize()
+    oracle = MinMaxObserver(dtype=torch.quint8)
+    oracle(torch.cat([a, b], 1))
+    s, z = oracle.calculate_qparams()
+    assert torch.allclose(cat.input_quantizer.scale, s) and int(cat.input_quantizer.zero_point) == int(z)
+    cat.input_quantizer.enable_observer(False)
+    y = cat([a, b])
+    assert torch.equal(y, torch.cat([_fq(a, cat.input_quantizer), _fq(b, cat.input_quantizer)], 1))
+    m = Int8Cat.from_quant(cat)
+    assert torch.equal(m([a, b]), y)
+    m.execution = "integer"
+    assert torch.equal(m([a, b]), y)  # codes concatenated: the same values
+
+
+@pytest.mark.parametrize("cls, twin, shapes", [
+    (QuantMul, Int8Mul, ((2, 8, 4, 4), (2, 8, 1, 1))),
+    (QuantMatMul, Int8MatMul, ((2, 3, 5, 16), (2, 3, 16, 7))),
+])
+def test_binary_ops_fake_quant_reference_and_integer(cls, twin, shapes):
+    torch.manual_seed(0)
+    op = cls(qt.get_qconfig("w8a8"))
+    a, b = torch.randn(*shapes[0]), torch.rand(*shapes[1])
+    y = op(a, b)
+    for fq in (op.lhs_quantizer, op.rhs_quantizer, op.output_quantizer):
+        fq.finalize()
+        fq.enable_observer(False)
+    y = op(a, b)
+    ref = cls.op(_fq(a, op.lhs_quantizer).double(), _fq(b, op.rhs_quantizer).double())  # float64 oracle
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=1e-5)
+    m = twin.from_quant(op)
+    assert torch.equal(m(a, b), y)  # reference execution: the fake-quant numbers
+    m.execution = "integer"
+    step = float(op.output_quantizer.scale)
+    assert (m(a, b) - y).abs().max() <= 0.5 * step + 1e-6  # exact accumulation, one rounding to the output grid
+
+
+def test_converted_model_matches_fake_quant_and_onnx_runtime(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from qtoolkit.export import export_onnx
+
+    torch.manual_seed(0)
+    qm, data = _calibrated(Net().eval())
+    x = data[0]
+    with torch.no_grad():
+        fq = qm(x)
+    q = qt.convert(qm)
+    assert {type(m) for m in q.modules()} >= {Int8Cat, Int8Mul, Int8MatMul}
+    qt.set_execution(q, "reference")
+    with torch.no_grad():
+        assert torch.equal(q(x), fq)
+    path = tmp_path / "ops.onnx"
+    report = export_onnx(qm, x, path, target="vnni")
+    assert len(report.quantized_ops) == 4
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    out = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    assert np.abs(out - fq.numpy()).max() <= float(qm.head.output_quantizer.scale) + 1e-6
+
+
+def test_standalone_batchnorm_becomes_an_exact_depthwise_conv():
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 6, 3), nn.MaxPool2d(2), nn.BatchNorm2d(6), nn.ReLU(),
+                                       nn.Conv2d(6, 4, 1))).eval()
+    qm = qt.prepare(model, "w8a8")
+    dw = qm[2].layer if hasattr(qm[2], "layer") else qm[2]
+    assert isinstance(dw, QuantLayer) and dw.groups == 6 and dw.act == "relu" and isinstance(qm[3], nn.Identity)
+    assert qt.float_ops(qm) == []
+    x = torch.randn(2, 3, 10, 10)
+    with qt.fake_quant_disabled(qm), torch.no_grad():
+        torch.testing.assert_close(qm(x), model(x), rtol=0, atol=1e-5)
+    bn = model[2]
+    gamma_over_sigma = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+    dw.calibrate_weight()
+    wq = dw.weight_quantizer(dw.weight.detach()).reshape(-1)
+    torch.testing.assert_close(wq, gamma_over_sigma, rtol=1e-6, atol=0)  # one value per channel: exact
+    qat = qt.prepare(model, "w8a8", qat=True)  # QAT keeps a live BatchNorm (reported float)
+    assert any(op.op == "BatchNorm2d" for op in qt.float_ops(qat))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_quant_attention_equals_float_attention_without_quantization(batch_first):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=batch_first, kdim=12, vdim=10).eval()
+    q = QuantMultiheadAttention(mha, qt.get_qconfig("w8a8"))
+    L, S, B = 5, 7, 3
+    shape = (lambda n, d: (B, n, d)) if batch_first else (lambda n, d: (n, B, d))
+    query, key, value = torch.randn(*shape(L, 16)), torch.randn(*shape(S, 12)), torch.randn(*shape(S, 10))
+    masks = [
+        {},
+        {"attn_mask": torch.rand(L, S) > 0.8},
+        {"attn_mask": torch.randn(L, S), "key_padding_mask": torch.tensor([[0.0] * (S - 1) + [float("-inf")]] * B)},
+        {"need_weights": True, "average_attn_weights": False},
+    ]
+    with qt.fake_quant_disabled(q), torch.no_grad():
+        for kw in masks:
+            got, w = q(query, key, value, **kw)
+            ref, rw = mha(query, key, value, **kw)
+            torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+            torch.testing.assert_close(w, rw, rtol=0, atol=1e-6)
+        unb = mha(query[0] if batch_first else query[:, 0], key[0] if batch_first else key[:, 0],
+                  value[0] if batch_first else value[:, 0])[0]
+        got = q(query[0] if batch_first else query[:, 0], key[0] if batch_first else key[:, 0],
+                value[0] if batch_first else value[:, 0])[0]
+        torch.testing.assert_close(got, unb, rtol=0, atol=1e-5)
+
+
+def test_vit_attention_matmuls_run_in_int8(tmp_path):
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+                              num_classes=5).eval()
+    nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision zero-initializes the head
+    qm, data = _calibrated(model, (4, 3, 16, 16))
+    assert sum(isinstance(m, QuantMultiheadAttention) for m in qm.modules()) == 2
+    assert not [op for op in qt.float_ops(qm) if op.op in ("MultiheadAttention", "forward")]
+    x = data[0]
+    with torch.no_grad():
+        fq = qm(x)
+    q = qt.convert(qm)
+    assert sum(isinstance(m, Int8MatMul) for m in q.modules()) == 4  # q@kᵀ and attn@v in both layers
+    for ex in ("reference", "integer", "fast"):
+        qt.set_execution(q, ex)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # fast-path fallbacks are reported elsewhere
+            out = q(x)
+        if ex == "reference":
+            assert torch.equal(out, fq)
+        else:
+            assert 10 * torch.log10(fq.pow(2).sum() / (out - fq).pow(2).sum()) > 25  # SQNR vs fake quant, dB
+    ort = pytest.importorskip("onnxruntime")
+    from qtoolkit.export import export_onnx
+
+    path = tmp_path / "vit.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # torchvision's shape asserts in ViT.forward
+        export_onnx(qm, x, path, target="vnni")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    out = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(out, fq.numpy(), rtol=0, atol=1e-4)
+
+
+def test_constant_products_are_not_lifted_and_in_place_products_keep_their_value():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            y = self.c(x)
+            y = y * 2.0  # a constant: nothing to quantize
+            z = F.relu(y)
+            z *= y  # torch.fx records ``z = z * y``: a tensor product, lifted
+            return z
+
+    model = M().eval()
+    qm = qt.prepare(model, "w8a8")
+    assert sum(isinstance(m, QuantMul) for m in qm.modules()) == 1
+    x = torch.randn(2, 3, 4, 4)
+    with qt.fake_quant_disabled(qm), torch.no_grad():
+        torch.testing.assert_close(qm(x), model(x), rtol=0, atol=1e-6)
