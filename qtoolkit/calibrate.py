@@ -131,16 +131,16 @@ def _observe_first_batch(model: nn.Module, fqs: list[tuple[str, FakeQuantize]], 
 
 def _warn_scale_floor(fqs: list[tuple[str, FakeQuantize]]) -> None:
     """Warn, naming them, about quantizers whose data range is so small that the scale floor
-    (:data:`qtoolkit.numerics.SCALE_EPS`) replaces the scale the data asks for: most of their values then
-    round to code 0 and the layer's output is (nearly) zero."""
+    (:data:`qtoolkit.numerics.SCALE_EPS`) replaces the scale the data asks for and leaves it fewer than 16 codes:
+    most of their values then round to code 0 and the layer's output is (nearly) zero."""
     hit = []
     for name, fq in fqs:
         if not fq.observer.has_data:
             continue
         lo, hi = fq.observer.observed_range()
         width = float((hi.clamp(min=0) - lo.clamp(max=0)).max())
-        wanted = width / (fq.qmax - fq.qmin)
-        if 0.0 < wanted < SCALE_EPS:
+        # the floor replaces the scale the data asks for AND leaves fewer than 16 codes (4 bits) for the data
+        if 0.0 < width / (fq.qmax - fq.qmin) < SCALE_EPS and width < 16 * SCALE_EPS:
             hit.append(f"{name} (range {width:.3g}: {width / SCALE_EPS:.2g} steps of the floor {SCALE_EPS:.3g})")
     if hit:
         warnings.warn(

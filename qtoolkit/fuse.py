@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtoolkit.layer_kinds import kind_of, weight_layer_types
-from qtoolkit.nn.fused import Add, Cat, FusedLayer, MatMul, Mul
+from qtoolkit.nn.fused import Activation, Add, Cat, FusedLayer, MatMul, Mul
 
 __all__ = ["FloatOp", "fuse_model"]
 
@@ -47,6 +47,9 @@ _CAT_FUNCS = {torch.cat: False, torch.concat: False, torch.concatenate: False, t
 _MUL_FUNCS, _MUL_METHODS = {operator.mul, torch.mul}, {"mul"}  # in-place forms stay as they are
 _MATMUL_FUNCS, _MATMUL_METHODS = {operator.matmul, torch.matmul, torch.bmm}, {"matmul", "bmm"}
 _SHAPE_METHODS = {"size", "dim", "numel"}
+_ACT_FUNCS = {F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid", F.silu: "silu", F.gelu: "gelu",
+              torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh", F.mish: "mish"}
+_ACT_METHODS = {"sigmoid": "sigmoid", "tanh": "tanh"}
 _RELU_FUNCS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu6: "relu6"}
 _RELU_METHODS = {"relu": "relu", "relu_": "relu"}
 # ops that only move data (exact on quantized values: chunk/split/transpose keep the producer's grid), average or
@@ -56,9 +59,10 @@ _BENIGN = {
     torch.flatten, torch.reshape, operator.getitem, getattr, operator.mul, F.adaptive_avg_pool2d,
     F.max_pool2d, F.avg_pool2d, F.dropout, torch.squeeze, torch.unsqueeze, torch.chunk, torch.split,
     torch.transpose, torch.permute, torch.narrow, torch.mean, F.adaptive_max_pool2d, operator.floordiv,
+    torch._assert, operator.eq,
 }
 _BENIGN_METHODS = {"size", "view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "dim", "permute",
-                   "chunk", "split", "transpose", "t", "narrow", "mean"}
+                   "chunk", "split", "transpose", "t", "narrow", "mean", "expand"}
 
 
 @dataclass(frozen=True)
@@ -358,6 +362,17 @@ def _lift_functional(root: nn.Module, graph: fx.Graph, node: fx.Node, existing: 
     elif (fn and node.target in _MATMUL_FUNCS) or (meth and node.target in _MATMUL_METHODS):
         module, stem = MatMul(), "matmul"
         args = tuple(node.args)
+    elif (fn and node.target in _ACT_FUNCS) or (meth and node.target in _ACT_METHODS):
+        # one tensor argument, default options (e.g. not gelu(approximate="tanh")): an elementwise lookup table
+        if len(node.args) != 1 or not isinstance(node.args[0], fx.Node) or node.kwargs:
+            return False
+        name = _new_name(existing, "act")
+        root.add_module(name, Activation(_ACT_FUNCS[node.target] if fn else _ACT_METHODS[node.target]))
+        with graph.inserting_before(node):
+            new = graph.call_module(name, args=tuple(node.args))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        return True
     else:
         return False
     if stem != "cat" and (len(args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) and not _is_shape_value(a) for a in args)):
@@ -371,7 +386,7 @@ def _lift_functional(root: nn.Module, graph: fx.Graph, node: fx.Node, existing: 
     return True
 
 
-_LEAVES = (FusedLayer, Add, Cat, Mul, MatMul, nn.MultiheadAttention)  # attention: swapped whole by prepare
+_LEAVES = (FusedLayer, Add, Cat, Mul, MatMul, Activation, nn.MultiheadAttention)  # attention: swapped whole by prepare
 
 
 def _process(module: nn.Module, qualname: str, skip: set[str], report: list[FloatOp], bn_conv: bool = False) -> nn.Module:

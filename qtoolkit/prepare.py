@@ -33,11 +33,11 @@ from torch import nn
 from qtoolkit.config import QConfig, get_qconfig
 from qtoolkit.fuse import FloatOp, fuse_model
 from qtoolkit.layer_kinds import weight_layer_types
-from qtoolkit.nn.fused import Add, Cat, FusedLayer, MatMul, Mul
+from qtoolkit.nn.fused import Activation, Add, Cat, FusedLayer, MatMul, Mul
 from qtoolkit.nn.quant_add import QuantAdd
 from qtoolkit.nn.quant_attention import QuantMultiheadAttention, unsupported_attention_reason
 from qtoolkit.nn.quant_layer import QuantLayer
-from qtoolkit.nn.quant_ops import QuantCat, QuantMatMul, QuantMul
+from qtoolkit.nn.quant_ops import QuantActivation, QuantCat, QuantMatMul, QuantMul
 from qtoolkit.toggles import quantizers
 
 __all__ = ["prepare", "resolve_qconfig", "float_ops"]
@@ -46,11 +46,13 @@ _REPORT_ATTR = "_qtoolkit_float_ops"
 _QAT_ATTR = "_qtoolkit_qat"
 
 # modules that hold parameters but have no quantized twin: reported
-# activations not fused into a layer and not exact on quantized values (ReLU / ReLU6 / max are): reported
-_FLOAT_ACTIVATIONS = (
-    nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.Softmax, nn.LeakyReLU, nn.ELU, nn.Mish,
-    nn.SELU, nn.Softplus,
-)
+#: elementwise activation modules quantized as int8 lookup tables (QuantActivation)
+LUT_MODULES: dict[type[nn.Module], str] = {
+    nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid", nn.SiLU: "silu", nn.GELU: "gelu", nn.Sigmoid: "sigmoid",
+    nn.Tanh: "tanh", nn.Mish: "mish", nn.ELU: "elu", nn.LeakyReLU: "leaky_relu", nn.SELU: "selu", nn.Softplus: "softplus",
+}
+# not elementwise, or not exact on quantized values: reported when left float
+_FLOAT_ACTIVATIONS = (nn.Softmax, nn.LogSoftmax, *LUT_MODULES)
 _UNSUPPORTED_HINT = (
     nn.LSTM, nn.GRU, nn.RNN,
     nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention, nn.BatchNorm1d, nn.BatchNorm2d,
@@ -145,7 +147,7 @@ def prepare(
     overrides = dict(overrides or {})
     skip = [skip] if isinstance(skip, str) else list(skip)  # one pattern, not its characters
     _check_overrides(overrides, skip)
-    if any(isinstance(m, (QuantLayer, QuantAdd, QuantCat, QuantMul, QuantMatMul, QuantMultiheadAttention))
+    if any(isinstance(m, (QuantLayer, QuantAdd, QuantCat, QuantMul, QuantMatMul, QuantActivation, QuantMultiheadAttention))
            for m in model.modules()):
         raise ValueError("prepare: this model is already prepared (it holds QuantLayer/QuantAdd modules)")
     resolved_overrides = {k: (None if v is None else get_qconfig(v)) for k, v in overrides.items()}
@@ -237,6 +239,14 @@ def _convert_one(
         if isinstance(child, Cat):
             return QuantCat(qc, dim=child.dim, stack=child.stack)
         return QuantMul(qc) if isinstance(child, Mul) else QuantMatMul(qc)
+    elif isinstance(child, Activation) or type(child) in LUT_MODULES:
+        act = child.name if isinstance(child, Activation) else LUT_MODULES[type(child)]
+        qc = resolve_qconfig(name, type(child), default, overrides, skip)
+        if qc is None or qc.mode != "static":
+            why = "skipped by configuration" if qc is None else f"mode={qc.mode}: lookup-table activations need static mode"
+            report.append(FloatOp(name, type(child).__name__ if not isinstance(child, Activation) else act, why))
+            return child
+        return QuantActivation(act, qc, None if isinstance(child, Activation) else child)
     elif type(child) is nn.MultiheadAttention:
         qc = resolve_qconfig(name, nn.MultiheadAttention, default, overrides, skip)
         why = "skipped by configuration" if qc is None else unsupported_attention_reason(child)

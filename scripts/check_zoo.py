@@ -114,6 +114,7 @@ def int8_flop_share(q: torch.nn.Module, x: torch.Tensor) -> tuple[float, int, in
 
     converted = {n for n, m in q.named_modules() if isinstance(m, tuple(CONVERTED.values()))}
     qt.set_execution(q, "reference")
+    q.requires_grad_(False)  # inference only; the counter's module tracker trips over a grad-requiring float param
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         q(x)
     total = fc.get_total_flops()

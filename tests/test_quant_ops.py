@@ -11,7 +11,18 @@ import torch.nn.functional as F
 from torch import nn
 
 import qtoolkit as qt
-from qtoolkit.nn import Int8Cat, Int8MatMul, Int8Mul, QuantCat, QuantLayer, QuantMatMul, QuantMul, QuantMultiheadAttention
+from qtoolkit.nn import (
+    Int8Activation,
+    Int8Cat,
+    Int8MatMul,
+    Int8Mul,
+    QuantActivation,
+    QuantCat,
+    QuantLayer,
+    QuantMatMul,
+    QuantMul,
+    QuantMultiheadAttention,
+)
 from tests.conftest import randomize_bn
 
 
@@ -54,9 +65,9 @@ def test_ops_are_found_quantized_and_keep_the_float_function():
     qm = qt.prepare(model, "w8a8")
     kinds = [type(m) for m in qm.modules()]
     assert kinds.count(QuantCat) == 1 and kinds.count(QuantMul) == 1 and kinds.count(QuantMatMul) == 2
-    # nothing left float but the sigmoid and the softmax (float, reported); the constant scale and the size
-    # arithmetic need nothing
-    assert sorted(op.op for op in qt.float_ops(qm)) == ["Sigmoid", "softmax"]
+    # the sigmoid is a lookup table; nothing left float but the softmax (reported); the constant scale and the
+    # size arithmetic need nothing
+    assert kinds.count(QuantActivation) == 1 and [op.op for op in qt.float_ops(qm)] == ["softmax"]
     x = torch.randn(2, 3, 8, 8)
     with qt.fake_quant_disabled(qm), torch.no_grad():
         torch.testing.assert_close(qm(x), model(x), rtol=0, atol=1e-6)
@@ -100,8 +111,9 @@ def test_binary_ops_fake_quant_reference_and_integer(cls, twin, shapes):
     m = twin.from_quant(op)
     assert torch.equal(m(a, b), y)  # reference execution: the fake-quant numbers
     m.execution = "integer"
+    torch.testing.assert_close(m(a, b).double(), ref, rtol=0, atol=1e-5)  # exact integer accumulation
     step = float(op.output_quantizer.scale)
-    assert (m(a, b) - y).abs().max() <= 0.5 * step + 1e-6  # exact accumulation, one rounding to the output grid
+    assert (m.requantized(a, b) - y).abs().max() <= 0.5 * step + 1e-6  # one rounding to the output grid
 
 
 def test_converted_model_matches_fake_quant_and_onnx_runtime(tmp_path):
@@ -115,13 +127,13 @@ def test_converted_model_matches_fake_quant_and_onnx_runtime(tmp_path):
     with torch.no_grad():
         fq = qm(x)
     q = qt.convert(qm)
-    assert {type(m) for m in q.modules()} >= {Int8Cat, Int8Mul, Int8MatMul}
+    assert {type(m) for m in q.modules()} >= {Int8Cat, Int8Mul, Int8MatMul, Int8Activation}
     qt.set_execution(q, "reference")
     with torch.no_grad():
         assert torch.equal(q(x), fq)
     path = tmp_path / "ops.onnx"
     report = export_onnx(qm, x, path, target="vnni")
-    assert len(report.quantized_ops) == 4
+    assert len(report.quantized_ops) == 5
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     out = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
@@ -231,3 +243,35 @@ def test_constant_products_are_not_lifted_and_in_place_products_keep_their_value
     x = torch.randn(2, 3, 4, 4)
     with qt.fake_quant_disabled(qm), torch.no_grad():
         torch.testing.assert_close(qm(x), model(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("module", [nn.Hardswish(), nn.Hardsigmoid(), nn.SiLU(), nn.GELU(approximate="tanh"), nn.Sigmoid(),
+                                    nn.Tanh(), nn.LeakyReLU(0.2)], ids=lambda m: type(m).__name__)
+def test_lookup_table_activation_matches_torch_and_onnx(module, tmp_path):
+    """Fake quant = torch's per-tensor fake quant around the float activation; the integer table lookup is
+    bit-identical to it; ONNX Runtime runs the Q/DQ graph to the same values."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), module, nn.Conv2d(4, 2, 1)).eval()
+    qm, data = _calibrated(model, (4, 3, 8, 8))
+    act = qm[1]
+    assert isinstance(act, QuantActivation) and qt.float_ops(qm) == []
+    x = data[0]
+    with torch.no_grad():
+        h = qm[0](x)
+        want = _fq(module(_fq(h, act.input_quantizer)), act.output_quantizer)
+        assert torch.equal(act(h), want)
+        fq = qm(x)
+    q = qt.convert(qm)
+    for ex in ("reference", "integer"):
+        qt.set_execution(q, ex)
+        with torch.no_grad():
+            assert torch.equal(q[1](h), want), ex
+    ort = pytest.importorskip("onnxruntime")
+    from qtoolkit.export import export_onnx
+
+    path = tmp_path / "act.onnx"
+    export_onnx(qm, x, path, target="vnni")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    out = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    assert np.abs(out - fq.numpy()).max() <= float(qm[2].output_quantizer.scale) + 1e-6

@@ -20,10 +20,10 @@ from qtoolkit.layer_kinds import get_layer_kind
 from qtoolkit.nn.fused import apply_activation
 from qtoolkit.nn.int8_add import Int8Add
 from qtoolkit.nn.int8_layer import Int8Layer
-from qtoolkit.nn.int8_ops import Int8Cat, Int8MatMul, Int8Mul
+from qtoolkit.nn.int8_ops import Int8Activation, Int8Cat, Int8MatMul, Int8Mul
 from qtoolkit.nn.quant_add import QuantAdd
 from qtoolkit.nn.quant_layer import QuantLayer
-from qtoolkit.nn.quant_ops import QuantCat, QuantMatMul, QuantMul, _QuantBinary
+from qtoolkit.nn.quant_ops import QuantActivation, QuantCat, QuantMatMul, QuantMul, _QuantBinary
 from qtoolkit.numerics import quantize
 
 if TYPE_CHECKING:  # annotations only: onnx.py imports this module
@@ -191,9 +191,26 @@ class _ExportBinary(nn.Module):
         return self.op(a, b)
 
 
+class _ExportActivation(nn.Module):
+    """Export twin of :class:`QuantActivation`: ``QDQ(act(QDQ(x)))`` (an engine fuses it into a lookup table)."""
+
+    def __init__(self, q: QuantActivation, name: str, opset: int) -> None:
+        super().__init__()
+        self.fn = q.fn
+        self.input_site = _activation_site(q.input_quantizer, f"{name}.input_quantizer", opset)
+        self.output_site = _activation_site(q.output_quantizer, f"{name}.output_quantizer", opset)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (isinstance(x, Tensor) and x.is_floating_point()):
+            return self.fn(x)
+        x = x if self.input_site is None else self.input_site(x)
+        y = self.fn(x)
+        return y if self.output_site is None else self.output_site(y)
+
+
 # --------------------------------------------------------------------------- validation
 def _converted_types() -> tuple[type, ...]:
-    return (Int8Layer, Int8Add, Int8Cat, Int8Mul, Int8MatMul)
+    return (Int8Layer, Int8Add, Int8Cat, Int8Mul, Int8MatMul, Int8Activation)
 
 
 def _validate(model: nn.Module) -> None:
@@ -204,7 +221,8 @@ def _validate(model: nn.Module) -> None:
             "export_onnx exports the prepared (fake-quant) model, not qtoolkit.convert()'s output; converted "
             f"modules: {', '.join(converted[:8])}" + (" ..." if len(converted) > 8 else "")
         )
-    quantized = [m for m in model.modules() if isinstance(m, (QuantLayer, QuantAdd, QuantCat, QuantMul, QuantMatMul))]
+    quantized = [m for m in model.modules()
+                 if isinstance(m, (QuantLayer, QuantAdd, QuantCat, QuantMul, QuantMatMul, QuantActivation))]
     if not quantized:
         raise ExportError(
             "export_onnx: the model has no quantized layers (QuantLayer/QuantAdd); call qtoolkit.prepare and "
@@ -221,6 +239,8 @@ def _validate(model: nn.Module) -> None:
             sites = [("lhs_quantizer", m.lhs_quantizer), ("rhs_quantizer", m.rhs_quantizer)]
         elif isinstance(m, QuantCat):
             sites = [("input_quantizer", m.input_quantizer)]
+        elif isinstance(m, QuantActivation):
+            sites = [("input_quantizer", m.input_quantizer), ("output_quantizer", m.output_quantizer)]
         else:
             continue
         for attr, fq in sites:
@@ -267,6 +287,9 @@ def _build_twin(model: nn.Module, opset: int, bias_mode: str, weight_dtype: str,
         if isinstance(child, (QuantMul, QuantMatMul)):
             report.quantized_ops.append(name)
             return _ExportBinary(child, name, opset)
+        if isinstance(child, QuantActivation):
+            report.quantized_ops.append(name)
+            return _ExportActivation(child, name, opset)
         return None
 
     def swap(module: nn.Module, prefix: str) -> None:

@@ -6,6 +6,7 @@
   a model's ``forward`` into a module, so it can be given quantizers.
 * :class:`Cat`, :class:`Mul`, :class:`MatMul` — ``torch.cat``/``torch.stack``, an elementwise product of two
   tensors (squeeze-excitation) and a matrix product of two tensors (attention), lifted the same way.
+* :class:`Activation` — a functional elementwise activation (``F.silu``, ``torch.sigmoid``, ...) as a module.
 
 Both compute exactly what the original code computed.
 
@@ -113,3 +114,26 @@ class MatMul(nn.Module):
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         return torch.matmul(a, b)
+
+
+#: elementwise activations an int8 engine runs as a 256-entry lookup table: name -> float function
+LUT_ACTIVATIONS = {
+    "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid, "silu": F.silu, "gelu": F.gelu, "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh, "mish": F.mish, "elu": F.elu, "leaky_relu": F.leaky_relu, "selu": F.selu, "softplus": F.softplus,
+}
+
+
+class Activation(nn.Module):
+    """A functional elementwise activation by name (:data:`LUT_ACTIVATIONS`) as a module."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        if name not in LUT_ACTIVATIONS:
+            raise ValueError(f"Activation: unknown activation {name!r}; known: {', '.join(LUT_ACTIVATIONS)}")
+        self.name = name
+
+    def forward(self, x: Tensor) -> Tensor:
+        return LUT_ACTIVATIONS[self.name](x)
+
+    def extra_repr(self) -> str:
+        return self.name

@@ -1,12 +1,17 @@
-"""Converted functional ops (:class:`Int8Cat`, :class:`Int8Mul`, :class:`Int8MatMul`): qparams as buffers,
+"""Converted functional ops (:class:`Int8Cat`, :class:`Int8Mul`, :class:`Int8MatMul`, :class:`Int8Activation`):
+qparams as buffers,
 executions ``"reference"`` (the prepared model's numbers) and ``"integer"`` (integer-only arithmetic).
 
 * ``Int8Cat``: every input quantized to the one shared grid and concatenated; the integer execution concatenates
   the codes (exactly the reference's values).
 * ``Int8Mul`` / ``Int8MatMul``: ``acc = op(q_a − z_a, q_b − z_b)`` accumulated exactly (int64; a matmul's sums in
-  float64, exact below 2^53), requantized to the output grid with the fixed-point multiplier
-  ``M = s_a·s_b / s_y`` (:func:`qtoolkit.numerics.requantize`). The reference execution does not round the
-  output (the prepared model's output quantizer only observes), so the two differ by at most half an output step.
+  float64, exact below 2^53) and returned as ``acc · s_a·s_b``: like the prepared model, the output is not rounded
+  here (its consumer's quantizer rounds it, or float code — a softmax — takes it). ``requantized()`` gives the
+  8-bit output codes an integer-only engine would pass on (fixed-point multiplier ``M = s_a·s_b / s_y``).
+
+* ``Int8Activation``: a lookup table from input codes to output codes (``qmax − qmin + 1`` entries, built once
+  from the activation on the dequantized codes); the integer execution is the table lookup, bit-identical to the
+  reference.
 
 There is no int8 kernel for these yet: ``"fast"`` runs the reference execution (int8 carriers from the layers
 around them are dequantized on the way in).
@@ -35,10 +40,10 @@ from torch import Tensor, nn
 
 from qtoolkit.inference import inference_only
 from qtoolkit.kernels.qtensor import QuantizedActivation
-from qtoolkit.nn.quant_ops import QuantCat, QuantMatMul, QuantMul, _QuantBinary
+from qtoolkit.nn.quant_ops import QuantActivation, QuantCat, QuantMatMul, QuantMul, _QuantBinary
 from qtoolkit.numerics import HALF_DTYPES, dequantize, fake_quantize, quantize, quantize_multiplier, requantize
 
-__all__ = ["Int8Cat", "Int8Mul", "Int8MatMul"]
+__all__ = ["Int8Cat", "Int8Mul", "Int8MatMul", "Int8Activation"]
 
 _INT32_MAX = 2**31 - 1
 
@@ -128,15 +133,28 @@ class _Int8Binary(nn.Module):
         b = fake_quantize(b, self.rhs_scale, self.rhs_zero_point, self.qmin, self.qmax)
         return self.op(a, b)
 
-    def forward_integer(self, a: Tensor, b: Tensor) -> Tensor:
+    def integer_accumulator(self, a: Tensor, b: Tensor) -> Tensor:
+        """``op(q_a − z_a, q_b − z_b)``: the exact int32 accumulator (int64 tensor)."""
         qa = quantize(a, self.lhs_scale, self.lhs_zero_point, self.qmin, self.qmax).double() - float(self.lhs_zero_point)
         qb = quantize(b, self.rhs_scale, self.rhs_zero_point, self.qmin, self.qmax).double() - float(self.rhs_zero_point)
         acc = torch.round(self.op(qa, qb))  # integer products / sums, exact in float64 below 2^53
         if bool((acc.abs() > _INT32_MAX).any()):
             raise RuntimeError(f"{self.name}: the int32 accumulator overflows (|acc| > 2^31 - 1); keep this op float")
+        return acc.to(torch.int64)
+
+    def requantized(self, a: Tensor, b: Tensor) -> Tensor:
+        """The output codes an integer-only engine would pass on: the accumulator requantized to the output grid
+        with the fixed-point multiplier ``M = s_a·s_b / s_y`` (returned dequantized)."""
         m0, shift = quantize_multiplier(float(self.lhs_scale) * float(self.rhs_scale) / float(self.output_scale))
-        y = requantize(acc.to(torch.int64), m0, shift, int(self.output_zero_point), self.qmin, self.qmax)
+        y = requantize(self.integer_accumulator(a, b), m0, shift, int(self.output_zero_point), self.qmin, self.qmax)
         return dequantize(y, self.output_scale, self.output_zero_point).to(a.dtype)
+
+    def forward_integer(self, a: Tensor, b: Tensor) -> Tensor:
+        """Integer arithmetic: the exact accumulator, returned as ``acc · s_a·s_b`` (not requantized: the prepared
+        model does not round this output — its consumer's quantizer does, or float code such as a softmax
+        takes it, as TensorRT feeds an attention matmul's int32 result to its softmax)."""
+        acc = self.integer_accumulator(a, b)
+        return (acc.double() * (float(self.lhs_scale) * float(self.rhs_scale))).to(a.dtype)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         a, b = _plain(a), _plain(b)
@@ -162,3 +180,55 @@ class Int8MatMul(_Int8Binary):
     """Converted matrix product."""
 
     op = staticmethod(QuantMatMul.op)
+
+
+class Int8Activation(nn.Module):
+    """Converted elementwise activation: ``table[q_in − qmin]`` gives the output code."""
+
+    def __init__(self, q: QuantActivation) -> None:
+        super().__init__()
+        spec = q.qconfig.activation.spec  # type: ignore[union-attr]
+        self.qmin, self.qmax = spec.qmin, spec.qmax
+        self.act = q.act
+        self.fn = q.fn
+        self.name = "int8_activation"
+        self.execution = "reference"
+        for p in ("input", "output"):
+            self.register_buffer(f"{p}_scale", torch.ones(()))
+            self.register_buffer(f"{p}_zero_point", torch.zeros((), dtype=torch.int32))
+        self.register_buffer("table", torch.zeros(self.qmax - self.qmin + 1, dtype=torch.int32))
+
+    @classmethod
+    @torch.no_grad()
+    def from_quant(cls, q: QuantActivation, require_calibrated: bool = True) -> Int8Activation:
+        m = cls(q)
+        qi, qo = _qparams(q.input_quantizer, require_calibrated), _qparams(q.output_quantizer, require_calibrated)
+        if qi is not None and qo is not None:
+            m.input_scale, m.input_zero_point = qi
+            m.output_scale, m.output_zero_point = qo
+            m._build_table()
+        return m
+
+    @torch.no_grad()
+    def _build_table(self) -> None:
+        codes = torch.arange(self.qmin, self.qmax + 1, dtype=torch.float32, device=self.table.device)
+        x = fake_quantize(dequantize(codes, self.input_scale, self.input_zero_point), self.input_scale,
+                          self.input_zero_point, self.qmin, self.qmax)  # the reference's input values, bit for bit
+        self.table = quantize(self.fn(x), self.output_scale, self.output_zero_point, self.qmin, self.qmax).to(torch.int32)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = _plain(x)
+        if not (isinstance(x, Tensor) and x.is_floating_point()):
+            return self.fn(x)
+        dt = x.dtype
+        x = x.to(torch.float32) if dt in HALF_DTYPES else x
+        if self.execution == "integer":
+            codes = quantize(x, self.input_scale, self.input_zero_point, self.qmin, self.qmax).long() - self.qmin
+            y = dequantize(self.table[codes], self.output_scale, self.output_zero_point).to(x.dtype)
+        else:
+            y = fake_quantize(self.fn(fake_quantize(x, self.input_scale, self.input_zero_point, self.qmin, self.qmax)),
+                              self.output_scale, self.output_zero_point, self.qmin, self.qmax)
+        return inference_only(y.to(dt) if dt in HALF_DTYPES else y, self.name)
+
+    def extra_repr(self) -> str:
+        return f"act={self.act}, execution={self.execution}"

@@ -6,6 +6,8 @@
   requires equal scales on a concat's inputs). Its range is the union of the inputs' ranges (the output's).
 * :class:`QuantMul`, :class:`QuantMatMul` — both operands fake-quantized (each its own quantizer), the
   product in float, an observe-only output quantizer recording the range an integer engine requantizes to.
+* :class:`QuantActivation` — an elementwise activation (hardswish, SiLU, GELU, sigmoid, ...) between two
+  quantizers that both round: an int8 engine runs it as a lookup table from input codes to output codes.
 
 Example::
 
@@ -29,9 +31,10 @@ from torch import Tensor, nn
 
 from qtoolkit.config import QConfig
 from qtoolkit.fake_quant import FakeQuantize
+from qtoolkit.nn.fused import LUT_ACTIVATIONS
 from qtoolkit.numerics import HALF_DTYPES
 
-__all__ = ["QuantCat", "QuantMul", "QuantMatMul"]
+__all__ = ["QuantCat", "QuantMul", "QuantMatMul", "QuantActivation"]
 
 
 def _static_activation(qconfig: QConfig, who: str) -> None:
@@ -117,3 +120,39 @@ class QuantMatMul(_QuantBinary):
     @staticmethod
     def op(a: Tensor, b: Tensor) -> Tensor:
         return torch.matmul(a, b)
+
+
+class QuantActivation(nn.Module):
+    """``fq_out(act(fq_in(x)))``: an elementwise activation as an int8 lookup table sees it.
+
+    Both quantizers round (``output_quantizer`` here is a rounding activation quantizer, not the observe-only
+    output quantizer of layers): the converted :class:`~qtoolkit.nn.Int8Activation` maps each input code to an
+    output code through a table of ``qmax − qmin + 1`` entries and gives exactly these numbers.
+
+    Args:
+        act: a name in :data:`qtoolkit.nn.fused.LUT_ACTIVATIONS`.
+        qconfig: a static QConfig.
+        float_module: the float module it replaces (kept for its options, e.g. GELU's ``approximate``,
+            LeakyReLU's slope); None: the functional default.
+    """
+
+    def __init__(self, act: str, qconfig: QConfig, float_module: nn.Module | None = None) -> None:
+        super().__init__()
+        _static_activation(qconfig, "QuantActivation")
+        if act not in LUT_ACTIVATIONS:
+            raise ValueError(f"QuantActivation: unknown activation {act!r}; known: {', '.join(LUT_ACTIVATIONS)}")
+        self.act = act
+        self.qconfig = qconfig
+        self.fn = float_module if float_module is not None else LUT_ACTIVATIONS[act]
+        self.input_quantizer = FakeQuantize(qconfig.activation, role="activation")  # type: ignore[arg-type]
+        self.output_quantizer = FakeQuantize(qconfig.activation, role="activation")  # type: ignore[arg-type]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _float_tensors(x):
+            return self.fn(x)
+        dt = x.dtype
+        y = self.output_quantizer(self.fn(self.input_quantizer(x.to(torch.float32) if dt in HALF_DTYPES else x)))
+        return y.to(dt) if dt in HALF_DTYPES else y
+
+    def extra_repr(self) -> str:
+        return f"act={self.act}, spec={self.qconfig.activation.spec.describe()}"  # type: ignore[union-attr]
