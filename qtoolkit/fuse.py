@@ -38,6 +38,7 @@ from torch import nn
 
 from qtoolkit.layer_kinds import kind_of, weight_layer_types
 from qtoolkit.nn.fused import Activation, Add, Cat, FusedLayer, MatMul, Mul
+from qtoolkit.nn.quant_window_attention import is_window_attention
 
 __all__ = ["FloatOp", "fuse_model"]
 
@@ -390,7 +391,7 @@ _LEAVES = (FusedLayer, Add, Cat, Mul, MatMul, Activation, nn.MultiheadAttention)
 
 
 def _process(module: nn.Module, qualname: str, skip: set[str], report: list[FloatOp], bn_conv: bool = False) -> nn.Module:
-    if qualname in skip or isinstance(module, _LEAVES) or not module._modules:
+    if qualname in skip or isinstance(module, _LEAVES) or is_window_attention(module) or not module._modules:
         return module
     if isinstance(module, nn.Sequential):
         _fuse_sequential(module)

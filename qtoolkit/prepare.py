@@ -38,6 +38,7 @@ from qtoolkit.nn.quant_add import QuantAdd
 from qtoolkit.nn.quant_attention import QuantMultiheadAttention, unsupported_attention_reason
 from qtoolkit.nn.quant_layer import QuantLayer
 from qtoolkit.nn.quant_ops import QuantActivation, QuantCat, QuantMatMul, QuantMul
+from qtoolkit.nn.quant_window_attention import QuantShiftedWindowAttention, is_window_attention
 from qtoolkit.toggles import quantizers
 
 __all__ = ["prepare", "resolve_qconfig", "float_ops"]
@@ -147,8 +148,8 @@ def prepare(
     overrides = dict(overrides or {})
     skip = [skip] if isinstance(skip, str) else list(skip)  # one pattern, not its characters
     _check_overrides(overrides, skip)
-    if any(isinstance(m, (QuantLayer, QuantAdd, QuantCat, QuantMul, QuantMatMul, QuantActivation, QuantMultiheadAttention))
-           for m in model.modules()):
+    if any(isinstance(m, (QuantLayer, QuantAdd, QuantCat, QuantMul, QuantMatMul, QuantActivation, QuantMultiheadAttention,
+                          QuantShiftedWindowAttention)) for m in model.modules()):
         raise ValueError("prepare: this model is already prepared (it holds QuantLayer/QuantAdd modules)")
     resolved_overrides = {k: (None if v is None else get_qconfig(v)) for k, v in overrides.items()}
     if qat:
@@ -247,6 +248,13 @@ def _convert_one(
             report.append(FloatOp(name, type(child).__name__ if not isinstance(child, Activation) else act, why))
             return child
         return QuantActivation(act, qc, None if isinstance(child, Activation) else child)
+    elif is_window_attention(child):
+        qc = resolve_qconfig(name, type(child), default, overrides, skip)
+        if qc is None or qc.mode != "static":
+            why = "skipped by configuration" if qc is None else f"mode={qc.mode}: attention is quantized in static mode only"
+            report.append(FloatOp(name, type(child).__name__, why))
+            return child
+        return QuantShiftedWindowAttention(child, qc, qat=qat)
     elif type(child) is nn.MultiheadAttention:
         qc = resolve_qconfig(name, nn.MultiheadAttention, default, overrides, skip)
         why = "skipped by configuration" if qc is None else unsupported_attention_reason(child)

@@ -275,3 +275,37 @@ def test_lookup_table_activation_matches_torch_and_onnx(module, tmp_path):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     out = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
     assert np.abs(out - fq.numpy()).max() <= float(qm[2].output_quantizer.scale) + 1e-6
+
+
+def test_swin_window_attention_runs_in_int8(tmp_path):
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    from qtoolkit.nn import QuantShiftedWindowAttention
+
+    torch.manual_seed(0)
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4],
+                            num_classes=5).eval()
+    qm = qt.prepare(model, "w8a8")
+    assert sum(isinstance(m, QuantShiftedWindowAttention) for m in qm.modules()) == 4
+    x = torch.randn(2, 3, 36, 36)  # 9x9 tokens: padded windows, shifted and unshifted blocks
+    with qt.fake_quant_disabled(qm), torch.no_grad():
+        torch.testing.assert_close(qm(x), model(x), rtol=0, atol=1e-5)
+    qt.calibrate(qm, [torch.randn(2, 3, 36, 36) for _ in range(2)] + [x], progress=False)
+    with torch.no_grad():
+        fq = qm(x)
+    q = qt.convert(qm)
+    assert sum(isinstance(m, Int8MatMul) for m in q.modules()) == 8
+    qt.set_execution(q, "reference")
+    with torch.no_grad():
+        assert torch.equal(q(x), fq)
+    ort = pytest.importorskip("onnxruntime")
+    from qtoolkit.export import export_onnx
+
+    path = tmp_path / "swin.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        export_onnx(qm, x, path, target="vnni")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    out = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(out, fq.numpy(), rtol=0, atol=1e-4)

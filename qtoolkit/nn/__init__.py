@@ -8,8 +8,9 @@ from qtoolkit.nn.quant_add import QuantAdd
 from qtoolkit.nn.quant_attention import QuantMultiheadAttention
 from qtoolkit.nn.quant_layer import QuantLayer
 from qtoolkit.nn.quant_ops import QuantActivation, QuantCat, QuantMatMul, QuantMul
+from qtoolkit.nn.quant_window_attention import QuantShiftedWindowAttention
 
 __all__ = [
     "Activation", "Add", "Cat", "Int8Activation", "QuantActivation", "FusedLayer", "Int8Add", "Int8Cat", "Int8Layer", "Int8MatMul", "Int8Mul", "MatMul", "Mul",
-    "QuantAdd", "QuantCat", "QuantLayer", "QuantMatMul", "QuantMul", "QuantMultiheadAttention",
+    "QuantAdd", "QuantCat", "QuantLayer", "QuantMatMul", "QuantMul", "QuantMultiheadAttention", "QuantShiftedWindowAttention",
 ]

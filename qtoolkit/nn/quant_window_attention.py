@@ -1,0 +1,113 @@
+"""Quantization-aware shifted-window attention (torchvision's Swin ``ShiftedWindowAttention``).
+
+torchvision's Swin block calls a function with its ``qkv``/``proj`` weights (``F.linear`` on parameters) and
+``matmul`` on the heads, so neither the layers nor the matmuls run as modules that ``prepare`` could swap.
+:class:`QuantShiftedWindowAttention` computes the same thing — pad to whole windows, cyclic shift, window
+partition, ``qkv`` projection, ``q·kᵀ`` plus the relative position bias and the shift mask, softmax,
+``attn·v``, ``proj``, reverse — with :class:`~qtoolkit.nn.QuantLayer` projections and
+:class:`~qtoolkit.nn.QuantMatMul` matmuls. Softmax, the bias and the mask stay float (as in TensorRT).
+Only the original (v1) module is handled; ``ShiftedWindowAttentionV2`` (cosine attention) stays float and is
+reported.
+
+Example::
+
+    >>> import torch
+    >>> from torchvision.models.swin_transformer import ShiftedWindowAttention
+    >>> from qtoolkit.config import get_qconfig
+    >>> from qtoolkit.toggles import fake_quant_disabled
+    >>> f = ShiftedWindowAttention(16, [4, 4], [2, 2], num_heads=2).eval()
+    >>> q = QuantShiftedWindowAttention(f, get_qconfig("w8a8"))
+    >>> x = torch.randn(2, 7, 9, 16)                   # [B, H, W, C], not whole windows: padded
+    >>> with fake_quant_disabled(q), torch.no_grad():
+    ...     torch.allclose(q(x), f(x), atol=1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qtoolkit.config import QConfig
+from qtoolkit.nn.quant_attention import _linear
+from qtoolkit.nn.quant_layer import QuantLayer
+from qtoolkit.nn.quant_ops import QuantMatMul
+
+__all__ = ["QuantShiftedWindowAttention", "is_window_attention"]
+
+
+def is_window_attention(module: nn.Module) -> bool:
+    """True for torchvision's (v1) ``ShiftedWindowAttention`` (exact type; torchvision is not imported)."""
+    t = type(module)
+    return t.__name__ == "ShiftedWindowAttention" and t.__module__ == "torchvision.models.swin_transformer"
+
+
+def _shift_mask(ph: int, pw: int, win: list[int], shift: list[int], device: torch.device) -> Tensor:
+    """``[windows, N, N]``: 0 between tokens of the same region before the cyclic shift, -100 across regions."""
+    region = torch.zeros(ph, pw, device=device)
+    count = 0
+    for hs in (slice(0, -win[0]), slice(-win[0], -shift[0]), slice(-shift[0], None)):
+        for ws in (slice(0, -win[1]), slice(-win[1], -shift[1]), slice(-shift[1], None)):
+            region[hs, ws] = count
+            count += 1
+    region = region.view(ph // win[0], win[0], pw // win[1], win[1]).permute(0, 2, 1, 3).reshape(-1, win[0] * win[1])
+    diff = region.unsqueeze(1) - region.unsqueeze(2)
+    return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
+
+
+class QuantShiftedWindowAttention(nn.Module):
+    """Swin's shifted-window attention with int8 ``qkv``/``proj`` layers and int8 attention matmuls."""
+
+    def __init__(self, attn: nn.Module, qconfig: QConfig, qat: bool = False) -> None:
+        super().__init__()
+        if qconfig.mode != "static" or qconfig.activation is None:
+            raise ValueError("QuantShiftedWindowAttention needs a static QConfig (int8 attention matmuls)")
+        self.window_size = list(attn.window_size)
+        self.shift_size = list(attn.shift_size)
+        self.num_heads = attn.num_heads
+        self.attention_dropout, self.dropout = attn.attention_dropout, attn.dropout
+        self.qconfig = qconfig
+        self.qkv = QuantLayer(_linear(attn.qkv.weight, attn.qkv.bias), qconfig, qat=qat)
+        self.proj = QuantLayer(_linear(attn.proj.weight, attn.proj.bias), qconfig, qat=qat)
+        self.scores = QuantMatMul(qconfig)
+        self.context = QuantMatMul(qconfig)
+        self.relative_position_bias_table = nn.Parameter(attn.relative_position_bias_table.detach().clone())
+        self.register_buffer("relative_position_index", attn.relative_position_index.clone())
+
+    def relative_position_bias(self) -> Tensor:
+        n = self.window_size[0] * self.window_size[1]
+        bias = self.relative_position_bias_table[self.relative_position_index].view(n, n, -1)
+        return bias.permute(2, 0, 1).contiguous().unsqueeze(0)  # [1, heads, N, N]
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, h, w, c = x.shape
+        win = self.window_size
+        x = F.pad(x, (0, 0, 0, (win[1] - w % win[1]) % win[1], 0, (win[0] - h % win[0]) % win[0]))
+        ph, pw = x.shape[1], x.shape[2]
+        shift = [0 if win[0] >= ph else self.shift_size[0], 0 if win[1] >= pw else self.shift_size[1]]
+        shifted = sum(shift) > 0
+        if shifted:
+            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        n_win = (ph // win[0]) * (pw // win[1])
+        n = win[0] * win[1]
+        x = x.view(b, ph // win[0], win[0], pw // win[1], win[1], c).permute(0, 1, 3, 2, 4, 5).reshape(b * n_win, n, c)
+        qkv = self.qkv(x).reshape(b * n_win, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        q = q * (c // self.num_heads) ** -0.5
+        attn = self.scores(q, k.transpose(-2, -1)) + self.relative_position_bias()
+        if shifted:
+            mask = _shift_mask(ph, pw, win, shift, x.device)
+            attn = attn.view(b, n_win, self.num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, n, n)
+        attn = F.softmax(attn, dim=-1)
+        attn = F.dropout(attn, p=self.attention_dropout, training=self.training)
+        x = self.context(attn, v).transpose(1, 2).reshape(b * n_win, n, c)
+        x = F.dropout(self.proj(x), p=self.dropout, training=self.training)
+        x = x.view(b, ph // win[0], pw // win[1], win[0], win[1], c).permute(0, 1, 3, 2, 4, 5).reshape(b, ph, pw, c)
+        if shifted:
+            x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
+        return x[:, :h, :w, :].contiguous()
+
+    def extra_repr(self) -> str:
+        return f"window_size={self.window_size}, shift_size={self.shift_size}, num_heads={self.num_heads}"
