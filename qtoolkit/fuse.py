@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtoolkit.layer_kinds import kind_of, weight_layer_types
-from qtoolkit.nn.fused import Activation, Add, Cat, FusedLayer, MatMul, Mul
+from qtoolkit.nn.fused import Activation, Add, Cat, Einsum, FusedLayer, MatMul, Mul
 from qtoolkit.nn.quant_window_attention import is_window_attention
 
 __all__ = ["FloatOp", "fuse_model"]
@@ -363,6 +363,10 @@ def _lift_functional(root: nn.Module, graph: fx.Graph, node: fx.Node, existing: 
     elif (fn and node.target in _MATMUL_FUNCS) or (meth and node.target in _MATMUL_METHODS):
         module, stem = MatMul(), "matmul"
         args = tuple(node.args)
+    elif fn and node.target is torch.einsum and not node.kwargs and node.args and isinstance(node.args[0], str):
+        operands = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        module, stem = Einsum(node.args[0]), "einsum"
+        args = tuple(operands)
     elif (fn and node.target in _ACT_FUNCS) or (meth and node.target in _ACT_METHODS):
         # one tensor argument, default options (e.g. not gelu(approximate="tanh")): an elementwise lookup table
         if len(node.args) != 1 or not isinstance(node.args[0], fx.Node) or node.kwargs:
@@ -387,7 +391,7 @@ def _lift_functional(root: nn.Module, graph: fx.Graph, node: fx.Node, existing: 
     return True
 
 
-_LEAVES = (FusedLayer, Add, Cat, Mul, MatMul, Activation, nn.MultiheadAttention)  # attention: swapped whole by prepare
+_LEAVES = (FusedLayer, Add, Cat, Mul, MatMul, Einsum, Activation, nn.MultiheadAttention)  # attention: swapped whole by prepare
 
 
 def _process(module: nn.Module, qualname: str, skip: set[str], report: list[FloatOp], bn_conv: bool = False) -> nn.Module:

@@ -33,11 +33,11 @@ from torch import nn
 from qtoolkit.config import QConfig, get_qconfig
 from qtoolkit.fuse import FloatOp, fuse_model
 from qtoolkit.layer_kinds import weight_layer_types
-from qtoolkit.nn.fused import Activation, Add, Cat, FusedLayer, MatMul, Mul
+from qtoolkit.nn.fused import Activation, Add, Cat, Einsum, FusedLayer, MatMul, Mul
 from qtoolkit.nn.quant_add import QuantAdd
 from qtoolkit.nn.quant_attention import QuantMultiheadAttention, unsupported_attention_reason
 from qtoolkit.nn.quant_layer import QuantLayer
-from qtoolkit.nn.quant_ops import QuantActivation, QuantCat, QuantMatMul, QuantMul
+from qtoolkit.nn.quant_ops import QuantActivation, QuantCat, QuantEinsum, QuantMatMul, QuantMul
 from qtoolkit.nn.quant_window_attention import QuantShiftedWindowAttention, is_window_attention
 from qtoolkit.toggles import quantizers
 
@@ -148,7 +148,7 @@ def prepare(
     overrides = dict(overrides or {})
     skip = [skip] if isinstance(skip, str) else list(skip)  # one pattern, not its characters
     _check_overrides(overrides, skip)
-    if any(isinstance(m, (QuantLayer, QuantAdd, QuantCat, QuantMul, QuantMatMul, QuantActivation, QuantMultiheadAttention,
+    if any(isinstance(m, (QuantLayer, QuantAdd, QuantCat, QuantMul, QuantMatMul, QuantEinsum, QuantActivation, QuantMultiheadAttention,
                           QuantShiftedWindowAttention)) for m in model.modules()):
         raise ValueError("prepare: this model is already prepared (it holds QuantLayer/QuantAdd modules)")
     resolved_overrides = {k: (None if v is None else get_qconfig(v)) for k, v in overrides.items()}
@@ -228,7 +228,7 @@ def _convert_one(
             report.append(FloatOp(name, "add", f"mode={qc.mode}: residual adds are quantized in static mode only"))
             return child
         return QuantAdd(qc, act=child.act)
-    elif isinstance(child, (Cat, Mul, MatMul)):
+    elif isinstance(child, (Cat, Mul, MatMul, Einsum)):
         op = type(child).__name__.lower()
         qc = resolve_qconfig(name, type(child), default, overrides, skip)
         if qc is None:
@@ -239,6 +239,8 @@ def _convert_one(
             return child
         if isinstance(child, Cat):
             return QuantCat(qc, dim=child.dim, stack=child.stack)
+        if isinstance(child, Einsum):
+            return QuantEinsum(qc, child.equation)
         return QuantMul(qc) if isinstance(child, Mul) else QuantMatMul(qc)
     elif isinstance(child, Activation) or type(child) in LUT_MODULES:
         act = child.name if isinstance(child, Activation) else LUT_MODULES[type(child)]

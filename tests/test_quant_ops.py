@@ -309,3 +309,35 @@ def test_swin_window_attention_runs_in_int8(tmp_path):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     out = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
     np.testing.assert_allclose(out, fq.numpy(), rtol=0, atol=1e-4)
+
+
+def test_einsum_is_lifted_quantized_and_converted():
+    from qtoolkit.nn import Int8Einsum, QuantEinsum
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.einsum("bid,bjd->bij", self.q(x), self.k(x)).softmax(-1)
+
+    torch.manual_seed(0)
+    model = M().eval()
+    qm, data = _calibrated(model, (2, 5, 8))
+    op = next(m for m in qm.modules() if isinstance(m, QuantEinsum))
+    x = data[0]
+    a, b = model.q(x), model.k(x)
+    with torch.no_grad():
+        want = torch.einsum("bid,bjd->bij", _fq(a, op.lhs_quantizer).double(), _fq(b, op.rhs_quantizer).double())
+        torch.testing.assert_close(op(a, b).double(), want, rtol=0, atol=1e-5)
+        fq = qm(x)
+    q = qt.convert(qm)
+    conv = next(m for m in q.modules() if isinstance(m, Int8Einsum))
+    for ex in ("reference", "integer"):
+        qt.set_execution(q, ex)
+        with torch.no_grad():
+            torch.testing.assert_close(conv(a, b).double(), want, rtol=0, atol=1e-5)
+    qt.set_execution(q, "reference")
+    with torch.no_grad():
+        assert torch.equal(q(x), fq)

@@ -20,10 +20,10 @@ from qtoolkit.layer_kinds import get_layer_kind
 from qtoolkit.nn.fused import apply_activation
 from qtoolkit.nn.int8_add import Int8Add
 from qtoolkit.nn.int8_layer import Int8Layer
-from qtoolkit.nn.int8_ops import Int8Activation, Int8Cat, Int8MatMul, Int8Mul
+from qtoolkit.nn.int8_ops import Int8Activation, Int8Cat, Int8Einsum, Int8MatMul, Int8Mul
 from qtoolkit.nn.quant_add import QuantAdd
 from qtoolkit.nn.quant_layer import QuantLayer
-from qtoolkit.nn.quant_ops import QuantActivation, QuantCat, QuantMatMul, QuantMul, _QuantBinary
+from qtoolkit.nn.quant_ops import QuantActivation, QuantCat, _QuantBinary
 from qtoolkit.numerics import quantize
 
 if TYPE_CHECKING:  # annotations only: onnx.py imports this module
@@ -210,7 +210,7 @@ class _ExportActivation(nn.Module):
 
 # --------------------------------------------------------------------------- validation
 def _converted_types() -> tuple[type, ...]:
-    return (Int8Layer, Int8Add, Int8Cat, Int8Mul, Int8MatMul, Int8Activation)
+    return (Int8Layer, Int8Add, Int8Cat, Int8Mul, Int8MatMul, Int8Einsum, Int8Activation)
 
 
 def _validate(model: nn.Module) -> None:
@@ -222,7 +222,7 @@ def _validate(model: nn.Module) -> None:
             f"modules: {', '.join(converted[:8])}" + (" ..." if len(converted) > 8 else "")
         )
     quantized = [m for m in model.modules()
-                 if isinstance(m, (QuantLayer, QuantAdd, QuantCat, QuantMul, QuantMatMul, QuantActivation))]
+                 if isinstance(m, (QuantLayer, QuantAdd, QuantCat, _QuantBinary, QuantActivation))]
     if not quantized:
         raise ExportError(
             "export_onnx: the model has no quantized layers (QuantLayer/QuantAdd); call qtoolkit.prepare and "
@@ -235,7 +235,7 @@ def _validate(model: nn.Module) -> None:
             wq = m.weight_quantizer
             if bool(wq.fake_quant_enabled) and not bool(wq.observer_enabled) and not wq.is_calibrated:
                 missing.append(f"{name}.weight_quantizer")
-        elif isinstance(m, (QuantAdd, QuantMul, QuantMatMul)):
+        elif isinstance(m, (QuantAdd, _QuantBinary)):
             sites = [("lhs_quantizer", m.lhs_quantizer), ("rhs_quantizer", m.rhs_quantizer)]
         elif isinstance(m, QuantCat):
             sites = [("input_quantizer", m.input_quantizer)]
@@ -284,7 +284,7 @@ def _build_twin(model: nn.Module, opset: int, bias_mode: str, weight_dtype: str,
         if isinstance(child, QuantCat):
             report.quantized_ops.append(name)
             return _ExportCat(child, name, opset)
-        if isinstance(child, (QuantMul, QuantMatMul)):
+        if isinstance(child, _QuantBinary):
             report.quantized_ops.append(name)
             return _ExportBinary(child, name, opset)
         if isinstance(child, QuantActivation):

@@ -116,6 +116,20 @@ class MatMul(nn.Module):
         return torch.matmul(a, b)
 
 
+class Einsum(nn.Module):
+    """``torch.einsum(equation, a, b)`` of two tensors as a module (e.g. MaxViT's attention)."""
+
+    def __init__(self, equation: str) -> None:
+        super().__init__()
+        self.equation = equation
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return torch.einsum(self.equation, a, b)
+
+    def extra_repr(self) -> str:
+        return repr(self.equation)
+
+
 #: elementwise activations an int8 engine runs as a 256-entry lookup table: name -> float function
 LUT_ACTIVATIONS = {
     "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid, "silu": F.silu, "gelu": F.gelu, "sigmoid": torch.sigmoid,

@@ -40,10 +40,10 @@ from torch import Tensor, nn
 
 from qtoolkit.inference import inference_only
 from qtoolkit.kernels.qtensor import QuantizedActivation
-from qtoolkit.nn.quant_ops import QuantActivation, QuantCat, QuantMatMul, QuantMul, _QuantBinary
+from qtoolkit.nn.quant_ops import QuantActivation, QuantCat, QuantEinsum, QuantMatMul, QuantMul, _QuantBinary
 from qtoolkit.numerics import HALF_DTYPES, dequantize, fake_quantize, quantize, quantize_multiplier, requantize
 
-__all__ = ["Int8Cat", "Int8Mul", "Int8MatMul", "Int8Activation"]
+__all__ = ["Int8Cat", "Int8Mul", "Int8MatMul", "Int8Einsum", "Int8Activation"]
 
 _INT32_MAX = 2**31 - 1
 
@@ -180,6 +180,17 @@ class Int8MatMul(_Int8Binary):
     """Converted matrix product."""
 
     op = staticmethod(QuantMatMul.op)
+
+
+class Int8Einsum(_Int8Binary):
+    """Converted two-operand ``einsum``."""
+
+    def __init__(self, q: QuantEinsum) -> None:
+        super().__init__(q)
+        self.equation = q.equation
+
+    def op(self, a: Tensor, b: Tensor) -> Tensor:  # type: ignore[override]
+        return torch.einsum(self.equation, a, b)
 
 
 class Int8Activation(nn.Module):

@@ -34,7 +34,7 @@ from qtoolkit.fake_quant import FakeQuantize
 from qtoolkit.nn.fused import LUT_ACTIVATIONS
 from qtoolkit.numerics import HALF_DTYPES
 
-__all__ = ["QuantCat", "QuantMul", "QuantMatMul", "QuantActivation"]
+__all__ = ["QuantCat", "QuantMul", "QuantMatMul", "QuantEinsum", "QuantActivation"]
 
 
 def _static_activation(qconfig: QConfig, who: str) -> None:
@@ -120,6 +120,22 @@ class QuantMatMul(_QuantBinary):
     @staticmethod
     def op(a: Tensor, b: Tensor) -> Tensor:
         return torch.matmul(a, b)
+
+
+class QuantEinsum(_QuantBinary):
+    """``torch.einsum(equation, fq(a), fq(b))`` — a two-operand contraction (e.g. MaxViT's attention scores)."""
+
+    op_name = "einsum"
+
+    def __init__(self, qconfig: QConfig, equation: str) -> None:
+        super().__init__(qconfig)
+        self.equation = equation
+
+    def op(self, a: Tensor, b: Tensor) -> Tensor:  # type: ignore[override]
+        return torch.einsum(self.equation, a, b)
+
+    def extra_repr(self) -> str:
+        return f"{self.equation!r}, " + super().extra_repr()
 
 
 class QuantActivation(nn.Module):
