@@ -14,7 +14,9 @@ compared with its own fake-quant model: top-1 agreement and SQNR (dB, ``10·log1
 and the fake-quant model against FP32 (SQNR).  ``--drift-floor`` adds the float32 fake-quant model and the fast path
 each against the fake-quant model run in float64: on a deep random network a one-code rounding tie flips and
 grows, so float32 summation order alone moves the fake-quant model; the fast path (exact integer sums) is
-compared with the same yardstick.  The ``strategies`` column counts the fast path's per-layer kernel
+compared with the same yardstick.  ``--speed`` adds the FP32 / converted forward-time ratio on one batch.  The
+``int8 sites / float ops`` column counts converted modules and what ``prepare`` left float (``qt.float_ops``); the
+int8 share counts conv / matmul FLOPs (``torch.utils.flop_counter``) inside converted modules.  The ``strategies`` column counts the fast path's per-layer kernel
 choice (:func:`qtoolkit.kernels.dispatch.fast_status`), e.g. ``split`` where an 8-bit-activation layer runs the
 exact two-part kernel on a CPU without VNNI.  The CPU (``lscpu`` model and the ISA flags that matter) and
 oneDNN's ISA cap (``ONEDNN_MAX_CPU_ISA``, if set) are printed first.
@@ -126,6 +128,27 @@ def int8_flop_share(q: torch.nn.Module, x: torch.Tensor) -> tuple[float, int, in
     return round(100.0 * inside / total if total else 100.0, 2), len(converted), 0
 
 
+def fast_speedup(model: torch.nn.Module, q: torch.nn.Module, x: torch.Tensor, repeats: int = 5) -> float:
+    """FP32 forward time / converted ("fast" where the kernels apply) forward time on one batch: median of
+    ``repeats`` interleaved runs after one warm-up each (``torch.set_num_threads`` as set by ``--threads``)."""
+    qt.set_execution(q, "fast")
+    for m in q.modules():  # fast where possible, as convert() chose
+        if hasattr(m, "execution") and not dispatch.supports_fast(m):
+            m.execution = "reference"
+    ta, tb = [], []
+    with torch.no_grad():
+        model(x), q(x)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x)
+            t1 = time.perf_counter()
+            q(x)
+            t2 = time.perf_counter()
+            ta.append(t1 - t0)
+            tb.append(t2 - t1)
+    return round(sorted(ta)[len(ta) // 2] / sorted(tb)[len(tb) // 2], 2)
+
+
 def run(name: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -145,6 +168,8 @@ def run(name: str, args: argparse.Namespace) -> dict:
     row["int8_flops_%"], row["converted_sites"], _ = int8_flop_share(q, evals[0])
     row["float_ops"] = len(qt.float_ops(qm))
     row["float_op_kinds"] = sorted({op.op for op in qt.float_ops(qm)})
+    if args.speed:
+        row["fast_speedup_x"] = fast_speedup(model, q, evals[0])
     with torch.no_grad():
         fp32 = torch.cat([model(x) for x in evals])
         fq = torch.cat([qm(x) for x in evals])
@@ -187,18 +212,19 @@ def markdown_table(rows: list[dict]) -> str:
         v = r.get(k)
         return "—" if v is None else ("∞" if v == float("inf") else fmt.format(v))
 
-    head = ("| model | int8 sites / float ops | int8 share of conv+matmul FLOPs % | layers fast (exact split) | max per-layer diff, fast vs reference (steps) | fast vs fake-quant: "
+    head = ("| model | int8 sites / float ops | int8 share of conv+matmul FLOPs % | speed vs FP32 | layers fast (exact split) | max per-layer diff, fast vs reference (steps) | fast vs fake-quant: "
             "top-1 agree % / SQNR dB | float32 fake-quant vs float64 fake-quant SQNR dB | fast vs float64 fake-quant SQNR dB "
             "| reference vs fake-quant SQNR dB |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | error: {r['error'][:90]} | | | | | | | |")
+            lines.append(f"| {r['model']} | error: {r['error'][:90]} | | | | | | | | |")
             continue
         st = r.get("strategies", {})
         fast = st.get("fast", 0) + st.get("fast-split", 0)
         lines.append(
             f"| {r['model']} | {r.get('converted_sites', '—')} / {r.get('float_ops', '—')} | {num(r, 'int8_flops_%')} "
+            f"| {num(r, 'fast_speedup_x', '{:.2f}×')} "
             f"| {fast} ({st.get('fast-split', 0)}) | {num(r, 'fast_max_layer_steps', '{:.2f}')} "
             f"| {num(r, 'fast_agree_%', '{:.1f}')} / {num(r, 'fast_sqnr_db')} | {num(r, 'fakequant32_vs_64_sqnr_db')} "
             f"| {num(r, 'fast_vs_fakequant64_sqnr_db')} | {num(r, 'reference_sqnr_db')} |"
@@ -218,6 +244,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
     p.add_argument("--drift-floor", action="store_true", help="add the float32-vs-float64 fake-quant SQNR columns")
+    p.add_argument("--speed", action="store_true", help="add FP32 / converted forward time on one batch (median of 5)")
     p.add_argument("--table-from", default=None, help="only print the Markdown table of a --json file")
     args = p.parse_args(argv)
     if args.table_from:
