@@ -38,6 +38,7 @@ from qtoolkit.nn.quant_add import QuantAdd
 from qtoolkit.nn.quant_attention import QuantMultiheadAttention, unsupported_attention_reason
 from qtoolkit.nn.quant_layer import QuantLayer
 from qtoolkit.nn.quant_ops import QuantActivation, QuantCat, QuantEinsum, QuantMatMul, QuantMul
+from qtoolkit.nn.quant_rnn import QuantRNN, unsupported_rnn_reason
 from qtoolkit.nn.quant_window_attention import QuantShiftedWindowAttention, is_window_attention
 from qtoolkit.toggles import quantizers
 
@@ -55,7 +56,7 @@ LUT_MODULES: dict[type[nn.Module], str] = {
 # not elementwise, or not exact on quantized values: reported when left float
 _FLOAT_ACTIVATIONS = (nn.Softmax, nn.LogSoftmax, *LUT_MODULES)
 _UNSUPPORTED_HINT = (
-    nn.LSTM, nn.GRU, nn.RNN,
+    nn.RNN,
     nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention, nn.BatchNorm1d, nn.BatchNorm2d,
     nn.LayerNorm, nn.GroupNorm, nn.PReLU,
 )
@@ -149,7 +150,7 @@ def prepare(
     skip = [skip] if isinstance(skip, str) else list(skip)  # one pattern, not its characters
     _check_overrides(overrides, skip)
     if any(isinstance(m, (QuantLayer, QuantAdd, QuantCat, QuantMul, QuantMatMul, QuantEinsum, QuantActivation, QuantMultiheadAttention,
-                          QuantShiftedWindowAttention)) for m in model.modules()):
+                          QuantShiftedWindowAttention, QuantRNN)) for m in model.modules()):
         raise ValueError("prepare: this model is already prepared (it holds QuantLayer/QuantAdd modules)")
     resolved_overrides = {k: (None if v is None else get_qconfig(v)) for k, v in overrides.items()}
     if qat:
@@ -257,6 +258,16 @@ def _convert_one(
             report.append(FloatOp(name, type(child).__name__, why))
             return child
         return QuantShiftedWindowAttention(child, qc, qat=qat)
+    elif type(child) in (nn.LSTM, nn.GRU):
+        qc = resolve_qconfig(name, type(child), default, overrides, skip)
+        why = "skipped by configuration" if qc is None else unsupported_rnn_reason(child)
+        if why is None and qc is not None and qc.mode == "static":
+            why = (f"mode=static: RNNs are quantized dynamically (their state has no fixed range); pass "
+                   f"overrides={{nn.{type(child).__name__}: 'w8a8-dynamic'}}")
+        if why is not None or qc is None:
+            report.append(FloatOp(name, type(child).__name__, why or "skipped by configuration"))
+            return child
+        return QuantRNN(child, qc)
     elif type(child) is nn.MultiheadAttention:
         qc = resolve_qconfig(name, nn.MultiheadAttention, default, overrides, skip)
         why = "skipped by configuration" if qc is None else unsupported_attention_reason(child)

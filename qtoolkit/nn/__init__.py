@@ -8,9 +8,10 @@ from qtoolkit.nn.quant_add import QuantAdd
 from qtoolkit.nn.quant_attention import QuantMultiheadAttention
 from qtoolkit.nn.quant_layer import QuantLayer
 from qtoolkit.nn.quant_ops import QuantActivation, QuantCat, QuantEinsum, QuantMatMul, QuantMul
+from qtoolkit.nn.quant_rnn import QuantRNN
 from qtoolkit.nn.quant_window_attention import QuantShiftedWindowAttention
 
 __all__ = [
     "Activation", "Add", "Cat", "Einsum", "Int8Activation", "Int8Einsum", "QuantActivation", "QuantEinsum", "FusedLayer", "Int8Add", "Int8Cat", "Int8Layer", "Int8MatMul", "Int8Mul", "MatMul", "Mul",
-    "QuantAdd", "QuantCat", "QuantLayer", "QuantMatMul", "QuantMul", "QuantMultiheadAttention", "QuantShiftedWindowAttention",
+    "QuantAdd", "QuantCat", "QuantLayer", "QuantMatMul", "QuantMul", "QuantMultiheadAttention", "QuantShiftedWindowAttention", "QuantRNN",
 ]
