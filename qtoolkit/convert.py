@@ -31,14 +31,14 @@ from qtoolkit.kernels import dispatch
 from qtoolkit.nn.fused import Activation, Add, Cat, Einsum, FusedLayer, MatMul, Mul
 from qtoolkit.nn.int8_add import Int8Add
 from qtoolkit.nn.int8_layer import EXECUTIONS, Int8Layer
-from qtoolkit.nn.int8_ops import Int8Activation, Int8Cat, Int8Einsum, Int8MatMul, Int8Mul
+from qtoolkit.nn.int8_ops import Int8Activation, Int8Cat, Int8Einsum, Int8MatMul, Int8Mul, Int8Norm
 from qtoolkit.nn.quant_add import QuantAdd
 from qtoolkit.nn.quant_layer import QuantLayer
-from qtoolkit.nn.quant_ops import QuantActivation, QuantCat, QuantEinsum, QuantMatMul, QuantMul
+from qtoolkit.nn.quant_ops import QuantActivation, QuantCat, QuantEinsum, QuantMatMul, QuantMul, QuantNorm
 
 #: prepared module type -> its converted twin (each has ``from_quant(q, require_calibrated)``)
 CONVERTED = {QuantLayer: Int8Layer, QuantAdd: Int8Add, QuantCat: Int8Cat, QuantMul: Int8Mul, QuantMatMul: Int8MatMul,
-             QuantEinsum: Int8Einsum, QuantActivation: Int8Activation}
+             QuantEinsum: Int8Einsum, QuantActivation: Int8Activation, QuantNorm: Int8Norm}
 _PREPARED = tuple(CONVERTED)
 _CONVERTED = tuple(CONVERTED.values())
 
@@ -171,6 +171,8 @@ def _restore_float(module: nn.Module, prefix: str, names: set[str]) -> None:
             setattr(module, cname, Cat(child.dim, child.stack))
         elif name in names and isinstance(child, QuantActivation):
             setattr(module, cname, child.fn if isinstance(child.fn, nn.Module) else Activation(child.act))
+        elif name in names and isinstance(child, QuantNorm):
+            setattr(module, cname, child.norm)
         elif name in names and isinstance(child, QuantEinsum):
             setattr(module, cname, Einsum(child.equation))
         elif name in names and isinstance(child, (QuantMul, QuantMatMul)):

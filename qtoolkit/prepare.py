@@ -37,7 +37,7 @@ from qtoolkit.nn.fused import Activation, Add, Cat, Einsum, FusedLayer, MatMul, 
 from qtoolkit.nn.quant_add import QuantAdd
 from qtoolkit.nn.quant_attention import QuantMultiheadAttention, unsupported_attention_reason
 from qtoolkit.nn.quant_layer import QuantLayer
-from qtoolkit.nn.quant_ops import QuantActivation, QuantCat, QuantEinsum, QuantMatMul, QuantMul
+from qtoolkit.nn.quant_ops import QuantActivation, QuantCat, QuantEinsum, QuantMatMul, QuantMul, QuantNorm
 from qtoolkit.nn.quant_rnn import QuantRNN, unsupported_rnn_reason
 from qtoolkit.nn.quant_window_attention import QuantShiftedWindowAttention, is_window_attention
 from qtoolkit.toggles import quantizers
@@ -57,8 +57,7 @@ LUT_MODULES: dict[type[nn.Module], str] = {
 _FLOAT_ACTIVATIONS = (nn.Softmax, nn.LogSoftmax, *LUT_MODULES)
 _UNSUPPORTED_HINT = (
     nn.RNN,
-    nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention, nn.BatchNorm1d, nn.BatchNorm2d,
-    nn.LayerNorm, nn.GroupNorm, nn.PReLU,
+    nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention, nn.BatchNorm1d, nn.BatchNorm2d, nn.PReLU,
 )
 
 
@@ -150,7 +149,7 @@ def prepare(
     skip = [skip] if isinstance(skip, str) else list(skip)  # one pattern, not its characters
     _check_overrides(overrides, skip)
     if any(isinstance(m, (QuantLayer, QuantAdd, QuantCat, QuantMul, QuantMatMul, QuantEinsum, QuantActivation, QuantMultiheadAttention,
-                          QuantShiftedWindowAttention, QuantRNN)) for m in model.modules()):
+                          QuantShiftedWindowAttention, QuantRNN, QuantNorm)) for m in model.modules()):
         raise ValueError("prepare: this model is already prepared (it holds QuantLayer/QuantAdd modules)")
     resolved_overrides = {k: (None if v is None else get_qconfig(v)) for k, v in overrides.items()}
     if qat:
@@ -258,6 +257,15 @@ def _convert_one(
             report.append(FloatOp(name, type(child).__name__, why))
             return child
         return QuantShiftedWindowAttention(child, qc, qat=qat)
+    elif isinstance(child, (nn.LayerNorm, nn.GroupNorm)):
+        # normalization stays float unless an override names it (by type or name): the switch
+        qc = resolve_qconfig(name, type(child), None, overrides, skip)  # type: ignore[arg-type]
+        if qc is None or qc.mode != "static":
+            why = (f"normalization kept float by default; overrides={{nn.{type(child).__name__}: 'w8a8'}} gives it "
+                   "int8 input and output") if qc is None else f"mode={qc.mode}: int8 normalization needs static mode"
+            report.append(FloatOp(name, type(child).__name__, why))
+            return child
+        return QuantNorm(child, qc)
     elif type(child) in (nn.LSTM, nn.GRU):
         qc = resolve_qconfig(name, type(child), default, overrides, skip)
         why = "skipped by configuration" if qc is None else unsupported_rnn_reason(child)

@@ -341,3 +341,40 @@ def test_einsum_is_lifted_quantized_and_converted():
     qt.set_execution(q, "reference")
     with torch.no_grad():
         assert torch.equal(q(x), fq)
+
+
+def test_layernorm_stays_float_by_default_and_quantizes_on_request(tmp_path):
+    from qtoolkit.nn import Int8Norm, QuantNorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.2, 0.2)
+    qm = qt.prepare(model, "w8a8")
+    (op,) = qt.float_ops(qm)
+    assert op.op == "LayerNorm" and "overrides={nn.LayerNorm: 'w8a8'}" in op.reason
+    data = [torch.randn(4, 6) for _ in range(3)]
+    qm = qt.calibrate(qt.prepare(model, "w8a8", overrides={nn.LayerNorm: "w8a8"}), data, progress=False)
+    norm = qm[1]
+    assert isinstance(norm, QuantNorm) and qt.float_ops(qm) == []
+    x = data[0]
+    with torch.no_grad():
+        h = qm[0](x)
+        want = _fq(model[1](_fq(h, norm.input_quantizer)), norm.output_quantizer)
+        assert torch.equal(norm(h), want)
+        fq = qm(x)
+    q = qt.convert(qm)
+    assert isinstance(q[1], Int8Norm)
+    qt.set_execution(q, "reference")
+    with torch.no_grad():
+        assert torch.equal(q(x), fq)
+    ort = pytest.importorskip("onnxruntime")
+    from qtoolkit.export import export_onnx
+
+    path = tmp_path / "ln.onnx"
+    export_onnx(qm, x, path, target="vnni")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    out = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    assert np.abs(out - fq.numpy()).max() <= float(qm[2].output_quantizer.scale) + 1e-6

@@ -20,10 +20,10 @@ from qtoolkit.layer_kinds import get_layer_kind
 from qtoolkit.nn.fused import apply_activation
 from qtoolkit.nn.int8_add import Int8Add
 from qtoolkit.nn.int8_layer import Int8Layer
-from qtoolkit.nn.int8_ops import Int8Activation, Int8Cat, Int8Einsum, Int8MatMul, Int8Mul
+from qtoolkit.nn.int8_ops import Int8Activation, Int8Cat, Int8Einsum, Int8MatMul, Int8Mul, Int8Norm
 from qtoolkit.nn.quant_add import QuantAdd
 from qtoolkit.nn.quant_layer import QuantLayer
-from qtoolkit.nn.quant_ops import QuantActivation, QuantCat, _QuantBinary
+from qtoolkit.nn.quant_ops import QuantActivation, QuantCat, QuantNorm, _QuantBinary
 from qtoolkit.numerics import quantize
 
 if TYPE_CHECKING:  # annotations only: onnx.py imports this module
@@ -192,11 +192,12 @@ class _ExportBinary(nn.Module):
 
 
 class _ExportActivation(nn.Module):
-    """Export twin of :class:`QuantActivation`: ``QDQ(act(QDQ(x)))`` (an engine fuses it into a lookup table)."""
+    """Export twin of :class:`QuantActivation` / :class:`QuantNorm`: ``QDQ(f(QDQ(x)))`` (an engine runs an
+    activation as a lookup table, a LayerNorm as its int8 kernel)."""
 
-    def __init__(self, q: QuantActivation, name: str, opset: int) -> None:
+    def __init__(self, q: QuantActivation | QuantNorm, name: str, opset: int) -> None:
         super().__init__()
-        self.fn = q.fn
+        self.fn = q.norm if isinstance(q, QuantNorm) else q.fn
         self.input_site = _activation_site(q.input_quantizer, f"{name}.input_quantizer", opset)
         self.output_site = _activation_site(q.output_quantizer, f"{name}.output_quantizer", opset)
 
@@ -210,7 +211,7 @@ class _ExportActivation(nn.Module):
 
 # --------------------------------------------------------------------------- validation
 def _converted_types() -> tuple[type, ...]:
-    return (Int8Layer, Int8Add, Int8Cat, Int8Mul, Int8MatMul, Int8Einsum, Int8Activation)
+    return (Int8Layer, Int8Add, Int8Cat, Int8Mul, Int8MatMul, Int8Einsum, Int8Activation, Int8Norm)
 
 
 def _validate(model: nn.Module) -> None:
@@ -222,7 +223,7 @@ def _validate(model: nn.Module) -> None:
             f"modules: {', '.join(converted[:8])}" + (" ..." if len(converted) > 8 else "")
         )
     quantized = [m for m in model.modules()
-                 if isinstance(m, (QuantLayer, QuantAdd, QuantCat, _QuantBinary, QuantActivation))]
+                 if isinstance(m, (QuantLayer, QuantAdd, QuantCat, _QuantBinary, QuantActivation, QuantNorm))]
     if not quantized:
         raise ExportError(
             "export_onnx: the model has no quantized layers (QuantLayer/QuantAdd); call qtoolkit.prepare and "
@@ -239,7 +240,7 @@ def _validate(model: nn.Module) -> None:
             sites = [("lhs_quantizer", m.lhs_quantizer), ("rhs_quantizer", m.rhs_quantizer)]
         elif isinstance(m, QuantCat):
             sites = [("input_quantizer", m.input_quantizer)]
-        elif isinstance(m, QuantActivation):
+        elif isinstance(m, (QuantActivation, QuantNorm)):
             sites = [("input_quantizer", m.input_quantizer), ("output_quantizer", m.output_quantizer)]
         else:
             continue
@@ -287,7 +288,7 @@ def _build_twin(model: nn.Module, opset: int, bias_mode: str, weight_dtype: str,
         if isinstance(child, _QuantBinary):
             report.quantized_ops.append(name)
             return _ExportBinary(child, name, opset)
-        if isinstance(child, QuantActivation):
+        if isinstance(child, (QuantActivation, QuantNorm)):
             report.quantized_ops.append(name)
             return _ExportActivation(child, name, opset)
         return None

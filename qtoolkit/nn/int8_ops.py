@@ -40,10 +40,10 @@ from torch import Tensor, nn
 
 from qtoolkit.inference import inference_only
 from qtoolkit.kernels.qtensor import QuantizedActivation
-from qtoolkit.nn.quant_ops import QuantActivation, QuantCat, QuantEinsum, QuantMatMul, QuantMul, _QuantBinary
+from qtoolkit.nn.quant_ops import QuantActivation, QuantCat, QuantEinsum, QuantMatMul, QuantMul, QuantNorm, _QuantBinary
 from qtoolkit.numerics import HALF_DTYPES, dequantize, fake_quantize, quantize, quantize_multiplier, requantize
 
-__all__ = ["Int8Cat", "Int8Mul", "Int8MatMul", "Int8Einsum", "Int8Activation"]
+__all__ = ["Int8Cat", "Int8Mul", "Int8MatMul", "Int8Einsum", "Int8Activation", "Int8Norm"]
 
 _INT32_MAX = 2**31 - 1
 
@@ -243,3 +243,43 @@ class Int8Activation(nn.Module):
 
     def extra_repr(self) -> str:
         return f"act={self.act}, execution={self.execution}"
+
+
+class Int8Norm(nn.Module):
+    """Converted normalization: input and output on int8 grids, the normalization itself in float (both
+    executions; there is no integer-only LayerNorm here)."""
+
+    def __init__(self, q: QuantNorm) -> None:
+        super().__init__()
+        spec = q.qconfig.activation.spec  # type: ignore[union-attr]
+        self.qmin, self.qmax = spec.qmin, spec.qmax
+        self.norm = q.norm
+        self.name = "int8_norm"
+        self.execution = "reference"
+        for p in ("input", "output"):
+            self.register_buffer(f"{p}_scale", torch.ones(()))
+            self.register_buffer(f"{p}_zero_point", torch.zeros((), dtype=torch.int32))
+
+    @classmethod
+    @torch.no_grad()
+    def from_quant(cls, q: QuantNorm, require_calibrated: bool = True) -> Int8Norm:
+        m = cls(q)
+        for p in ("input", "output"):
+            qp = _qparams(getattr(q, f"{p}_quantizer"), require_calibrated)
+            if qp is not None:
+                setattr(m, f"{p}_scale", qp[0])
+                setattr(m, f"{p}_zero_point", qp[1])
+        return m
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = _plain(x)
+        if not (isinstance(x, Tensor) and x.is_floating_point()):
+            return self.norm(x)
+        dt = x.dtype
+        x = x.to(torch.float32) if dt in HALF_DTYPES else x
+        y = fake_quantize(self.norm(fake_quantize(x, self.input_scale, self.input_zero_point, self.qmin, self.qmax)),
+                          self.output_scale, self.output_zero_point, self.qmin, self.qmax)
+        return inference_only(y.to(dt) if dt in HALF_DTYPES else y, self.name)
+
+    def extra_repr(self) -> str:
+        return f"execution={self.execution}"

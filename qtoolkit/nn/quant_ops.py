@@ -6,6 +6,8 @@
   requires equal scales on a concat's inputs). Its range is the union of the inputs' ranges (the output's).
 * :class:`QuantMul`, :class:`QuantMatMul` — both operands fake-quantized (each its own quantizer), the
   product in float, an observe-only output quantizer recording the range an integer engine requantizes to.
+* :class:`QuantNorm` — a LayerNorm / GroupNorm with int8 input and output (its statistics in float), when asked
+  for (``prepare`` keeps normalization float by default).
 * :class:`QuantActivation` — an elementwise activation (hardswish, SiLU, GELU, sigmoid, ...) between two
   quantizers that both round: an int8 engine runs it as a lookup table from input codes to output codes.
 
@@ -34,7 +36,7 @@ from qtoolkit.fake_quant import FakeQuantize
 from qtoolkit.nn.fused import LUT_ACTIVATIONS
 from qtoolkit.numerics import HALF_DTYPES
 
-__all__ = ["QuantCat", "QuantMul", "QuantMatMul", "QuantEinsum", "QuantActivation"]
+__all__ = ["QuantCat", "QuantMul", "QuantMatMul", "QuantEinsum", "QuantActivation", "QuantNorm"]
 
 
 def _static_activation(qconfig: QConfig, who: str) -> None:
@@ -172,3 +174,28 @@ class QuantActivation(nn.Module):
 
     def extra_repr(self) -> str:
         return f"act={self.act}, spec={self.qconfig.activation.spec.describe()}"  # type: ignore[union-attr]
+
+
+class QuantNorm(nn.Module):
+    """``fq_out(norm(fq_in(x)))``: a normalization layer between two rounding quantizers (int8 in, int8 out),
+    its mean / variance and affine computed in float — what an int8 engine's LayerNorm kernel does.
+
+    Args:
+        norm: the float ``nn.LayerNorm`` / ``nn.GroupNorm`` (or subclass, e.g. torchvision's ``LayerNorm2d``).
+        qconfig: a static QConfig.
+    """
+
+    def __init__(self, norm: nn.Module, qconfig: QConfig) -> None:
+        super().__init__()
+        _static_activation(qconfig, "QuantNorm")
+        self.norm = norm
+        self.qconfig = qconfig
+        self.input_quantizer = FakeQuantize(qconfig.activation, role="activation")  # type: ignore[arg-type]
+        self.output_quantizer = FakeQuantize(qconfig.activation, role="activation")  # type: ignore[arg-type]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _float_tensors(x):
+            return self.norm(x)
+        dt = x.dtype
+        y = self.output_quantizer(self.norm(self.input_quantizer(x.to(torch.float32) if dt in HALF_DTYPES else x)))
+        return y.to(dt) if dt in HALF_DTYPES else y
