@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,6 +30,7 @@ from torch import nn
 import qtoolkit.convert_passes as passes
 from qtoolkit.fake_quant import FakeQuantize
 from qtoolkit.kernels import dispatch
+from qtoolkit.module_swap import swap_modules
 from qtoolkit.nn.fused import Activation, Add, Cat, Einsum, FusedLayer, MatMul, Mul
 from qtoolkit.nn.int8_add import Int8Add
 from qtoolkit.nn.int8_layer import EXECUTIONS, Int8Layer
@@ -160,37 +163,31 @@ def _float_twin(q: QuantLayer) -> nn.Module:
     return layer if q.act is None else FusedLayer(layer, None, q.act)
 
 
+#: prepared module type -> the float module it stands for (a layer that never ran while calibrating goes back)
+FLOAT_TWIN: dict[type, Callable[[Any], nn.Module]] = {
+    QuantLayer: _float_twin, QuantAdd: lambda q: Add(q.act), QuantCat: lambda q: Cat(q.dim, q.stack),
+    QuantMul: lambda q: Mul(), QuantMatMul: lambda q: MatMul(), QuantEinsum: lambda q: Einsum(q.equation),
+    QuantActivation: lambda q: q.fn if isinstance(q.fn, nn.Module) else Activation(q.act), QuantNorm: lambda q: q.norm,
+}
+
+
 def _restore_float(module: nn.Module, prefix: str, names: set[str]) -> None:
-    for cname, child in list(module.named_children()):
-        name = f"{prefix}.{cname}" if prefix else cname
-        if name in names and isinstance(child, QuantLayer):
-            setattr(module, cname, _float_twin(child))
-        elif name in names and isinstance(child, QuantAdd):
-            setattr(module, cname, Add(child.act))
-        elif name in names and isinstance(child, QuantCat):
-            setattr(module, cname, Cat(child.dim, child.stack))
-        elif name in names and isinstance(child, QuantActivation):
-            setattr(module, cname, child.fn if isinstance(child.fn, nn.Module) else Activation(child.act))
-        elif name in names and isinstance(child, QuantNorm):
-            setattr(module, cname, child.norm)
-        elif name in names and isinstance(child, QuantEinsum):
-            setattr(module, cname, Einsum(child.equation))
-        elif name in names and isinstance(child, (QuantMul, QuantMatMul)):
-            setattr(module, cname, Mul() if isinstance(child, QuantMul) else MatMul())
-        else:
-            _restore_float(child, name, names)
+    def back(child: nn.Module, name: str) -> nn.Module | None:
+        return FLOAT_TWIN[type(child)](child) if name in names and type(child) in FLOAT_TWIN else None
+
+    swap_modules(module, back, prefix)
 
 
 def _swap(module: nn.Module, prefix: str, require: bool) -> None:
-    for cname, child in list(module.named_children()):
-        name = f"{prefix}.{cname}" if prefix else cname
-        twin = CONVERTED.get(type(child))
-        if twin is None:
-            _swap(child, name, require)
-            continue
-        new: nn.Module = twin.from_quant(child, require_calibrated=require)
+    def twin(child: nn.Module, name: str) -> nn.Module | None:
+        make = CONVERTED.get(type(child))
+        if make is None:
+            return None
+        new: nn.Module = make.from_quant(child, require_calibrated=require)
         new.name = name
-        setattr(module, cname, new)
+        return new
+
+    swap_modules(module, twin, prefix)
 
 
 def set_execution(model: nn.Module, execution: str) -> nn.Module:

@@ -33,6 +33,7 @@ from torch import nn
 from qtoolkit.config import QConfig, get_qconfig
 from qtoolkit.fuse import FloatOp, fuse_model
 from qtoolkit.layer_kinds import weight_layer_types
+from qtoolkit.module_swap import swap_modules
 from qtoolkit.nn.fused import Activation, Add, Cat, Einsum, FusedLayer, MatMul, Mul
 from qtoolkit.nn.quant_add import QuantAdd
 from qtoolkit.nn.quant_attention import QuantMultiheadAttention, unsupported_attention_reason
@@ -195,13 +196,7 @@ def _swap(
     qat: bool,
     report: list[FloatOp],
 ) -> nn.Module:
-    for cname, child in list(module.named_children()):
-        name = f"{prefix}.{cname}" if prefix else cname
-        new = _convert_one(child, name, default, overrides, skip, qat, report)
-        if new is None:
-            _swap(child, name, default, overrides, skip, qat, report)
-        elif new is not child:
-            setattr(module, cname, new)
+    swap_modules(module, lambda child, name: _convert_one(child, name, default, overrides, skip, qat, report), prefix)
     return module
 
 

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1] / "qtoolkit"
 # rank of each module (prefix match, longest first); an import may not reach a higher rank
 LAYERS = {
     0: ["qtoolkit._version", "qtoolkit.spec", "qtoolkit.numerics", "qtoolkit.packing", "qtoolkit.atomic",
-        "qtoolkit.inference", "qtoolkit.layer_kinds", "qtoolkit.kernels"],
+        "qtoolkit.inference", "qtoolkit.layer_kinds", "qtoolkit.module_swap", "qtoolkit.kernels"],
     1: ["qtoolkit.histogram_calibrators", "qtoolkit.tensor_calibrators", "qtoolkit.calibrators", "qtoolkit.observer_base",
         "qtoolkit.minmax_observers", "qtoolkit.histogram_observer", "qtoolkit.per_channel_observers",
         "qtoolkit.calibrator_registry", "qtoolkit.config", "qtoolkit.observers", "qtoolkit.fake_quant"],

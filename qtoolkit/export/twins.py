@@ -17,6 +17,7 @@ from qtoolkit.export.errors import ExportError
 from qtoolkit.export.qdq import _activation_site, _container_dtype, _DQFn, _StaticSite
 from qtoolkit.fake_quant import FakeQuantize
 from qtoolkit.layer_kinds import get_layer_kind
+from qtoolkit.module_swap import swap_modules
 from qtoolkit.nn.fused import apply_activation
 from qtoolkit.nn.int8_add import Int8Add
 from qtoolkit.nn.int8_layer import Int8Layer
@@ -293,17 +294,8 @@ def _build_twin(model: nn.Module, opset: int, bias_mode: str, weight_dtype: str,
             return _ExportActivation(child, name, opset)
         return None
 
-    def swap(module: nn.Module, prefix: str) -> None:
-        for cname, child in list(module.named_children()):
-            name = f"{prefix}.{cname}" if prefix else cname
-            new = twin_of(child, name)
-            if new is None:
-                swap(child, name)
-            else:
-                setattr(module, cname, new)
-
     root = twin_of(model, "<model>")
     if root is None:
         root = copy.deepcopy(model)
-        swap(root, "")
+        swap_modules(root, twin_of)
     return root.float().eval().requires_grad_(False)  # a frozen copy: parameters export as initializers
