@@ -54,8 +54,8 @@ LUT_MODULES: dict[type[nn.Module], str] = {
     nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid", nn.SiLU: "silu", nn.GELU: "gelu", nn.Sigmoid: "sigmoid",
     nn.Tanh: "tanh", nn.Mish: "mish", nn.ELU: "elu", nn.LeakyReLU: "leaky_relu", nn.SELU: "selu", nn.Softplus: "softplus",
 }
-# not elementwise, or not exact on quantized values: reported when left float
-_FLOAT_ACTIVATIONS = (nn.Softmax, nn.LogSoftmax, *LUT_MODULES)
+# not elementwise (no lookup table): float between quantized ops, as in TensorRT; reported
+_FLOAT_ACTIVATIONS = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
 _UNSUPPORTED_HINT = (
     nn.RNN,
     nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention, nn.BatchNorm1d, nn.BatchNorm2d, nn.PReLU,
@@ -284,8 +284,8 @@ def _convert_one(
         if isinstance(child, _UNSUPPORTED_HINT):
             report.append(FloatOp(name, type(child).__name__, "no quantized twin (left float)"))
         elif isinstance(child, _FLOAT_ACTIVATIONS):
-            report.append(FloatOp(name, type(child).__name__, "activation runs in float between quantized layers "
-                                  "(no int8 lookup table yet)"))
+            report.append(FloatOp(name, type(child).__name__, "not elementwise (no lookup table): runs in float "
+                                  "between quantized ops, as in TensorRT"))
         elif not child._modules and any(True for _ in child.parameters(recurse=False)):
             report.append(FloatOp(name, type(child).__name__, "layer type not supported (left float)"))
         return None
