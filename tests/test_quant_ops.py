@@ -53,6 +53,20 @@ class Net(nn.Module):
         return self.head(z).reshape(n, -1)
 
 
+def _ort_output(qm, x, path):
+    """Export ``qm`` (target "vnni") and run it in ONNX Runtime without graph optimizations: (output, report)."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from qtoolkit.export import export_onnx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # e.g. torchvision's shape asserts in ViT.forward
+        report = export_onnx(qm, x, path, target="vnni")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0], report
+
+
 def _calibrated(model, shape=(4, 3, 8, 8), n=3):
     torch.manual_seed(0)
     data = [torch.randn(*shape) for _ in range(n)]
@@ -117,10 +131,6 @@ def test_binary_ops_fake_quant_reference_and_integer(cls, twin, shapes):
 
 
 def test_converted_model_matches_fake_quant_and_onnx_runtime(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnx")
-    from qtoolkit.export import export_onnx
-
     torch.manual_seed(0)
     qm, data = _calibrated(Net().eval())
     x = data[0]
@@ -131,12 +141,8 @@ def test_converted_model_matches_fake_quant_and_onnx_runtime(tmp_path):
     qt.set_execution(q, "reference")
     with torch.no_grad():
         assert torch.equal(q(x), fq)
-    path = tmp_path / "ops.onnx"
-    report = export_onnx(qm, x, path, target="vnni")
+    out, report = _ort_output(qm, x, tmp_path / "ops.onnx")
     assert len(report.quantized_ops) == 5
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    out = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
     assert np.abs(out - fq.numpy()).max() <= float(qm.head.output_quantizer.scale) + 1e-6
 
 
@@ -211,16 +217,7 @@ def test_vit_attention_matmuls_run_in_int8(tmp_path):
             assert torch.equal(out, fq)
         else:
             assert 10 * torch.log10(fq.pow(2).sum() / (out - fq).pow(2).sum()) > 25  # SQNR vs fake quant, dB
-    ort = pytest.importorskip("onnxruntime")
-    from qtoolkit.export import export_onnx
-
-    path = tmp_path / "vit.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # torchvision's shape asserts in ViT.forward
-        export_onnx(qm, x, path, target="vnni")
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    out = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    out, _ = _ort_output(qm, x, tmp_path / "vit.onnx")
     np.testing.assert_allclose(out, fq.numpy(), rtol=0, atol=1e-4)
 
 
@@ -266,14 +263,7 @@ def test_lookup_table_activation_matches_torch_and_onnx(module, tmp_path):
         qt.set_execution(q, ex)
         with torch.no_grad():
             assert torch.equal(q[1](h), want), ex
-    ort = pytest.importorskip("onnxruntime")
-    from qtoolkit.export import export_onnx
-
-    path = tmp_path / "act.onnx"
-    export_onnx(qm, x, path, target="vnni")
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    out = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    out, _ = _ort_output(qm, x, tmp_path / "act.onnx")
     assert np.abs(out - fq.numpy()).max() <= float(qm[2].output_quantizer.scale) + 1e-6
 
 
@@ -298,16 +288,7 @@ def test_swin_window_attention_runs_in_int8(tmp_path):
     qt.set_execution(q, "reference")
     with torch.no_grad():
         assert torch.equal(q(x), fq)
-    ort = pytest.importorskip("onnxruntime")
-    from qtoolkit.export import export_onnx
-
-    path = tmp_path / "swin.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        export_onnx(qm, x, path, target="vnni")
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    out = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    out, _ = _ort_output(qm, x, tmp_path / "swin.onnx")
     np.testing.assert_allclose(out, fq.numpy(), rtol=0, atol=1e-4)
 
 
@@ -369,12 +350,5 @@ def test_layernorm_stays_float_by_default_and_quantizes_on_request(tmp_path):
     qt.set_execution(q, "reference")
     with torch.no_grad():
         assert torch.equal(q(x), fq)
-    ort = pytest.importorskip("onnxruntime")
-    from qtoolkit.export import export_onnx
-
-    path = tmp_path / "ln.onnx"
-    export_onnx(qm, x, path, target="vnni")
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    out = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    out, _ = _ort_output(qm, x, tmp_path / "ln.onnx")
     assert np.abs(out - fq.numpy()).max() <= float(qm[2].output_quantizer.scale) + 1e-6

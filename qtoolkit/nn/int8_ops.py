@@ -60,6 +60,26 @@ def _qparams(fq: nn.Module, require: bool) -> tuple[Tensor, Tensor] | None:
     return fq.scale.detach().float().reshape(()).clone(), fq.zero_point.detach().reshape(()).to(torch.int32).clone()
 
 
+def _register_qparams(m: nn.Module, sites: tuple[str, ...]) -> None:
+    """``<site>_scale`` (1.0) and ``<site>_zero_point`` (0) buffers for each site."""
+    for p in sites:
+        m.register_buffer(f"{p}_scale", torch.ones(()))
+        m.register_buffer(f"{p}_zero_point", torch.zeros((), dtype=torch.int32))
+
+
+def _load_qparams(m: nn.Module, q: nn.Module, sites: tuple[str, ...], require: bool) -> bool:
+    """Copy each ``q.<site>_quantizer``'s qparams into ``m``'s buffers; True if every site was calibrated."""
+    ok = True
+    for p in sites:
+        qp = _qparams(getattr(q, f"{p}_quantizer"), require)
+        if qp is None:
+            ok = False
+            continue
+        setattr(m, f"{p}_scale", qp[0])
+        setattr(m, f"{p}_zero_point", qp[1])
+    return ok
+
+
 class Int8Cat(nn.Module):
     """Converted ``cat``/``stack``: inputs quantized to one grid (``scale``, ``zero_point``), then joined."""
 
@@ -111,9 +131,7 @@ class _Int8Binary(nn.Module):
         self.qmin, self.qmax = spec.qmin, spec.qmax
         self.name = f"int8_{q.op_name}"
         self.execution = "reference"
-        for p in ("lhs", "rhs", "output"):
-            self.register_buffer(f"{p}_scale", torch.ones(()))
-            self.register_buffer(f"{p}_zero_point", torch.zeros((), dtype=torch.int32))
+        _register_qparams(self, ("lhs", "rhs", "output"))
 
     op = staticmethod(_QuantBinary.op)
 
@@ -121,11 +139,7 @@ class _Int8Binary(nn.Module):
     @torch.no_grad()
     def from_quant(cls, q: _QuantBinary, require_calibrated: bool = True) -> _Int8Binary:
         m = cls(q)
-        for p in ("lhs", "rhs", "output"):
-            qp = _qparams(getattr(q, f"{p}_quantizer"), require_calibrated)
-            if qp is not None:
-                setattr(m, f"{p}_scale", qp[0])
-                setattr(m, f"{p}_zero_point", qp[1])
+        _load_qparams(m, q, ("lhs", "rhs", "output"), require_calibrated)
         return m
 
     def forward_reference(self, a: Tensor, b: Tensor) -> Tensor:
@@ -204,19 +218,14 @@ class Int8Activation(nn.Module):
         self.fn = q.fn
         self.name = "int8_activation"
         self.execution = "reference"
-        for p in ("input", "output"):
-            self.register_buffer(f"{p}_scale", torch.ones(()))
-            self.register_buffer(f"{p}_zero_point", torch.zeros((), dtype=torch.int32))
+        _register_qparams(self, ("input", "output"))
         self.register_buffer("table", torch.zeros(self.qmax - self.qmin + 1, dtype=torch.int32))
 
     @classmethod
     @torch.no_grad()
     def from_quant(cls, q: QuantActivation, require_calibrated: bool = True) -> Int8Activation:
         m = cls(q)
-        qi, qo = _qparams(q.input_quantizer, require_calibrated), _qparams(q.output_quantizer, require_calibrated)
-        if qi is not None and qo is not None:
-            m.input_scale, m.input_zero_point = qi
-            m.output_scale, m.output_zero_point = qo
+        if _load_qparams(m, q, ("input", "output"), require_calibrated):
             m._build_table()
         return m
 
@@ -256,19 +265,13 @@ class Int8Norm(nn.Module):
         self.norm = q.norm
         self.name = "int8_norm"
         self.execution = "reference"
-        for p in ("input", "output"):
-            self.register_buffer(f"{p}_scale", torch.ones(()))
-            self.register_buffer(f"{p}_zero_point", torch.zeros((), dtype=torch.int32))
+        _register_qparams(self, ("input", "output"))
 
     @classmethod
     @torch.no_grad()
     def from_quant(cls, q: QuantNorm, require_calibrated: bool = True) -> Int8Norm:
         m = cls(q)
-        for p in ("input", "output"):
-            qp = _qparams(getattr(q, f"{p}_quantizer"), require_calibrated)
-            if qp is not None:
-                setattr(m, f"{p}_scale", qp[0])
-                setattr(m, f"{p}_zero_point", qp[1])
+        _load_qparams(m, q, ("input", "output"), require_calibrated)
         return m
 
     def forward(self, x: Tensor) -> Tensor:
