@@ -33,7 +33,7 @@ from qtoolkit.kernels import dispatch
 from qtoolkit.module_swap import swap_modules
 from qtoolkit.nn.fused import Activation, Add, Cat, Einsum, FusedLayer, MatMul, Mul
 from qtoolkit.nn.int8_add import Int8Add
-from qtoolkit.nn.int8_layer import EXECUTIONS, Int8Layer
+from qtoolkit.nn.int8_layer import EXECUTION_REGISTRY, EXECUTIONS, Int8Layer
 from qtoolkit.nn.int8_ops import Int8Activation, Int8Cat, Int8Einsum, Int8MatMul, Int8Mul, Int8Norm
 from qtoolkit.nn.quant_add import QuantAdd
 from qtoolkit.nn.quant_layer import QuantLayer
@@ -203,7 +203,8 @@ def set_execution(model: nn.Module, execution: str) -> nn.Module:
         >>> _ = set_execution(q, "reference")
     """
     if execution not in EXECUTIONS:
-        raise ValueError(f"set_execution: execution must be one of {EXECUTIONS}, got {execution!r}")
+        raise ValueError(f"set_execution: execution must be one of {EXECUTIONS}, got {execution!r}: "
+                         + "; ".join(f"{k}: {v}" for k, v in EXECUTION_REGISTRY.items()))
     found = False
     for m in model.modules():
         if isinstance(m, _CONVERTED):

@@ -301,3 +301,12 @@ def test_layers_that_never_ran_stay_float_with_a_warning():
     assert (out - ref).abs().max().item() < 0.05 * ref.abs().max().item() + 0.05
     with pytest.raises(RuntimeError, match="have no range"):  # nothing calibrated: still an error
         qt.convert(qt.prepare(net))
+
+
+def test_set_execution_names_the_registered_executions():
+    from qtoolkit.nn.int8_layer import EXECUTION_REGISTRY
+
+    q = qt.convert(qt.calibrate(qt.prepare(nn.Sequential(nn.Linear(4, 2))), [torch.randn(3, 4)], progress=False))
+    with pytest.raises(ValueError, match="one of \\('reference', 'integer', 'fast'\\).*integer-only arithmetic"):
+        qt.set_execution(q, "turbo")
+    assert set(EXECUTION_REGISTRY) == {"reference", "integer", "fast"}

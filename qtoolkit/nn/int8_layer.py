@@ -55,9 +55,16 @@ from qtoolkit.numerics import (
 from qtoolkit.packing import pack_int4, unpack_int4
 from qtoolkit.spec import QuantSpec
 
-__all__ = ["Int8Layer", "EXECUTIONS", "inference_only"]
+__all__ = ["Int8Layer", "EXECUTIONS", "EXECUTION_REGISTRY", "inference_only"]
 
-EXECUTIONS = ("reference", "integer", "fast")
+#: the executions every converted module understands (``qtoolkit.set_execution``): name -> what it computes.
+#: A module without a kernel for ``"fast"`` runs its ``"reference"`` execution there (layers warn once, naming why).
+EXECUTION_REGISTRY: dict[str, str] = {
+    "reference": "simulated int8: inputs fake-quantized, dequantized integer weights, float op (= the prepared model)",
+    "integer": "integer-only arithmetic: exact int32 accumulation, fixed-point requantization (static mode)",
+    "fast": "oneDNN int8 kernels on uint8 codes where they apply, else the reference execution",
+}
+EXECUTIONS = tuple(EXECUTION_REGISTRY)
 
 
 def _code_dtype(spec: QuantSpec) -> torch.dtype:
