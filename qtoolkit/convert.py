@@ -139,7 +139,7 @@ def convert(
         model.register_forward_hook(passes.dequantize_output_hook)
     if execution == "auto":
         for m in model.modules():
-            if isinstance(m, (Int8Layer, Int8Add)) and dispatch.supports_fast(m):
+            if isinstance(m, (Int8Layer, Int8Add, Int8Activation)) and dispatch.supports_fast(m):
                 m.execution = "fast"
         if not allow_uncalibrated:
             dispatch.prepare_fast(model)

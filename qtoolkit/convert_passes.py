@@ -31,7 +31,11 @@ from qtoolkit.kernels.dispatch import fused_conv_add, invalidate
 from qtoolkit.kernels.qtensor import dequantize_tree
 from qtoolkit.nn.int8_add import Int8Add
 from qtoolkit.nn.int8_layer import Int8Layer
+from qtoolkit.nn.int8_ops import Int8Activation
 from qtoolkit.numerics import HALF_DTYPES
+
+#: converted modules whose fast execution can hand int8 codes (a carrier) to the next module
+_CODE_PRODUCERS = (Int8Layer, Int8Add, Int8Activation)
 
 __all__ = ["dequantize_output_hook", "fuse_residual_adds", "mark_donations", "mark_float_outputs"]
 
@@ -104,6 +108,8 @@ def _consumes_codes(mod: nn.Module, cache: dict) -> bool:
         return mod.mode == "static"
     if isinstance(mod, Int8Add):
         return True
+    if isinstance(mod, Int8Activation):
+        return mod.supports_fast()
     if isinstance(mod, nn.Sequential):
         kids = [c for c in mod if not isinstance(c, _TRANSPARENT)]
         return bool(kids) and _consumes_codes(kids[0], cache)
@@ -140,12 +146,12 @@ def mark_float_outputs(model: nn.Module) -> list[str]:
     marked: list[str] = []
     cache: dict = {}
     for m in model.modules():
-        if isinstance(m, (Int8Layer, Int8Add)):
+        if isinstance(m, _CODE_PRODUCERS):
             m.float_output = False
             invalidate(m)
 
     def visit(mod: nn.Module, out_float: bool) -> None:
-        if isinstance(mod, (Int8Layer, Int8Add)):
+        if isinstance(mod, _CODE_PRODUCERS):
             if out_float and not mod.float_output:  # a module called from several sites: any float consumer
                 mod.float_output = True
                 invalidate(mod)
@@ -177,7 +183,7 @@ def mark_float_outputs(model: nn.Module) -> list[str]:
 
 def _returns_fresh(mod: nn.Module) -> bool:
     """Does calling ``mod`` always return a new tensor (never its input)?"""
-    if isinstance(mod, (Int8Layer, Int8Add)):
+    if isinstance(mod, _CODE_PRODUCERS):
         return True
     if isinstance(mod, nn.Sequential):
         kids = [c for c in mod if not isinstance(c, _TRANSPARENT)]

@@ -352,3 +352,37 @@ def test_layernorm_stays_float_by_default_and_quantizes_on_request(tmp_path):
         assert torch.equal(q(x), fq)
     out, _ = _ort_output(qm, x, tmp_path / "ln.onnx")
     assert np.abs(out - fq.numpy()).max() <= float(qm[2].output_quantizer.scale) + 1e-6
+
+
+def test_lookup_table_fast_execution_takes_and_passes_int8_codes():
+    from qtoolkit.kernels import onednn
+    from qtoolkit.kernels.qtensor import QuantizedActivation
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Hardswish(), nn.Conv2d(8, 4, 1), nn.SiLU(), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 3)).eval()
+    qm, data = _calibrated(model)
+    x = data[0]
+    q = qt.convert(qm)
+    act = q[1]
+    assert isinstance(act, Int8Activation) and act.supports_fast()
+    with torch.no_grad():
+        h = qm[0](x)
+        act.execution = "reference"
+        ref = act(h)
+        act.execution = "fast"
+        fast = act(h)  # a float input: quantized, looked up, returned as codes
+        assert type(fast) is QuantizedActivation and torch.equal(fast.dequantize(), ref)
+    seen = []
+    act.register_forward_pre_hook(lambda m, a: seen.append(type(a[0])))
+    qt.set_execution(q, "reference")
+    with torch.no_grad():
+        out_ref = q(x)
+    qt.set_execution(q, "fast")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out_fast = q(x)
+    if onednn.is_available():
+        assert seen[-1] is QuantizedActivation  # the conv handed its codes over, no float round trip
+    assert type(out_fast) is torch.Tensor
+    assert (out_fast - out_ref).abs().max() <= 2 * float(qm[-1].output_quantizer.scale) + 1e-6

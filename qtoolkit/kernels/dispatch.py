@@ -171,6 +171,9 @@ def supports_fast(m: nn.Module) -> bool:
         >>> supports_fast(nn.Linear(2, 2))
         False
     """
+    own = getattr(m, "supports_fast", None)  # a converted op with its own fast execution (e.g. a lookup table)
+    if callable(own):
+        return bool(own())
     p = _params(m)
     if isinstance(p, LayerParams):
         return _unsupported_reason(p) is None

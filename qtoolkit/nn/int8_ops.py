@@ -11,9 +11,10 @@ executions ``"reference"`` (the prepared model's numbers) and ``"integer"`` (int
 
 * ``Int8Activation``: a lookup table from input codes to output codes (``qmax − qmin + 1`` entries, built once
   from the activation on the dequantized codes); the integer execution is the table lookup, bit-identical to the
-  reference.
+  reference. Its ``"fast"`` execution looks the uint8 codes of the int8 carrier it receives up in the table and
+  passes a carrier on (no float round trip; a float input is quantized first), bit-identical too.
 
-There is no int8 kernel for these yet: ``"fast"`` runs the reference execution (int8 carriers from the layers
+Apart from the lookup table there is no int8 kernel for these yet: ``"fast"`` runs the reference execution (int8 carriers from the layers
 around them are dequantized on the way in).
 
 Example::
@@ -39,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from qtoolkit.inference import inference_only
+from qtoolkit.kernels import onednn
 from qtoolkit.kernels.qtensor import QuantizedActivation
 from qtoolkit.nn.quant_ops import QuantActivation, QuantCat, QuantEinsum, QuantMatMul, QuantMul, QuantNorm, _QuantBinary
 from qtoolkit.numerics import HALF_DTYPES, dequantize, fake_quantize, quantize, quantize_multiplier, requantize
@@ -78,6 +80,20 @@ def _load_qparams(m: nn.Module, q: nn.Module, sites: tuple[str, ...], require: b
         setattr(m, f"{p}_scale", qp[0])
         setattr(m, f"{p}_zero_point", qp[1])
     return ok
+
+
+def _lookup(table: Tensor, codes: Tensor) -> Tensor:
+    """``table[codes]`` with ``codes``' shape and memory layout: one ``index_select`` over the codes in memory
+    order with int32 indices (~3x faster than advanced indexing with int64 on a 64x16x112x112 activation)."""
+    inv = None
+    if codes.is_contiguous():
+        view = codes
+    elif codes.dim() == 4 and codes.is_contiguous(memory_format=torch.channels_last):
+        view, inv = codes.permute(0, 2, 3, 1), (0, 3, 1, 2)
+    else:
+        view = codes.contiguous()
+    out = table.index_select(0, view.reshape(-1).to(torch.int32)).view(view.shape)
+    return out if inv is None else out.permute(*inv)
 
 
 class Int8Cat(nn.Module):
@@ -220,6 +236,7 @@ class Int8Activation(nn.Module):
         self.execution = "reference"
         _register_qparams(self, ("input", "output"))
         self.register_buffer("table", torch.zeros(self.qmax - self.qmin + 1, dtype=torch.int32))
+        self.float_output = False  # set by convert() where the output leaves the int8 graph (fast execution)
 
     @classmethod
     @torch.no_grad()
@@ -236,7 +253,43 @@ class Int8Activation(nn.Module):
                           self.input_zero_point, self.qmin, self.qmax)  # the reference's input values, bit for bit
         self.table = quantize(self.fn(x), self.output_scale, self.output_zero_point, self.qmin, self.qmax).to(torch.int32)
 
+    def supports_fast(self) -> bool:
+        """The table lookup on carriers needs a uint8 grid (activation grids are) on the CPU."""
+        return self.qmin >= 0 and self.qmax <= 255 and self.table.device.type == "cpu"
+
+    @torch.no_grad()
+    def _forward_fast(self, x: Tensor) -> Tensor:
+        s, z = float(self.input_scale), int(self.input_zero_point)
+        if (type(x) is QuantizedActivation and x.codes is not None and x.q_scale == s and x.q_zero_point == z
+                and x.q_min >= self.qmin and x.q_max <= self.qmax):  # fmt: skip
+            codes = x.codes  # the producer's codes are on this grid: no float round trip
+        else:
+            codes = onednn.quantize_u8(_plain(x).float(), s, z, self.qmin, self.qmax)
+        table = self.__dict__.get("_table_u8")
+        if table is None or table.device != codes.device:
+            full = torch.zeros(256, dtype=torch.uint8, device=codes.device)
+            full[self.qmin : self.qmax + 1] = self.table.to(torch.uint8)
+            table = self.__dict__["_table_u8"] = full
+        out = _lookup(table, codes)
+        if self.float_output:
+            return dequantize(out, self.output_scale, self.output_zero_point)
+        return QuantizedActivation.wrap(out, float(self.output_scale), int(self.output_zero_point), self.qmin, self.qmax)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[override]
+        self.__dict__.pop("_table_u8", None)  # the uint8 copy of the table follows the buffer
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        self.__dict__.pop("_table_u8", None)
+        return super()._apply(fn, recurse)
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.execution == "fast" and self.supports_fast() and isinstance(x, Tensor) and x.is_floating_point():
+            dt = x.dtype
+            y = self._forward_fast(x)
+            if type(y) is QuantizedActivation:
+                return y
+            return inference_only(y.to(dt) if dt in HALF_DTYPES else y, self.name)
         x = _plain(x)
         if not (isinstance(x, Tensor) and x.is_floating_point()):
             return self.fn(x)
