@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping
 from torch import nn
 
 from qtoolkit.config import QConfig, get_qconfig
+from qtoolkit.fake_quant import FakeQuantize
 from qtoolkit.fuse import FloatOp, fuse_model
 from qtoolkit.layer_kinds import weight_layer_types
 from qtoolkit.module_swap import swap_modules
@@ -149,8 +150,7 @@ def prepare(
     overrides = dict(overrides or {})
     skip = [skip] if isinstance(skip, str) else list(skip)  # one pattern, not its characters
     _check_overrides(overrides, skip)
-    if any(isinstance(m, (QuantLayer, QuantAdd, QuantCat, QuantMul, QuantMatMul, QuantEinsum, QuantActivation, QuantMultiheadAttention,
-                          QuantShiftedWindowAttention, QuantRNN, QuantNorm)) for m in model.modules()):
+    if any(isinstance(m, FakeQuantize) for m in model.modules()):  # every prepared module holds quantizers
         raise ValueError("prepare: this model is already prepared (it holds QuantLayer/QuantAdd modules)")
     resolved_overrides = {k: (None if v is None else get_qconfig(v)) for k, v in overrides.items()}
     if qat:

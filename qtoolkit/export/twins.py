@@ -223,31 +223,18 @@ def _validate(model: nn.Module) -> None:
             "export_onnx exports the prepared (fake-quant) model, not qtoolkit.convert()'s output; converted "
             f"modules: {', '.join(converted[:8])}" + (" ..." if len(converted) > 8 else "")
         )
-    quantized = [m for m in model.modules()
-                 if isinstance(m, (QuantLayer, QuantAdd, QuantCat, _QuantBinary, QuantActivation, QuantNorm))]
-    if not quantized:
+    quantizers = list(_named_quantizers(model))
+    if not quantizers:
         raise ExportError(
             "export_onnx: the model has no quantized layers (QuantLayer/QuantAdd); call qtoolkit.prepare and "
             "qtoolkit.calibrate first (a float model exports with plain torch.onnx.export)"
         )
     missing = []
-    for name, m in model.named_modules():
-        if isinstance(m, QuantLayer):
-            sites: list[tuple[str, FakeQuantize | None]] = [("input_quantizer", m.input_quantizer)]
-            wq = m.weight_quantizer
-            if bool(wq.fake_quant_enabled) and not bool(wq.observer_enabled) and not wq.is_calibrated:
-                missing.append(f"{name}.weight_quantizer")
-        elif isinstance(m, (QuantAdd, _QuantBinary)):
-            sites = [("lhs_quantizer", m.lhs_quantizer), ("rhs_quantizer", m.rhs_quantizer)]
-        elif isinstance(m, QuantCat):
-            sites = [("input_quantizer", m.input_quantizer)]
-        elif isinstance(m, (QuantActivation, QuantNorm)):
-            sites = [("input_quantizer", m.input_quantizer), ("output_quantizer", m.output_quantizer)]
-        else:
+    for name, fq in quantizers:  # every quantizer that would fake-quantize without a range
+        if not bool(fq.fake_quant_enabled) or fq.is_calibrated:
             continue
-        for attr, fq in sites:
-            if fq is not None and bool(fq.fake_quant_enabled) and not fq.is_calibrated:
-                missing.append(f"{name}.{attr}")
+        if fq.role in ("activation", "output") or (fq.role == "weight" and not bool(fq.observer_enabled)):
+            missing.append(name)
     live = [
         name for name, fq in _named_quantizers(model)
         if fq.role == "activation" and bool(fq.fake_quant_enabled) and bool(fq.observer_enabled) and fq.is_calibrated
