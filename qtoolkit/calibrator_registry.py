@@ -239,14 +239,14 @@ register_calibrator(
     "percentile",
     per_tensor=partial(HistogramObserver, method="percentile"),
     per_channel=PerChannelPercentileObserver,
-    options={"percentile", "bins"},
+    options={"percentile", "bins", "max_samples"},
     per_channel_options={"percentile"},
     uses_histogram=True,
 )
 register_calibrator(
     "entropy",
     per_tensor=partial(HistogramObserver, method="entropy"),
-    options={"bins", "max_clip_fraction"},
+    options={"bins", "max_clip_fraction", "max_samples"},
     uses_histogram=True,
     unsupported_hint="use 'mse' or 'percentile' for per-channel weights",
 )
@@ -254,7 +254,7 @@ register_calibrator(
     "mse",
     per_tensor=partial(HistogramObserver, method="mse"),
     per_channel=PerChannelMSEObserver,
-    options={"bins", "num_candidates"},
+    options={"bins", "num_candidates", "max_samples"},
     per_channel_options={"num_candidates"},
     uses_histogram=True,
 )

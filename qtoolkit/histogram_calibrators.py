@@ -224,24 +224,30 @@ def _kl_divergences(h: Tensor, num_levels: int, candidates: Tensor, chunk: int |
     chl = torch.cat([zero, torch.cumsum(_xlogx(h), 0)])  # sum(h log h) over h[:k]
     total = cs[-1]
     log_total = torch.log(total)
-    g = torch.arange(L, device=dev).unsqueeze(0)  # [1, L]
-    is_last_group = (g == L - 1).to(f64)
+    # group g of candidate i spans bins [ceil(g·i / L), ceil((g+1)·i / L)): the L + 1 boundaries, as exact
+    # float64 integers (floor of a float64 quotient of integers < 2^53 is exact; cheaper than int64 division)
+    g = torch.arange(L + 1, dtype=f64, device=dev).unsqueeze(0)  # [1, L + 1]
+    is_last_group = torch.zeros(L, dtype=f64, device=dev)
+    is_last_group[-1] = 1.0
     log_eps = math.log(KL_EPS)
-    chunk = chunk or max(1, _SERIAL_ELEMS // L)
+    chunk = chunk or max(1, _SERIAL_ELEMS // (L + 1))
     out = []
     for start in range(0, candidates.numel(), chunk):
-        i = candidates[start : start + chunk].to(torch.int64).unsqueeze(1)  # [c, 1]
-        outliers = total - cs[i]  # [c, 1]
+        i = candidates[start : start + chunk].to(torch.int64)  # [c]
+        c = i.numel()
+        outliers = total - cs[i]  # [c]
         h_last = h[i - 1]
         # sum p log p, p = a / total with a = h[:i] and the outliers added to the last bin
-        s1 = ((chl[i - 1] + _xlogx(h_last + outliers)) / total - log_total).squeeze(1)
-        g_start = (g * i + L - 1) // L  # first bin of each group, [c, L]
-        g_end = ((g + 1) * i + L - 1) // L
-        mass = cs[g_end] - cs[g_start]  # Q's (unnormalized) group mass
-        extra = is_last_group * ((outliers > 0) & (h_last == 0)).to(f64)  # last bin non-zero only via outliers
-        n_nz = cnz[g_end] - cnz[g_start] + extra  # bins where P > 0
-        p_group = (mass + is_last_group * outliers) / total
-        q_sum = cs[i]  # = sum of all group masses
+        s1 = (chl[i - 1] + _xlogx(h_last + outliers)) / total - log_total
+        bounds = torch.floor((g * i.to(f64).unsqueeze(1) + (L - 1)) / L).to(torch.int64).view(-1)  # [c·(L+1)]
+        cs_b = cs.index_select(0, bounds).view(c, L + 1)
+        cnz_b = cnz.index_select(0, bounds).view(c, L + 1)
+        mass = torch.diff(cs_b, dim=1)  # Q's (unnormalized) group mass, [c, L]
+        # the last group's last bin is non-zero in P only via the outliers
+        n_nz = torch.diff(cnz_b, dim=1)
+        n_nz[:, -1] += ((outliers > 0) & (h_last == 0)).to(f64)  # bins where P > 0
+        p_group = mass.addcmul(is_last_group.unsqueeze(0), outliers.unsqueeze(1)).div_(total)
+        q_sum = cs[i].unsqueeze(1)  # = sum of all group masses
         log_q = torch.where(mass > 0, torch.log(mass.clamp(min=1e-300) / (n_nz.clamp(min=1.0) * q_sum)),
                             torch.full_like(mass, log_eps))
         s2 = torch.where(p_group > 0, p_group * log_q, torch.zeros_like(mass)).sum(1)

@@ -185,10 +185,10 @@ def test_builtin_entries() -> None:
     for e in (pct, ent, mse):
         assert e.per_tensor.func is HistogramObserver and e.per_tensor.keywords == {"method": e.name}
     assert ema.options(False) == ema.options(True) == {"momentum", "ignore_nonfinite"}
-    assert pct.options(False) == {"percentile", "bins", "ignore_nonfinite"}
+    assert pct.options(False) == {"percentile", "bins", "max_samples", "ignore_nonfinite"}
     assert pct.options(True) == {"percentile", "ignore_nonfinite"}
-    assert ent.options(False) == {"bins", "max_clip_fraction", "ignore_nonfinite"}
-    assert mse.options(False) == {"bins", "num_candidates", "ignore_nonfinite"}
+    assert ent.options(False) == {"bins", "max_clip_fraction", "max_samples", "ignore_nonfinite"}
+    assert mse.options(False) == {"bins", "num_candidates", "max_samples", "ignore_nonfinite"}
     assert mse.options(True) == {"num_candidates", "ignore_nonfinite"}
     assert mm.options(False) == mm.options(True) == COMMON_OPTIONS
 

@@ -277,13 +277,74 @@ def test_histogram_percentile_close_to_torch_quantile() -> None:
     assert float(lo_s) == -float(hi_s)
 
 
+def test_histogram_sampling_spreads_over_channels_and_keeps_exact_minmax() -> None:
+    # value = channel index + noise: a sample that missed channels (blocks aligned with the layout) would show
+    g = torch.Generator().manual_seed(11)
+    c = torch.arange(16, dtype=torch.float32).view(1, 16, 1, 1)
+    x = c + 0.5 * torch.rand(64, 16, 28, 28, generator=g)
+    obs = HistogramObserver(U8_ASYM, method="percentile", bins=2048)
+    assert obs.max_samples == 1 << 15 and x.numel() > obs.max_samples
+    per_channel = torch.zeros(16)
+    for _ in range(3):
+        before = obs.hist.clone()
+        obs(x)
+        added = int((obs.hist - before).sum())
+        assert obs.max_samples // 2 < added <= obs.max_samples
+        assert float(obs.min_val) == float(x.min()) and float(obs.max_val) == float(x.max())  # every element
+        counts, edges = obs.histogram()
+        centre = (edges[:-1] + edges[1:]) / 2
+        per_channel = torch.zeros(16, dtype=torch.float64).index_add_(0, centre.floor().clamp(0, 15).long(), counts)
+    share = per_channel / per_channel.sum()
+    assert float(share.min()) > 0.8 / 16 and float(share.max()) < 1.2 / 16
+    # the minmax method and a 100th percentile use the exact extremes, not the sample's
+    full = HistogramObserver(U8_ASYM, method="percentile", percentile=100.0)
+    full(x)
+    assert float(full.compute_range()[1]) == pytest.approx(float(x.max()), abs=float(full.bin_width))
+
+
+@pytest.mark.parametrize("method", ["percentile", "mse", "entropy"])
+def test_histogram_sampling_close_to_exact_counting(method: str) -> None:
+    # ReLU'd activations, 8 batches of 64x16x28x28 (0.8 M values each): the sampled histogram's range against
+    # exact counting (max_samples=None) and, for the percentile, against torch.kthvalue of all the data
+    g = torch.Generator().manual_seed(12)
+    xs = [(torch.randn(64, 16, 28, 28, generator=g) * torch.linspace(0.5, 2.0, 16).view(1, 16, 1, 1)).relu()
+          for _ in range(8)]
+    sampled = HistogramObserver(U8_ASYM, method=method, percentile=99.9, max_samples=1 << 15)
+    exact = HistogramObserver(U8_ASYM, method=method, percentile=99.9, max_samples=None)
+    default = HistogramObserver(U8_ASYM, method=method)
+    assert default.max_samples == (None if method == "entropy" else 1 << 15)
+    for x in xs:
+        sampled(x)
+        exact(x)
+    assert int(exact.hist.sum()) == 8 * xs[0].numel()
+    assert int(sampled.hist.sum()) <= 8 * sampled.max_samples
+    hi_s, hi_e = float(sampled.compute_range()[1]), float(exact.compute_range()[1])
+    if method == "entropy":
+        # why entropy counts everything by default: KL's threshold shrinks with the number of values counted
+        # (a sparser tail costs more KL); here by 11% (11-21% over seeds 12-14)
+        assert 0.6 * hi_e < hi_s < 0.95 * hi_e
+        return
+    assert hi_s == pytest.approx(hi_e, rel=0.03)
+    if method == "percentile":
+        allx = torch.cat([x.flatten() for x in xs])
+        ref = float(torch.kthvalue(allx, int(0.999 * allx.numel())).values)
+        assert hi_s == pytest.approx(ref, rel=0.02)
+
+
+def test_histogram_sampling_argument_errors() -> None:
+    for bad in (100, True, 2.5, "all"):
+        with pytest.raises(ValueError, match="max_samples"):
+            HistogramObserver(U8_ASYM, max_samples=bad)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("method", ["entropy", "mse", "percentile", "minmax"])
 @pytest.mark.parametrize("spec", [U8_ASYM, I8_SYM_NARROW], ids=["u8asym", "i8sym"])
 def test_histogram_methods_give_sane_ranges(method: str, spec: QuantSpec) -> None:
     g = torch.Generator().manual_seed(10)
     x = torch.randn(50000, generator=g)
     x[:3] = torch.tensor([25.0, -20.0, 30.0])  # outliers
-    obs = HistogramObserver(spec, method=method, bins=2048, percentile=99.9)
+    # every element counted: the planted outliers are 3 of 50,000 (a sample would weigh them by where they sit)
+    obs = HistogramObserver(spec, method=method, bins=2048, percentile=99.9, max_samples=None)
     obs(x)
     lo, hi = obs.compute_range()
     mn, mx = obs.observed_range()
