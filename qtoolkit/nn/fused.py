@@ -30,14 +30,15 @@ from torch import Tensor, nn
 ACTIVATIONS = ("relu", "relu6")
 
 
-def apply_activation(x: Tensor, act: str | None) -> Tensor:
-    """Apply a fused activation by name (``None``, ``"relu"``, ``"relu6"``)."""
+def apply_activation(x: Tensor, act: str | None, inplace: bool = False) -> Tensor:
+    """Apply a fused activation by name (``None``, ``"relu"``, ``"relu6"``); ``inplace`` overwrites ``x`` (only for
+    a fresh tensor whose producer's backward does not need it, such as a convolution's or batch norm's output)."""
     if act is None:
         return x
     if act == "relu":
-        return F.relu(x)
+        return F.relu(x, inplace=inplace)
     if act == "relu6":
-        return F.hardtanh(x, 0.0, 6.0)
+        return F.hardtanh(x, 0.0, 6.0, inplace=inplace)
     raise ValueError(f"unknown fused activation {act!r}; expected one of {ACTIVATIONS}")
 
 

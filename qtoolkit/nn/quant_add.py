@@ -47,7 +47,7 @@ class QuantAdd(nn.Module):
         dt = torch.promote_types(a.dtype, b.dtype)
         if dt in HALF_DTYPES:  # computed in float32, returned in the inputs' dtype (as QuantLayer)
             a, b = a.to(torch.float32), b.to(torch.float32)
-        y = self.output_quantizer(apply_activation(self.lhs_quantizer(a) + self.rhs_quantizer(b), self.act))
+        y = self.output_quantizer(apply_activation(self.lhs_quantizer(a) + self.rhs_quantizer(b), self.act, inplace=True))
         return y.to(dt) if dt in HALF_DTYPES else y
 
     def extra_repr(self) -> str:

@@ -211,7 +211,7 @@ class QuantLayer(nn.Module):
             y = self._forward_live_bn(x)
         else:
             y = self._op(x, self.weight_quantizer(self.weight), self._int32_bias(self.bias))
-        y = apply_activation(y, self.act)
+        y = apply_activation(y, self.act, inplace=True)  # y is the conv's / batch norm's fresh output
         if self.output_quantizer is not None:
             y = self.output_quantizer(y)
         return y
