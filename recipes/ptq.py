@@ -107,7 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mp-high", default="w8a8", help="the higher-precision config mixed precision may choose")
     p.add_argument("--sensitivity", action="store_true",
                    help="per-site sensitivity of each calibrated (not mixed) model before any reconstruction: "
-                        "qtoolkit.sensitivity on 8 calibration batches, table + sensitivity_<preset>_<calibrator>.png")
+                        "qtoolkit.sensitivity on --sensitivity-batches calibration batches, table + "
+                        "sensitivity_<preset>_<calibrator>.png")
+    p.add_argument("--sensitivity-batches", type=int, default=4,
+                   help="calibration batches (x --calib-batch-size images) of the sensitivity metric")
     return p
 
 
@@ -282,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sens = None
         if args.sensitivity and not mixed:
             t0 = time.perf_counter()
-            rep = qt.sensitivity(qm, calib, num_batches=8, progress=False)
+            rep = qt.sensitivity(qm, calib, num_batches=args.sensitivity_batches, progress=False)
             png = rep.plot(str(out / f"sensitivity_{label}_{cal}.png"))
             sens = {"table": rep.table(), "plot": png, "seconds": time.perf_counter() - t0,
                     "rows": [vars(r) for r in rep.rows], "metric": rep.metric,
