@@ -405,11 +405,12 @@ def saturating_rounding_doubling_high_mul(a: Tensor, b: Tensor | int) -> Tensor:
     """
     a = a.to(torch.int64)
     b_t = torch.as_tensor(b, dtype=torch.int64, device=a.device)
-    overflow = (a == _INT32_MIN) & (b_t == _INT32_MIN)
-    ab = a * b_t
-    nudge = torch.where(ab >= 0, torch.full_like(ab, 1 << 30), torch.full_like(ab, 1 - (1 << 30)))
-    high = torch.div(ab + nudge, 1 << 31, rounding_mode="trunc")
-    return torch.where(overflow, torch.full_like(high, _INT32_MAX), high)
+    # gemmlowp's trunc((ab + nudge) / 2^31), nudge 2^30 (ab >= 0) or 1 - 2^30 (ab < 0), equals
+    # floor((ab + 2^30) / 2^31) for every int64 ab (both round half up), i.e. one add and one arithmetic shift
+    high = (a * b_t).add_(1 << 30).bitwise_right_shift_(31)
+    if bool((b_t == _INT32_MIN).any()):  # the one overflow case needs b = INT32_MIN (never a quantized multiplier)
+        high = torch.where((a == _INT32_MIN) & (b_t == _INT32_MIN), torch.full_like(high, _INT32_MAX), high)
+    return high
 
 
 def rounding_divide_by_pot(x: Tensor, exponent: Tensor | int) -> Tensor:

@@ -410,6 +410,43 @@ def test_multiply_by_quantized_multiplier_within_one_unit() -> None:
         assert (got.double() - ref).abs().max() <= 1, m
 
 
+def _gemmlowp_srdhm(a: int, b: int) -> int:
+    """gemmlowp's SaturatingRoundingDoublingHighMul, transcribed with Python integers (C++ division truncates)."""
+    if a == b == -(2**31):
+        return 2**31 - 1
+    ab = a * b
+    v = ab + ((1 << 30) if ab >= 0 else 1 - (1 << 30))
+    q = abs(v) // (1 << 31)
+    return q if v >= 0 else -q
+
+
+def _gemmlowp_rdbpot(x: int, e: int) -> int:
+    """gemmlowp's RoundingDivideByPOT, transcribed with Python integers (two's-complement & and >>)."""
+    mask = (1 << e) - 1
+    threshold = (mask >> 1) + (1 if x < 0 else 0)
+    return (x >> e) + (1 if (x & mask) > threshold else 0)
+
+
+def test_gemmlowp_primitives_match_a_transcription_of_gemmlowp() -> None:
+    from qtoolkit.numerics import rounding_divide_by_pot, saturating_rounding_doubling_high_mul
+
+    g = torch.Generator().manual_seed(6)
+    a = torch.randint(-(2**31), 2**31, (400,), generator=g, dtype=torch.int64)
+    edges = [0, 1, -1, 2**30, -(2**30), 2**31 - 1, -(2**31), 3 * 2**29, -3 * 2**29]
+    a = torch.cat([a, torch.tensor(edges)])
+    bs = [2**30, 2**31 - 1, 1_518_500_250, 1 << 30 | 12345, -(2**31), -1, 0, 3]
+    for b in bs:
+        got = saturating_rounding_doubling_high_mul(a, b).tolist()
+        assert got == [_gemmlowp_srdhm(v, b) for v in a.tolist()], b
+    # exact ties: a·b = (k + 1/2)·2^31 with both signs
+    ties = torch.tensor([2**30, -(2**30), 3 * 2**30, -3 * 2**30])
+    assert saturating_rounding_doubling_high_mul(ties, 1).tolist() == [_gemmlowp_srdhm(v, 1) for v in ties.tolist()]
+    x = torch.cat([a, torch.arange(-40, 41)])
+    for e in (0, 1, 2, 5, 17, 31):
+        got = rounding_divide_by_pot(x, e).tolist()
+        assert got == [_gemmlowp_rdbpot(v, e) for v in x.tolist()], e
+
+
 def test_single_rounding_multiplier_is_exactly_rounded() -> None:
     """Single-rounding requantization equals round-half-up of the exact rational
     ``x·M0 / 2^(31+n)`` (Python integers as the reference), for random multipliers

@@ -216,7 +216,7 @@ class Int8Layer(nn.Module):
         y = self._op(x, self.dequantized_weight().to(x.dtype), None if b is None else b.to(x.dtype))
         return apply_activation(y, self.act)
 
-    def _int_accumulate(self, xq: Tensor, wq: Tensor) -> Tensor:
+    def _int_accumulate(self, xq: Tensor, wq: Tensor, xmax: int | None = None) -> Tensor:
         """Exact ``Σ xq·wq`` (int64) of the conv/linear on integer codes.
 
         Computed with float32 kernels where that is provably exact: the weight is split
@@ -224,10 +224,12 @@ class Int8Layer(nn.Module):
         integers below 2^24 in magnitude (``K·max|xq|·max|w_part| < 2^24``, ``K`` the
         reduction length), so float32 represents every partial sum exactly in any
         summation order; ``acc = 16·acc_hi + acc_lo``. Otherwise float64 (exact below
-        2^53), which is much slower on CPU.
+        2^53), which is much slower on CPU. ``xmax`` bounds ``|xq|`` when the caller knows it (the code range
+        around the zero point); otherwise it is measured.
         """
         k = wq[0].numel()  # reduction length: in_features, or in_channels/groups · kernel
-        xmax = int(xq.abs().max()) if xq.numel() else 0
+        if xmax is None:
+            xmax = int(xq.abs().max()) if xq.numel() else 0
         w_lo = torch.remainder(wq, 16)
         w_hi = torch.div(wq - w_lo, 16, rounding_mode="floor")
         wmax = max(15, int(w_hi.abs().max()) if w_hi.numel() else 0)
@@ -246,7 +248,8 @@ class Int8Layer(nn.Module):
         wq = self.int_weight().to(torch.int64) - self.weight_zero_point.to(torch.int64).reshape(
             [-1] + [1] * (len(self.weight_shape) - 1)
         )
-        acc = self._int_accumulate(qx.to(torch.int64) - zx.to(torch.int64), wq)
+        z = int(zx)
+        acc = self._int_accumulate(qx.to(torch.int64) - z, wq, max(self.act_qmax - z, z - self.act_qmin))
         cshape = self.kind_info.channel_shape(acc.dim())
         if self.bias is not None:
             acc = acc + self.bias_int32.to(torch.int64).reshape(cshape)
