@@ -90,7 +90,7 @@ class CalibratorEntry:
 
         >>> e = get_calibrator("entropy")
         >>> e.per_channel is None, e.uses_histogram, sorted(e.options(per_channel=False))
-        (True, True, ['bins', 'ignore_nonfinite', 'max_clip_fraction'])
+        (True, True, ['bins', 'ignore_nonfinite', 'max_clip_fraction', 'max_samples'])
     """
 
     name: str
