@@ -13,8 +13,9 @@ the converted model in each execution (``fast`` — the default oneDNN kernels �
 compared with its own fake-quant model: top-1 agreement and SQNR (dB, ``10·log10(Σ ref² / Σ (out − ref)²)``),
 and the fake-quant model against FP32 (SQNR).  ``--drift-floor`` adds the float32 fake-quant model and the fast path
 each against the fake-quant model run in float64: on a deep random network a one-code rounding tie flips and
-grows, so float32 summation order alone moves the fake-quant model; the fast path (exact integer sums) is
-compared with the same yardstick.  ``--speed`` adds the FP32 / converted forward-time ratio on one batch.  The
+grows, so float32 summation order alone moves the fake-quant model; the fast path and the integer-only
+execution (exact integer sums, fixed-point requantization) are compared with the same yardstick (SQNR, and top-1
+agreement in the JSON).  ``--speed`` adds the FP32 / converted forward-time ratio on one batch.  The
 ``int8 sites / float ops`` column counts converted modules and what ``prepare`` left float (``qt.float_ops``); the
 int8 share counts conv / matmul FLOPs (``torch.utils.flop_counter``) inside converted modules.  The ``strategies`` column counts the fast path's per-layer kernel
 choice (:func:`qtoolkit.kernels.dispatch.fast_status`), e.g. ``split`` where an 8-bit-activation layer runs the
@@ -202,6 +203,13 @@ def run(name: str, args: argparse.Namespace) -> dict:
             if "fast" in args.executions:
                 qt.set_execution(q, "fast")
                 row["fast_vs_fakequant64_sqnr_db"] = round(sqnr(fq64, torch.cat([q(x) for x in evals])), 1)
+            if "integer" in args.executions and "integer_error" not in row:
+                qt.set_execution(q, "integer")  # exact integer sums, fixed-point requantization
+                out = torch.cat([q(x) for x in evals])
+                row["integer_vs_fakequant64_sqnr_db"] = round(sqnr(fq64, out), 1)
+                row["integer_vs_fakequant64_agree_%"] = round(
+                    100.0 * (out.argmax(1) == fq64.argmax(1)).double().mean().item(), 2)
+                row["fakequant32_vs_64_agree_%"] = round(100.0 * (fq.argmax(1) == fq64.argmax(1)).double().mean().item(), 2)
     return row
 
 
@@ -243,7 +251,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--eval-batches", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
-    p.add_argument("--drift-floor", action="store_true", help="add the float32-vs-float64 fake-quant SQNR columns")
+    p.add_argument("--drift-floor", action="store_true", help="add the float32 fake quant, the fast path and the integer execution, each vs the fake-quant "
+                        "model run in float64")
     p.add_argument("--speed", action="store_true", help="add FP32 / converted forward time on one batch (median of 5)")
     p.add_argument("--table-from", default=None, help="only print the Markdown table of a --json file")
     args = p.parse_args(argv)
