@@ -55,10 +55,11 @@ from recipes.report import build_report
 
 __all__ = ["build_parser", "main", "ensure_dataset", "estimate_fp32_training"]
 
-# Time budget of the default main job (issue 12: <= 15 min on 2 CPU cores). Measured on a 2-core Zen 3 (AVX2):
-# FP32 eval ~15 s, PTQ sweep + int8 check ~390 s (ten 10k-image evaluations, the integer-only one ~140 s), then
-# these two knobs: QAT is 1 epoch on a quarter of Fashion-MNIST's training set per preset (~2 min each; the PTQ init
-# is already within 0.8 pt of FP32), the reconstruction 60 s per model (five models). See report/results.md.
+# Time budget of the default main job (issue 12: <= 15 min on 2 CPU cores). Measured on a 2-core Zen 3 (AVX2), 14.4
+# min in all: FP32 eval 10 s, PTQ sweep + int8 check 232 s (eleven 10k-image evaluations, the integer-only one 76 s),
+# reconstruction step 423 s, QAT 102 + 96 s. The two knobs here: QAT is 1 epoch on a quarter of Fashion-MNIST's
+# training set per preset (the PTQ init is already within 0.9 pt of FP32), the reconstruction 60 s per model (five
+# models). See report/results.md.
 QAT_EPOCHS_DEFAULT = 1
 QAT_FRACTION_DEFAULT = 0.25
 # PTQ reconstruction (step 2b): five models (W4A4 uniform and mixed precision, W4A8, W4A4 and W2A4 with the stem and
