@@ -26,7 +26,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -140,6 +140,16 @@ class QuantEinsum(_QuantBinary):
         return f"{self.equation!r}, " + super().extra_repr()
 
 
+def _between_quantizers(fn: Callable[[Tensor], Tensor], x: Tensor, fq_in: nn.Module, fq_out: nn.Module) -> Tensor:
+    """``fq_out(fn(fq_in(x)))`` for float ``x`` (float16/bfloat16 computed in float32 and cast back); anything
+    else goes to ``fn`` unquantized."""
+    if not _float_tensors(x):
+        return fn(x)
+    dt = x.dtype
+    y = fq_out(fn(fq_in(x.to(torch.float32) if dt in HALF_DTYPES else x)))
+    return y.to(dt) if dt in HALF_DTYPES else y
+
+
 class QuantActivation(nn.Module):
     """``fq_out(act(fq_in(x)))``: an elementwise activation as an int8 lookup table sees it.
 
@@ -166,11 +176,7 @@ class QuantActivation(nn.Module):
         self.output_quantizer = FakeQuantize(qconfig.activation, role="activation")  # type: ignore[arg-type]
 
     def forward(self, x: Tensor) -> Tensor:
-        if not _float_tensors(x):
-            return self.fn(x)
-        dt = x.dtype
-        y = self.output_quantizer(self.fn(self.input_quantizer(x.to(torch.float32) if dt in HALF_DTYPES else x)))
-        return y.to(dt) if dt in HALF_DTYPES else y
+        return _between_quantizers(self.fn, x, self.input_quantizer, self.output_quantizer)
 
     def extra_repr(self) -> str:
         return f"act={self.act}, spec={self.qconfig.activation.spec.describe()}"  # type: ignore[union-attr]
@@ -194,8 +200,4 @@ class QuantNorm(nn.Module):
         self.output_quantizer = FakeQuantize(qconfig.activation, role="activation")  # type: ignore[arg-type]
 
     def forward(self, x: Tensor) -> Tensor:
-        if not _float_tensors(x):
-            return self.norm(x)
-        dt = x.dtype
-        y = self.output_quantizer(self.norm(self.input_quantizer(x.to(torch.float32) if dt in HALF_DTYPES else x)))
-        return y.to(dt) if dt in HALF_DTYPES else y
+        return _between_quantizers(self.norm, x, self.input_quantizer, self.output_quantizer)
