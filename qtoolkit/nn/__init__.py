@@ -9,11 +9,11 @@ from qtoolkit.nn.quant_attention import QuantMultiheadAttention
 from qtoolkit.nn.quant_layer import QuantLayer
 from qtoolkit.nn.quant_ops import QuantActivation, QuantCat, QuantEinsum, QuantMatMul, QuantMul, QuantNorm
 from qtoolkit.nn.quant_rnn import QuantRNN
-from qtoolkit.nn.quant_window_attention import QuantShiftedWindowAttention
+from qtoolkit.nn.quant_window_attention import QuantShiftedWindowAttention, QuantShiftedWindowAttentionV2
 
 __all__ = [
     "Activation", "Add", "Cat", "Einsum", "FusedLayer", "Int8Activation", "Int8Add", "Int8Cat", "Int8Einsum",
     "Int8Layer", "Int8MatMul", "Int8Mul", "Int8Norm", "MatMul", "Mul", "QuantActivation", "QuantAdd", "QuantCat",
     "QuantEinsum", "QuantLayer", "QuantMatMul", "QuantMul", "QuantMultiheadAttention", "QuantNorm", "QuantRNN",
-    "QuantShiftedWindowAttention",
+    "QuantShiftedWindowAttention", "QuantShiftedWindowAttentionV2",
 ]
