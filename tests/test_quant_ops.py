@@ -365,9 +365,12 @@ def test_swin_v2_window_attention_runs_in_int8(tmp_path, one_thread):
     qt.set_execution(q, "reference")
     with torch.no_grad():
         assert torch.equal(q(x), fq)
-    qt.set_execution(q, "integer")
-    with torch.no_grad():
-        assert _sqnr(q(x), fq) >= 30
+    for ex in ("integer", "fast"):  # fast: the padding tokens' keys, ~0 from an int8 kernel, must not normalize
+        with warnings.catch_warnings():  # to unit vectors (no oneDNN here: fast falls back to reference, warned)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            qt.set_execution(q, ex)
+            with torch.no_grad():
+                assert _sqnr(q(x), fq) >= 30, ex
     # V2 blocks LayerNorm the attention output before the residual add: ONNX Runtime's float LayerNorm can flip a
     # rounding tie of the add's input against torch's (seed 0: 50 dB, off by up to 5e-4), so the whole model is held
     # to the SQNR bar; the attention alone exports exactly (next test)

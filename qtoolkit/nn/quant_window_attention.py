@@ -75,8 +75,21 @@ def _shift_mask(ph: int, pw: int, win: list[int], shift: list[int], device: torc
     return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
 
 
+def _real_tokens(h: int, w: int, ph: int, pw: int, win: list[int], shift: list[int], b: int, device: torch.device) -> Tensor:
+    """``[b·windows, 1, N, 1]``: 1 for the input's tokens, 0 for the padding, laid out as the shifted windows."""
+    real = torch.zeros(ph, pw, device=device)
+    real[:h, :w] = 1.0
+    if sum(shift) > 0:
+        real = torch.roll(real, shifts=(-shift[0], -shift[1]), dims=(0, 1))
+    real = real.view(ph // win[0], win[0], pw // win[1], win[1]).permute(0, 2, 1, 3).reshape(-1, win[0] * win[1])
+    return real.repeat(b, 1)[:, None, :, None]
+
+
 class QuantShiftedWindowAttention(nn.Module):
     """Swin's shifted-window attention with int8 ``qkv``/``proj`` layers and int8 attention matmuls."""
+
+    #: multiply the padding tokens' keys by 0 (the V2 twin: see :class:`QuantShiftedWindowAttentionV2`)
+    zero_padded_keys = False
 
     def __init__(self, attn: nn.Module, qconfig: QConfig, qat: bool = False) -> None:
         super().__init__()
@@ -125,6 +138,8 @@ class QuantShiftedWindowAttention(nn.Module):
         x = x.view(b, ph // win[0], win[0], pw // win[1], win[1], c).permute(0, 1, 3, 2, 4, 5).reshape(b * n_win, n, c)
         qkv = self.qkv(x).reshape(b * n_win, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
+        if self.zero_padded_keys and (ph > h or pw > w):
+            k = k * _real_tokens(h, w, ph, pw, win, shift, b, x.device)
         attn = self.attention_logits(q, k) + self.relative_position_bias()
         if shifted:
             mask = _shift_mask(ph, pw, win, shift, x.device)
@@ -162,6 +177,10 @@ class QuantShiftedWindowAttentionV2(QuantShiftedWindowAttention):
     QAT a gradient hook keeps it zero. ``logit_scale``, the ``cpb_mlp`` position bias, the mask and softmax
     stay float.
 
+    The keys of the padding tokens (input not a whole number of windows) are multiplied by 0: in torchvision
+    they are ``W_k·0 + 0``, exactly 0, and ``normalize`` keeps them 0; an int8 kernel's output for a zero row
+    can be 1e-8 instead, which ``normalize`` would blow up to a unit vector that every real query attends to.
+
     Example::
 
         >>> import torch
@@ -175,6 +194,8 @@ class QuantShiftedWindowAttentionV2(QuantShiftedWindowAttention):
         ...     torch.allclose(q(x), f(x), atol=1e-5)
         True
     """
+
+    zero_padded_keys = True
 
     def __init__(self, attn: nn.Module, qconfig: QConfig, qat: bool = False) -> None:
         super().__init__(attn, qconfig, qat=qat)
