@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -219,40 +220,47 @@ def _kl_divergences(h: Tensor, num_levels: int, candidates: Tensor, chunk: int |
     f64 = torch.float64
     zero = torch.zeros(1, dtype=f64, device=dev)
     cs = torch.cat([zero, torch.cumsum(h, 0)])  # cs[k] = sum(h[:k])
-    nzh = h > 0
-    cnz = torch.cat([zero, torch.cumsum(nzh.to(f64), 0)])
+    cnz = torch.cat([zero, torch.cumsum((h > 0).to(f64), 0)])  # non-zero bins in h[:k]
     chl = torch.cat([zero, torch.cumsum(_xlogx(h), 0)])  # sum(h log h) over h[:k]
     total = cs[-1]
     log_total = torch.log(total)
-    # group g of candidate i spans bins [ceil(g·i / L), ceil((g+1)·i / L)): the L + 1 boundaries, as exact
-    # float64 integers (floor of a float64 quotient of integers < 2^53 is exact; cheaper than int64 division)
-    g = torch.arange(L + 1, dtype=f64, device=dev).unsqueeze(0)  # [1, L + 1]
-    is_last_group = torch.zeros(L, dtype=f64, device=dev)
-    is_last_group[-1] = 1.0
+    all_bounds = _group_bounds(L, h.numel(), dev)
     log_eps = math.log(KL_EPS)
     chunk = chunk or max(1, _SERIAL_ELEMS // (L + 1))
     out = []
     for start in range(0, candidates.numel(), chunk):
         i = candidates[start : start + chunk].to(torch.int64)  # [c]
         c = i.numel()
-        outliers = total - cs[i]  # [c]
+        q_sum = cs[i]  # Q's unnormalized mass (no outliers)
+        outliers = total - q_sum
         h_last = h[i - 1]
         # sum p log p, p = a / total with a = h[:i] and the outliers added to the last bin
         s1 = (chl[i - 1] + _xlogx(h_last + outliers)) / total - log_total
-        bounds = torch.floor((g * i.to(f64).unsqueeze(1) + (L - 1)) / L).to(torch.int64).view(-1)  # [c·(L+1)]
-        cs_b = cs.index_select(0, bounds).view(c, L + 1)
-        cnz_b = cnz.index_select(0, bounds).view(c, L + 1)
-        mass = torch.diff(cs_b, dim=1)  # Q's (unnormalized) group mass, [c, L]
-        # the last group's last bin is non-zero in P only via the outliers
-        n_nz = torch.diff(cnz_b, dim=1)
-        n_nz[:, -1] += ((outliers > 0) & (h_last == 0)).to(f64)  # bins where P > 0
-        p_group = mass.addcmul(is_last_group.unsqueeze(0), outliers.unsqueeze(1)).div_(total)
-        q_sum = cs[i].unsqueeze(1)  # = sum of all group masses
-        log_q = torch.where(mass > 0, torch.log(mass.clamp(min=1e-300) / (n_nz.clamp(min=1.0) * q_sum)),
-                            torch.full_like(mass, log_eps))
-        s2 = torch.where(p_group > 0, p_group * log_q, torch.zeros_like(mass)).sum(1)
+        bounds = all_bounds.index_select(0, i).view(-1)  # [c·(L+1)]
+        cb = cs.index_select(0, bounds).view(c, L + 1)
+        mass = cb[:, 1:] - cb[:, :-1]  # [c, L] group masses
+        nb = cnz.index_select(0, bounds).view(c, L + 1)
+        n_nz = nb[:, 1:] - nb[:, :-1]  # bins where P > 0 ...
+        n_nz[:, -1] += ((outliers > 0) & (h_last == 0)).to(f64)  # ... the last one also via the outliers
+        # sum p log q with q = mass / (n_nz · q_sum) on P's non-zero bins: groups of zero mass hold no P except
+        # the last (outliers), where q = KL_EPS
+        log_m = torch.div(mass, n_nz.clamp_(min=1.0)).clamp_(min=1e-300).log_()
+        p_eps = (mass[:, -1] == 0).to(f64) * outliers / total  # P's mass where Q is 0
+        s2 = ((torch.linalg.vecdot(mass, log_m) + (mass[:, -1] > 0) * outliers * log_m[:, -1]) / total
+              - torch.log(q_sum.clamp(min=1e-300)) * (1.0 - p_eps) + p_eps * log_eps)
         out.append(s1 - s2)
     return torch.cat(out)
+
+
+@functools.lru_cache(maxsize=8)
+def _group_bounds(num_levels: int, n: int, device: torch.device) -> Tensor:
+    """``[n + 1, L + 1]`` int64: row ``i`` holds the first bins ``ceil(g·i / L)`` of candidate ``i``'s groups
+    ``g = 0..L`` (the same for every histogram: computed once per ``(L, n)``). Exact: the floor of a float64
+    quotient of integers < 2^53."""
+    L = num_levels
+    i = torch.arange(n + 1, dtype=torch.float64, device=device)
+    g = torch.arange(L + 1, dtype=torch.float64, device=device)
+    return torch.outer(i, g).add_(L - 1).div_(L).floor_().to(torch.int64)
 
 
 def entropy_range(
@@ -383,7 +391,8 @@ def expected_quant_mse(
     error ``(x - A)²`` below ``A = s·(qmin - z)``, ``(x - B)²`` above
     ``B = s·(qmax - z)``, rounding error ``s³ · (G(v/s) - G(u/s))`` in between,
     with ``G`` the integral of ``(v - round v)²``. Returns the mean squared error
-    per candidate (float64).
+    per candidate (float64). Each bin's integral is a difference of one function at
+    its two edges, so the sum over bins telescopes: one evaluation per edge.
 
     Example::
 
@@ -396,29 +405,26 @@ def expected_quant_mse(
     lo = torch.as_tensor(lo, device=h.device).reshape(-1)
     hi = torch.as_tensor(hi, device=h.device).reshape(-1)
     scale, zp = compute_qparams(lo, hi, qmin, qmax, symmetric)
-    occ = h > 0  # empty bins contribute nothing
-    e0, e1, hh = e[:-1][occ], e[1:][occ], h[occ]
-    density = (hh / (e1 - e0)).unsqueeze(0)  # counts per unit length
-    e0, e1 = e0.unsqueeze(0), e1.unsqueeze(0)
-    step = max(1, _SERIAL_ELEMS // max(int(hh.numel()), 1))
+    first, last = _occupied(h)
+    hh, ee = h[first : last + 1], e[first : last + 2]  # empty bins outside contribute nothing
+    density = hh / (ee[1:] - ee[:-1])  # counts per unit length
+    # Every term is an integral of a per-candidate function over each bin, F(e_{b+1}) - F(e_b) weighted by
+    # the bin's density d_b: telescoped, sum_b d_b (F(e_{b+1}) - F(e_b)) = sum_k F(e_k) (d_{k-1} - d_k),
+    # so F is evaluated once per edge and the sum over edges is one matrix-vector product.
+    zero = density.new_zeros(1)
+    dd = torch.cat([zero, density]) - torch.cat([density, zero])
+    step = max(1, _SERIAL_ELEMS // ee.numel())
     out = []
     for k0 in range(0, scale.numel(), step):
         s = scale[k0 : k0 + step].to(torch.float64).unsqueeze(1)  # [k, 1]
         z = zp[k0 : k0 + step].to(torch.float64).unsqueeze(1)
         a_clip = s * (qmin - z)
         b_clip = s * (qmax - z)
-        zero = torch.zeros((), dtype=torch.float64, device=h.device)
-        # below A: clipped up to A
-        v = torch.minimum(e1, a_clip)
-        total = torch.where(v > e0, ((v - a_clip) ** 3 - (e0 - a_clip) ** 3) / 3.0, zero)
-        # above B: clipped down to B
-        u = torch.maximum(e0, b_clip)
-        total = total + torch.where(e1 > u, ((e1 - b_clip) ** 3 - (u - b_clip) ** 3) / 3.0, zero)
-        # inside [A, B]: rounding error
-        u, v = torch.maximum(e0, a_clip), torch.minimum(e1, b_clip)
-        rnd = s**3 * (_round_err_integral(v / s) - _round_err_integral(u / s))
-        total = total + torch.where(v > u, rnd, zero)
-        out.append((total * density).sum(1))
+        # rounding error inside [A, B]: s³ · G(x / s) at the edges clipped to [A, B] (zero outside)
+        f = s**3 * _round_err_integral(torch.minimum(torch.maximum(ee, a_clip), b_clip) / s)
+        f += (torch.minimum(ee, a_clip) - a_clip) ** 3 / 3.0  # below A: (x - A)² integrates to (x - A)³ / 3
+        f += (torch.maximum(ee, b_clip) - b_clip) ** 3 / 3.0  # above B
+        out.append(f @ dd)
     return torch.cat(out) / hh.sum()
 
 
