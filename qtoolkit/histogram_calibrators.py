@@ -372,13 +372,6 @@ def entropy_range(
     return _f32(max(lo_occ, -t), dev), _f32(min(hi_occ, t), dev)
 
 
-def _round_err_integral(u: Tensor) -> Tensor:
-    """``G(u) = ∫_0^u (v - round(v))² dv`` (closed form, any real ``u``)."""
-    n = torch.floor(u + 0.5)
-    r = u - n
-    return n / 12.0 + (r**3 + 0.125) / 3.0
-
-
 def expected_quant_mse(
     hist: Tensor, edges: Tensor, lo: Tensor, hi: Tensor, qmin: int, qmax: int, symmetric: bool
 ) -> Tensor:
@@ -420,10 +413,14 @@ def expected_quant_mse(
         z = zp[k0 : k0 + step].to(torch.float64).unsqueeze(1)
         a_clip = s * (qmin - z)
         b_clip = s * (qmax - z)
-        # rounding error inside [A, B]: s³ · G(x / s) at the edges clipped to [A, B] (zero outside)
-        f = s**3 * _round_err_integral(torch.minimum(torch.maximum(ee, a_clip), b_clip) / s)
-        f += (torch.minimum(ee, a_clip) - a_clip) ** 3 / 3.0  # below A: (x - A)² integrates to (x - A)³ / 3
-        f += (torch.maximum(ee, b_clip) - b_clip) ** 3 / 3.0  # above B
+        c = torch.clamp(ee, a_clip, b_clip)  # the edges clipped to [A, B]
+        over = ee - c  # x - A below A, x - B above B, 0 inside
+        # rounding error inside [A, B]: s³ · G(c / s), G(u) = n/12 + r³/3 + 1/24 with n = round(u), r = u - n
+        # (continuous at the ties, so round's half-to-even is fine); the constant telescopes away (dd sums to 0)
+        u = c / s
+        n = torch.round(u)
+        f = u.sub_(n).pow_(3).mul_(1.0 / 3.0).add_(n, alpha=1.0 / 12.0).mul_(s**3)
+        f.addcmul_(over * over, over, value=1.0 / 3.0)  # clipped: (x - A)² integrates to (x - A)³ / 3
         out.append(f @ dd)
     return torch.cat(out) / hh.sum()
 
