@@ -47,7 +47,7 @@ from qtoolkit.numerics import fake_quantize  # noqa: E402
 DEFAULT_MODELS = (
     "alexnet,convnext_tiny,densenet121,efficientnet_b0,efficientnet_v2_s,googlenet,inception_v3,maxvit_t,"
     "mnasnet0_5,mobilenet_v2,mobilenet_v3_small,mobilenet_v3_large,regnet_x_400mf,regnet_y_400mf,resnet18,"
-    "resnet50,resnext50_32x4d,shufflenet_v2_x0_5,squeezenet1_0,swin_t,vgg11_bn,vit_b_32,wide_resnet50_2"
+    "resnet50,resnext50_32x4d,shufflenet_v2_x0_5,squeezenet1_0,swin_t,swin_v2_t,vgg11_bn,vit_b_32,wide_resnet50_2"
 )
 
 
