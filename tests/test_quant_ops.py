@@ -273,7 +273,7 @@ def test_lookup_table_activation_matches_torch_and_onnx(module, tmp_path):
     assert np.abs(out - fq.numpy()).max() <= float(qm[2].output_quantizer.scale) + 1e-6
 
 
-def test_swin_window_attention_runs_in_int8(tmp_path):
+def test_swin_window_attention_runs_in_int8(tmp_path, one_thread):
     from torchvision.models.swin_transformer import SwinTransformer
 
     from qtoolkit.nn import QuantShiftedWindowAttention
@@ -296,7 +296,6 @@ def test_swin_window_attention_runs_in_int8(tmp_path):
         assert torch.equal(q(x), fq)
     out, _ = _ort_output(qm, x, tmp_path / "swin.onnx")
     np.testing.assert_allclose(out, fq.numpy(), rtol=0, atol=1e-4)
-
 
 
 def _swin_v2_attention(shift, seed=0):
@@ -338,7 +337,6 @@ def test_swin_v2_window_attention_matches_torchvision(shift, hw, one_thread):
     assert _sqnr(fq_out, want) >= 25
 
 
-
 def test_swin_v2_window_attention_runs_in_int8(tmp_path, one_thread):
     from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 
@@ -366,7 +364,7 @@ def test_swin_v2_window_attention_runs_in_int8(tmp_path, one_thread):
     with torch.no_grad():
         assert torch.equal(q(x), fq)
     for ex in ("integer", "fast"):  # fast: the padding tokens' keys, ~0 from an int8 kernel, must not normalize
-        with warnings.catch_warnings():  # to unit vectors (no oneDNN here: fast falls back to reference, warned)
+        with warnings.catch_warnings():  # to unit vectors (a CPU without oneDNN int8 runs the reference, warned)
             warnings.simplefilter("ignore", RuntimeWarning)
             qt.set_execution(q, ex)
             with torch.no_grad():
