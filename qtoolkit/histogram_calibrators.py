@@ -21,7 +21,6 @@ Example::
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -252,15 +251,21 @@ def _kl_divergences(h: Tensor, num_levels: int, candidates: Tensor, chunk: int |
     return torch.cat(out)
 
 
-@functools.lru_cache(maxsize=8)
+_GROUP_BOUNDS: dict[tuple[int, torch.device], Tensor] = {}
+
+
 def _group_bounds(num_levels: int, n: int, device: torch.device) -> Tensor:
-    """``[n + 1, L + 1]`` int64: row ``i`` holds the first bins ``ceil(g·i / L)`` of candidate ``i``'s groups
-    ``g = 0..L`` (the same for every histogram: computed once per ``(L, n)``). Exact: the floor of a float64
-    quotient of integers < 2^53."""
-    L = num_levels
-    i = torch.arange(n + 1, dtype=torch.float64, device=device)
-    g = torch.arange(L + 1, dtype=torch.float64, device=device)
-    return torch.outer(i, g).add_(L - 1).div_(L).floor_().to(torch.int64)
+    """At least ``n + 1`` rows of int64: row ``i`` holds the first bins ``ceil(g·i / L)`` of candidate ``i``'s
+    groups ``g = 0..L``. A row depends only on ``i`` and ``L``, not on the histogram: one table per ``(L, device)``
+    (2,049 rows, ~4 MB for L = 256), doubled when a longer histogram comes. Exact: the floor of a float64 quotient
+    of integers < 2^53."""
+    table = _GROUP_BOUNDS.get((num_levels, device))
+    if table is None or table.shape[0] <= n:
+        L, rows = num_levels, max(n + 1, 2049 if table is None else 2 * table.shape[0])
+        i = torch.arange(rows, dtype=torch.float64, device=device)
+        g = torch.arange(L + 1, dtype=torch.float64, device=device)
+        table = _GROUP_BOUNDS[(num_levels, device)] = torch.outer(i, g).add_(L - 1).div_(L).floor_().to(torch.int64)
+    return table
 
 
 def entropy_range(

@@ -186,6 +186,20 @@ def test_entropy_kl_curve_matches_plain_loop_reference() -> None:
     assert torch.allclose(kls, torch.tensor(kls_ref, dtype=torch.float64), rtol=1e-9, atol=1e-12)
 
 
+def test_kl_group_bounds_table_is_exact_and_grows() -> None:
+    """The cached table of group boundaries: ceil(g·i / L) in integers, for histograms shorter and longer than it."""
+    from qtoolkit.histogram_calibrators import _GROUP_BOUNDS, _group_bounds
+
+    for levels in (8, 128):
+        _GROUP_BOUNDS.pop((levels, torch.device("cpu")), None)
+        for n in (100, 2048, 5000):  # 5000: longer than the first table (2,049 rows), which must grow
+            t = _group_bounds(levels, n, torch.device("cpu"))
+            assert t.shape[0] > n and t.shape[1] == levels + 1
+            i = torch.arange(n + 1).unsqueeze(1)
+            g = torch.arange(levels + 1).unsqueeze(0)
+            assert torch.equal(t[: n + 1], -torch.div(-g * i, levels, rounding_mode="floor"))
+
+
 def test_entropy_gaussian_with_outliers_clips_well_inside_max() -> None:
     g = torch.Generator().manual_seed(3)
     sigma = 1.5
