@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from qtoolkit.calibrator_registry import calibrator_names
 from qtoolkit.spec import QuantSpec
 
-Calibrator = Literal["minmax", "ema", "percentile", "entropy", "mse"]
 Mode = Literal["static", "dynamic", "weight_only"]
 
 MODES: tuple[str, ...] = ("static", "dynamic", "weight_only")
