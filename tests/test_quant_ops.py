@@ -273,16 +273,12 @@ def test_lookup_table_activation_matches_torch_and_onnx(module, tmp_path):
     assert np.abs(out - fq.numpy()).max() <= float(qm[2].output_quantizer.scale) + 1e-6
 
 
-def test_swin_window_attention_runs_in_int8(tmp_path, one_thread):
-    from torchvision.models.swin_transformer import SwinTransformer
-
-    from qtoolkit.nn import QuantShiftedWindowAttention
-
-    torch.manual_seed(0)
-    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4],
-                            num_classes=5).eval()
+def _swin_to_int8(model, twin):
+    """A tiny torchvision Swin through prepare (every attention swapped for ``twin``; float when fake quant is
+    off), calibrate and convert (both attention matmuls of each block in int8; the reference execution equals
+    fake quant). Returns ``(prepared, converted, x, fake-quant output on x)``."""
     qm = qt.prepare(model, "w8a8")
-    assert sum(isinstance(m, QuantShiftedWindowAttention) for m in qm.modules()) == 4
+    assert sum(type(m) is twin for m in qm.modules()) == 4
     x = torch.randn(2, 3, 36, 36)  # 9x9 tokens: padded windows, shifted and unshifted blocks
     with qt.fake_quant_disabled(qm), torch.no_grad():
         torch.testing.assert_close(qm(x), model(x), rtol=0, atol=1e-5)
@@ -294,6 +290,18 @@ def test_swin_window_attention_runs_in_int8(tmp_path, one_thread):
     qt.set_execution(q, "reference")
     with torch.no_grad():
         assert torch.equal(q(x), fq)
+    return qm, q, x, fq
+
+
+def test_swin_window_attention_runs_in_int8(tmp_path, one_thread):
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    from qtoolkit.nn import QuantShiftedWindowAttention
+
+    torch.manual_seed(0)
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4],
+                            num_classes=5).eval()
+    qm, _, x, fq = _swin_to_int8(model, QuantShiftedWindowAttention)
     out, _ = _ort_output(qm, x, tmp_path / "swin.onnx")
     np.testing.assert_allclose(out, fq.numpy(), rtol=0, atol=1e-4)
 
@@ -349,20 +357,8 @@ def test_swin_v2_window_attention_runs_in_int8(tmp_path, one_thread):
         for m in model.modules():
             if type(m).__name__ == "ShiftedWindowAttentionV2":
                 m.qkv.bias.normal_(0, 0.1)
-    qm = qt.prepare(model, "w8a8")
-    assert sum(type(m) is QuantShiftedWindowAttentionV2 for m in qm.modules()) == 4
+    qm, q, x, fq = _swin_to_int8(model, QuantShiftedWindowAttentionV2)
     assert not any(type(m).__name__ == "ShiftedWindowAttentionV2" for m in qm.modules())
-    x = torch.randn(2, 3, 36, 36)  # 9x9 tokens: padded windows, shifted and unshifted blocks
-    with qt.fake_quant_disabled(qm), torch.no_grad():
-        torch.testing.assert_close(qm(x), model(x), rtol=0, atol=1e-5)
-    qt.calibrate(qm, [torch.randn(2, 3, 36, 36) for _ in range(2)] + [x], progress=False)
-    with torch.no_grad():
-        fq = qm(x)
-    q = qt.convert(qm)
-    assert sum(isinstance(m, Int8MatMul) for m in q.modules()) == 8
-    qt.set_execution(q, "reference")
-    with torch.no_grad():
-        assert torch.equal(q(x), fq)
     for ex in ("integer", "fast"):  # fast: the padding tokens' keys, ~0 from an int8 kernel, must not normalize
         with warnings.catch_warnings():  # to unit vectors (a CPU without oneDNN int8 runs the reference, warned)
             warnings.simplefilter("ignore", RuntimeWarning)
