@@ -112,10 +112,20 @@ def _fast_add(m: nn.Module, a: Tensor, b: Tensor) -> Tensor:
         raise RuntimeError((a if ca is None else b)._consumed_message())
     if ca.device.type != "cpu" or cb.device.type != "cpu":
         return _fallback(m, f"input on {ca.device.type if ca.device.type != 'cpu' else cb.device.type}", a, b)
+    shape = ca.shape
     if ca.shape != cb.shape:
-        return _fallback(m, "broadcasting add", a, b)
+        try:
+            shape = torch.broadcast_shapes(ca.shape, cb.shape)
+        except RuntimeError:  # the reference path raises torch's own error
+            return _fallback(m, "operands that do not broadcast", a, b)
+        if shape != ca.shape and shape != cb.shape:
+            return _fallback(m, "broadcasting add where both operands broadcast", a, b)
     qa = _operand_codes(st, a, st.lhs_scale, st.lhs_zp)
     qb = _operand_codes(st, b, st.rhs_scale, st.rhs_zp)
+    if qa.shape != shape:  # one operand broadcasts (ViT's positional embedding): its codes, expanded (uint8 copy)
+        qa = qa.expand(shape).contiguous()
+    elif qb.shape != shape:
+        qb = qb.expand(shape).contiguous()
     n = qa.numel()
     if n >= _ADD_KERNEL_MIN_NUMEL and n % _ID == 0 and onednn.linear_sum_in_place():
         return _finish_add(m, st, _kernel_add(m, st, a, b, qa, qb))
