@@ -244,23 +244,29 @@ def test_int8_add_alone_matches_reference(one_thread):
         assert (_code_diff(add, fast, ref)).max().item() <= 1
 
 
-@pytest.mark.parametrize("kernel", [True, False])
-@pytest.mark.parametrize("shapes", [((2, 50, 32), (1, 50, 32)), ((1, 9), (3, 9)), ((2, 5, 6, 7), (1, 5, 1, 7))])
-def test_broadcasting_add_runs_fast_and_matches_reference(shapes, kernel, monkeypatch, one_thread):
-    """One operand broadcasting over the other (ViT's ``x + pos_embedding``): fast, no fallback warning, on the
-    identity-GEMM kernel and on the elementwise arithmetic, against the reference add."""
+def _fast_int8_add(a: torch.Tensor, b: torch.Tensor) -> Int8Add:
+    """A W8A8 ``Int8Add`` calibrated on ``a + b``, set to the fast execution."""
     from qtoolkit.config import get_qconfig
     from qtoolkit.nn.quant_add import QuantAdd
 
-    monkeypatch.setattr(fast_add_module, "_ADD_KERNEL_MIN_NUMEL", 0 if kernel else 1 << 40)
-    g = torch.Generator().manual_seed(4)
-    a, b = torch.randn(*shapes[0], generator=g), torch.randn(*shapes[1], generator=g) * 2 - 0.5
     qa = QuantAdd(get_qconfig("w8a8"))
     qa(a, b)
     for fq in (qa.lhs_quantizer, qa.rhs_quantizer, qa.output_quantizer):
         fq.finalize()
     add = Int8Add.from_quant(qa)
     add.execution = "fast"
+    return add
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("shapes", [((2, 50, 32), (1, 50, 32)), ((1, 9), (3, 9)), ((2, 5, 6, 7), (1, 5, 1, 7))])
+def test_broadcasting_add_runs_fast_and_matches_reference(shapes, kernel, monkeypatch, one_thread):
+    """One operand broadcasting over the other (ViT's ``x + pos_embedding``): fast, no fallback warning, on the
+    identity-GEMM kernel and on the elementwise arithmetic, against the reference add."""
+    monkeypatch.setattr(fast_add_module, "_ADD_KERNEL_MIN_NUMEL", 0 if kernel else 1 << 40)
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(*shapes[0], generator=g), torch.randn(*shapes[1], generator=g) * 2 - 0.5
+    add = _fast_int8_add(a, b)
     ref = add.forward_reference(a, b)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FastPathWarning)
@@ -271,17 +277,9 @@ def test_broadcasting_add_runs_fast_and_matches_reference(shapes, kernel, monkey
 
 
 def test_add_where_both_operands_broadcast_falls_back_with_a_warning(one_thread):
-    from qtoolkit.config import get_qconfig
-    from qtoolkit.nn.quant_add import QuantAdd
-
     g = torch.Generator().manual_seed(5)
     a, b = torch.randn(2, 1, 7, generator=g), torch.randn(1, 5, 7, generator=g)
-    qa = QuantAdd(get_qconfig("w8a8"))
-    qa(a, b)
-    for fq in (qa.lhs_quantizer, qa.rhs_quantizer, qa.output_quantizer):
-        fq.finalize()
-    add = Int8Add.from_quant(qa)
-    add.execution = "fast"
+    add = _fast_int8_add(a, b)
     with pytest.warns(FastPathWarning, match="both operands broadcast"), torch.no_grad():
         y = add(a, b)
     assert torch.equal(y, add.forward_reference(a, b))
