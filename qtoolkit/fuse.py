@@ -38,7 +38,7 @@ from torch import nn
 
 from qtoolkit.layer_kinds import kind_of, weight_layer_types
 from qtoolkit.nn.fused import Activation, Add, Cat, Einsum, FusedLayer, MatMul, Mul
-from qtoolkit.nn.quant_window_attention import is_window_attention, is_window_attention_v2
+from qtoolkit.nn.quant_window_attention import window_attention_twin
 
 __all__ = ["FloatOp", "fuse_model"]
 
@@ -395,7 +395,7 @@ _LEAVES = (FusedLayer, Add, Cat, Mul, MatMul, Einsum, Activation, nn.MultiheadAt
 
 
 def _process(module: nn.Module, qualname: str, skip: set[str], report: list[FloatOp], bn_conv: bool = False) -> nn.Module:
-    if (qualname in skip or isinstance(module, _LEAVES) or is_window_attention(module) or is_window_attention_v2(module)
+    if (qualname in skip or isinstance(module, _LEAVES) or window_attention_twin(module) is not None
             or not module._modules):
         return module
     if isinstance(module, nn.Sequential):

@@ -41,12 +41,7 @@ from qtoolkit.nn.quant_attention import QuantMultiheadAttention, unsupported_att
 from qtoolkit.nn.quant_layer import QuantLayer
 from qtoolkit.nn.quant_ops import QuantActivation, QuantCat, QuantEinsum, QuantMatMul, QuantMul, QuantNorm
 from qtoolkit.nn.quant_rnn import QuantRNN, unsupported_rnn_reason
-from qtoolkit.nn.quant_window_attention import (
-    QuantShiftedWindowAttention,
-    QuantShiftedWindowAttentionV2,
-    is_window_attention,
-    is_window_attention_v2,
-)
+from qtoolkit.nn.quant_window_attention import window_attention_twin
 from qtoolkit.toggles import quantizers
 
 __all__ = ["prepare", "resolve_qconfig", "float_ops"]
@@ -250,13 +245,12 @@ def _convert_one(
             report.append(FloatOp(name, type(child).__name__ if not isinstance(child, Activation) else act, why))
             return child
         return QuantActivation(act, qc, None if isinstance(child, Activation) else child)
-    elif is_window_attention(child) or is_window_attention_v2(child):
+    elif (twin := window_attention_twin(child)) is not None:
         qc = resolve_qconfig(name, type(child), default, overrides, skip)
         if qc is None or qc.mode != "static":
             why = "skipped by configuration" if qc is None else f"mode={qc.mode}: attention is quantized in static mode only"
             report.append(FloatOp(name, type(child).__name__, why))
             return child
-        twin = QuantShiftedWindowAttentionV2 if is_window_attention_v2(child) else QuantShiftedWindowAttention
         return twin(child, qc, qat=qat)
     elif isinstance(child, (nn.LayerNorm, nn.GroupNorm)):
         # normalization stays float unless an override names it (by type or name): the switch

@@ -42,24 +42,7 @@ from qtoolkit.nn.quant_attention import _linear
 from qtoolkit.nn.quant_layer import QuantLayer
 from qtoolkit.nn.quant_ops import QuantMatMul
 
-__all__ = [
-    "QuantShiftedWindowAttention", "QuantShiftedWindowAttentionV2", "is_window_attention", "is_window_attention_v2",
-]
-
-
-def _is_torchvision(module: nn.Module, name: str) -> bool:
-    t = type(module)
-    return t.__name__ == name and t.__module__ == "torchvision.models.swin_transformer"
-
-
-def is_window_attention(module: nn.Module) -> bool:
-    """True for torchvision's (v1) ``ShiftedWindowAttention`` (exact type; torchvision is not imported)."""
-    return _is_torchvision(module, "ShiftedWindowAttention")
-
-
-def is_window_attention_v2(module: nn.Module) -> bool:
-    """True for torchvision's ``ShiftedWindowAttentionV2`` (exact type; torchvision is not imported)."""
-    return _is_torchvision(module, "ShiftedWindowAttentionV2")
+__all__ = ["QuantShiftedWindowAttention", "QuantShiftedWindowAttentionV2", "window_attention_twin"]
 
 
 def _shift_mask(ph: int, pw: int, win: list[int], shift: list[int], device: torch.device) -> Tensor:
@@ -226,3 +209,13 @@ class QuantShiftedWindowAttentionV2(QuantShiftedWindowAttention):
             if not any(isinstance(h, _ZeroKeyGrad) for h in (bias._backward_hooks or {}).values()):
                 bias.register_hook(_ZeroKeyGrad(bias.numel() // 3))
         return super().forward(x)
+
+
+def window_attention_twin(module: nn.Module) -> type[QuantShiftedWindowAttention] | None:
+    """The quantized twin's class for torchvision's ``ShiftedWindowAttention`` / ``ShiftedWindowAttentionV2``
+    (exact types; torchvision is not imported), else None."""
+    t = type(module)
+    if t.__module__ != "torchvision.models.swin_transformer":
+        return None
+    return {"ShiftedWindowAttention": QuantShiftedWindowAttention,
+            "ShiftedWindowAttentionV2": QuantShiftedWindowAttentionV2}.get(t.__name__)
