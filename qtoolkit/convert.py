@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import qtoolkit.convert_passes as passes
+from qtoolkit import executor
 from qtoolkit.fake_quant import FakeQuantize
 from qtoolkit.kernels import dispatch
 from qtoolkit.module_swap import swap_modules
@@ -145,6 +146,8 @@ def convert(
             dispatch.prepare_fast(model)
     else:
         set_execution(model, execution)
+    if not type(model).__module__.startswith("qtoolkit."):
+        executor.install(model)  # the fast forward as one program (runs module by module where it cannot)
     return model
 
 
@@ -216,4 +219,7 @@ def set_execution(model: nn.Module, execution: str) -> nn.Module:
         raise ValueError("set_execution: the model has no converted modules; call qtoolkit.convert first")
     if execution == "fast":
         dispatch.prepare_fast(model)
+    fwd = model.__dict__.get("forward")
+    if isinstance(fwd, executor.ProgramForward):
+        fwd.build()  # the program lowers the modules in "fast" execution
     return model

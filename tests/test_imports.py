@@ -23,7 +23,7 @@ LAYERS = {
         "qtoolkit.calibrator_registry", "qtoolkit.config", "qtoolkit.observers", "qtoolkit.fake_quant"],
     2: ["qtoolkit.nn"],
     3: ["qtoolkit.toggles", "qtoolkit.fuse", "qtoolkit.summary", "qtoolkit.calibrate", "qtoolkit.prepare",
-        "qtoolkit.convert_passes", "qtoolkit.convert"],
+        "qtoolkit.convert_passes", "qtoolkit.executor", "qtoolkit.convert"],
     4: ["qtoolkit.qat", "qtoolkit.ptq", "qtoolkit.export"],
 }
 

@@ -122,23 +122,46 @@ def _fast_add(m: nn.Module, a: Tensor, b: Tensor) -> Tensor:
             return _fallback(m, "broadcasting add where both operands broadcast", a, b)
     qa = _operand_codes(st, a, st.lhs_scale, st.lhs_zp)
     qb = _operand_codes(st, b, st.rhs_scale, st.rhs_zp)
+    donate = None
+    donor = a if st.donate == 0 else b if st.donate == 1 else None
+    if donor is not None and type(donor) is _QA and donor.codes is (qa if donor is a else qb):
+        donate = st.donate  # the graph proved this operand dead after the add: its codes may be overwritten
+    y, donated = add_codes(st, qa, qb, donate, shape)
+    if donated:
+        donor.consume(m.name)  # type: ignore[union-attr]
+    if st.float_out:
+        return y
+    return _QA.wrap(y, st.out_scale, st.out_zp, st.qmin, st.qmax)
+
+
+def add_codes(st: _AddState, qa: Tensor, qb: Tensor, donate: Optional[int] = None,
+              shape: Optional[torch.Size] = None) -> tuple[Tensor, bool]:  # fmt: skip
+    """The add on plain uint8 codes (``qa`` on the lhs grid, ``qb`` on the rhs grid of ``st``).
+
+    Returns ``(y, donated)``: ``y`` is the output's uint8 codes (fp32 where ``st.float_out``), ``donated``
+    whether operand ``donate`` (0 / 1, which the caller proved dead) was overwritten in place.  One operand
+    may broadcast over the other (``shape``: the broadcast shape, computed when not given).
+    """
+    if shape is None:
+        shape = qa.shape if qa.shape == qb.shape else torch.broadcast_shapes(qa.shape, qb.shape)
     if qa.shape != shape:  # one operand broadcasts (ViT's positional embedding): its codes, expanded (uint8 copy)
-        qa = qa.expand(shape).contiguous()
+        qa, donate = qa.expand(shape).contiguous(), None
     elif qb.shape != shape:
-        qb = qb.expand(shape).contiguous()
+        qb, donate = qb.expand(shape).contiguous(), None
     n = qa.numel()
     if n >= _ADD_KERNEL_MIN_NUMEL and n % _ID == 0 and onednn.linear_sum_in_place():
-        return _finish_add(m, st, _kernel_add(m, st, a, b, qa, qb))
+        y, donated = _kernel_add(st, qa, qb, donate)
+        return _finish_codes(st, y), donated
     if st.float_out:
         y = qa.to(torch.float32).sub_(st.lhs_zp).mul_(st.lhs_scale)
         y.add_(qb.to(torch.float32).sub_(st.rhs_zp).mul_(st.rhs_scale))
         if st.post_op == "relu":
             y = y.clamp_(min=0.0)
-        return _finish_add(m, st, y)
+        return _finish_codes(st, y), False
     ka, kb = st.lhs_scale / st.out_scale, st.rhs_scale / st.out_scale
     y = qa.to(torch.float32).mul_(ka)
     y.add_(qb, alpha=kb).add_(st.out_zp - st.lhs_zp * ka - st.rhs_zp * kb).round_().clamp_(st.lo, st.hi)
-    return _QA.wrap(onednn.to_u8(y), st.out_scale, st.out_zp, st.qmin, st.qmax)
+    return onednn.to_u8(y), False
 
 
 @functools.lru_cache(maxsize=1)
@@ -158,7 +181,7 @@ def _rows(x: Tensor, acc: Tensor) -> Optional[tuple[Tensor, Tensor]]:
     return x.as_strided(shape, (_ID, 1)), acc.as_strided(shape, (_ID, 1))
 
 
-def _kernel_add(m: nn.Module, st: _AddState, a: Tensor, b: Tensor, qa: Tensor, qb: Tensor) -> Tensor:
+def _kernel_add(st: _AddState, qa: Tensor, qb: Tensor, donate: Optional[int]) -> tuple[Tensor, bool]:
     """The add as one oneDNN int8 GEMM: ``x_codes @ I`` (a 16x16 identity) with the other operand as the
     in-place ``sum`` accumulator.  One kernel, one rounding, ReLU and the output requantization fused.
 
@@ -166,19 +189,20 @@ def _kernel_add(m: nn.Module, st: _AddState, a: Tensor, b: Tensor, qa: Tensor, q
     views of it whatever the channel count.  On ResNet-20 shapes this beat a 1x1 depthwise identity conv
     with the same ``sum`` post-op, whose torch op also returns a copy of the accumulator on every call
     (``scripts/bench_op_overhead.py`` shows the add ops' time per forward next to torch.ao's).
+    Operand ``donate`` (proved dead by the caller) becomes the accumulator when the memory layouts allow;
+    returns ``(raw kernel output, donated)``.
     """
-    x_codes, x_scale, x_zp = qa, st.lhs_scale, st.lhs_zp
     rows = None
-    donate = st.donate
-    donor = a if donate == 0 else b if donate == 1 else None
-    if donor is not None and not st.float_out and type(donor) is _QA and donor.codes is (qa if donor is a else qb):
-        # the graph proved this operand is dead after the add: it becomes the in-place accumulator (no copy)
-        acc, r_scale, r_zp = (qa, st.lhs_scale, st.lhs_zp) if donor is a else (qb, st.rhs_scale, st.rhs_zp)
-        if donor is a:
-            x_codes, x_scale, x_zp = qb, st.rhs_scale, st.rhs_zp
+    donated = False
+    if donate is not None and not st.float_out:
+        # the operand is dead after the add: it becomes the in-place accumulator (no copy)
+        if donate == 0:
+            acc, r_scale, r_zp, x_codes, x_scale, x_zp = qa, st.lhs_scale, st.lhs_zp, qb, st.rhs_scale, st.rhs_zp
+        else:
+            acc, r_scale, r_zp, x_codes, x_scale, x_zp = qb, st.rhs_scale, st.rhs_zp, qa, st.lhs_scale, st.lhs_zp
         rows = _rows(x_codes, acc)
         if rows is not None:
-            donor.consume(m.name)
+            donated = True
             o_scale, o_zp, o_dtype = st.out_scale, st.out_zp, st.out_dtype
     if rows is None:
         x_codes, x_scale, x_zp, r, r_scale, r_zp = qa, st.lhs_scale, st.lhs_zp, qb, st.rhs_scale, st.rhs_zp
@@ -197,8 +221,8 @@ def _kernel_add(m: nn.Module, st: _AddState, a: Tensor, b: Tensor, qa: Tensor, q
         xr, x_scale, x_zp, w, ws, wz, ar, None, o_scale, o_zp, o_dtype, r_scale, r_zp, "sum", 1.0, st.post_op, [], "",
     )  # fmt: skip
     if y.data_ptr() == ar.data_ptr():  # written in place (torch 2.4-2.14): the result is ``acc``
-        return acc
-    return y.as_strided(acc.shape, acc.stride())
+        return acc, donated
+    return y.as_strided(acc.shape, acc.stride()), donated
 
 
 def _accumulator(st: _AddState, like: Tensor, r: Tensor, r_scale: float, r_zp: int,
@@ -216,13 +240,16 @@ def _accumulator(st: _AddState, like: Tensor, r: Tensor, r_scale: float, r_zp: i
     return acc, r_scale, r_zp, st.out_scale, st.out_zp, st.out_dtype
 
 
-def _finish_add(m: nn.Module, st: _AddState, y: Tensor) -> Tensor:
+def _finish_codes(st: _AddState, y: Tensor) -> Tensor:
+    """The kernel's raw output as the add's result: fp32 (ReLU6 clamped) or uint8 codes (clamped)."""
     if st.float_out:
-        if st.relu6:
-            y = y.clamp_(max=6.0)
-        return y  # the caller attaches inference_only outside no_grad
+        return y.clamp_(max=6.0) if st.relu6 else y
     if st.need_clamp:
-        y = y.clamp_(st.lo, st.hi)
-    elif y.dtype == torch.int8:
-        y = y.view(torch.uint8)
-    return _QA.wrap(y, st.out_scale, st.out_zp, st.qmin, st.qmax)
+        return y.clamp_(st.lo, st.hi)
+    return y.view(torch.uint8) if y.dtype == torch.int8 else y
+
+
+def _finish_add(m: nn.Module, st: _AddState, y: Tensor) -> Tensor:
+    """:func:`_finish_codes`, uint8 codes wrapped as the carrier (the caller attaches inference_only to floats)."""
+    y = _finish_codes(st, y)
+    return y if st.float_out else _QA.wrap(y, st.out_scale, st.out_zp, st.qmin, st.qmax)
