@@ -16,6 +16,7 @@ from qtoolkit.calibrate import calibrate
 from qtoolkit.calibrator_registry import register_calibrator
 from qtoolkit.config import PRESETS, QConfig, QuantizerConfig, get_qconfig
 from qtoolkit.convert import convert, set_execution, uncalibrated_sites
+from qtoolkit.executor import program_status
 from qtoolkit.export import export_onnx, verify_onnx
 from qtoolkit.fake_quant import FakeQuantize
 from qtoolkit.fuse import fuse_model
@@ -70,6 +71,7 @@ __all__ = [
     "mixed_precision",
     "observers_disabled",
     "prepare",
+    "program_status",
     "quantizers",
     "reconstruct",
     "register_calibrator",
