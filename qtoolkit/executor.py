@@ -61,6 +61,7 @@ from qtoolkit.kernels.fast_state import _get_state, _set_state
 from qtoolkit.kernels.qtensor import QuantizedActivation
 from qtoolkit.nn.int8_add import Int8Add
 from qtoolkit.nn.int8_layer import Int8Layer
+from qtoolkit.nn.int8_ops import Int8Activation, _lookup
 
 __all__ = ["install", "program_status", "ProgramForward"]
 
@@ -141,7 +142,7 @@ class Program:
 
     fn: Callable[..., Any]
     source: str
-    guards: list[tuple[nn.Module, Any]]
+    guards: list[tuple[nn.Module, str, Any]]  # (module, key of its cached kernel state, the state built from)
     n_args: int
     n_required: int
     lowered: int  # converted modules run as direct kernel steps
@@ -151,13 +152,13 @@ class Program:
         """None if the program may run now, else why not (``"stale"``: a module's kernel state changed)."""
         if _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks:
             return "global module hooks"
-        for m, slot in self.guards:
+        for m, key, slot in self.guards:
             d = m.__dict__
             if d.get("execution") != "fast":
                 return f"{m.name} is in {d.get('execution')!r} execution"
             if m._forward_hooks or m._forward_pre_hooks:
                 return f"hooks on {m.name}"
-            if d.get("_qt_fast") is not slot:
+            if d.get(key) is not slot:
                 return "stale"
         return None
 
@@ -168,10 +169,11 @@ class _Builder:
         self.graph = graph
         self.lines: list[str] = []
         self.globals: dict[str, Any] = {"_codes_in": _codes_in, "_layer": _layer, "_add_in": _add_in, "_add": _add,
-                                        "_wrap": _QA.wrap, "_u8": torch.uint8}  # fmt: skip
+                                        "_wrap": _QA.wrap, "_u8": torch.uint8,
+                                        "_f32": torch.float32, "_lookup": _lookup}  # fmt: skip
         self.env: dict[fx.Node, Any] = {}  # node -> _Codes | variable name of a Python object
         self.wrapped: dict[fx.Node, str] = {}
-        self.guards: list[tuple[nn.Module, Any]] = []
+        self.guards: list[tuple[nn.Module, str, Any]] = []
         self.lowered = self.called = 0
         self.names: dict[int, str] = {}
         self.last_use: dict[fx.Node, fx.Node] = {}
@@ -211,12 +213,16 @@ class _Builder:
     def arg(self, a: Any) -> str:
         if isinstance(a, fx.Node):
             return self.obj(a)
-        if type(a) in (list, tuple) and any(isinstance(x, fx.Node) for x in _flat(a)):
+        if not _has_node(a):
+            return self.lit(a)
+        if isinstance(a, (list, tuple)):
             inner = ", ".join(self.arg(x) for x in a)
-            return f"[{inner}]" if type(a) is list else f"({inner}{',' if len(a) == 1 else ''})"
-        if type(a) is dict and any(isinstance(x, fx.Node) for x in _flat(list(a.values()))):
+            return f"[{inner}]" if isinstance(a, list) else f"({inner}{',' if len(a) == 1 else ''})"
+        if isinstance(a, dict):
             return "{" + ", ".join(f"{k!r}: {self.arg(v)}" for k, v in a.items()) + "}"
-        return self.lit(a)
+        if isinstance(a, slice):
+            return f"slice({self.arg(a.start)}, {self.arg(a.stop)}, {self.arg(a.step)})"
+        raise _Bail(f"an argument of type {type(a).__name__} holding traced values")
 
     def call(self, fn: str, node: fx.Node, args: tuple, kwargs: dict) -> str:
         parts = [self.arg(a) for a in args] + [f"{k}={self.arg(v)}" for k, v in kwargs.items()]
@@ -247,7 +253,7 @@ class _Builder:
                     self.env[node] = _Codes(var, val.scale, val.zp, val.qmin, val.qmax, False) if isinstance(val, _Codes) else var
                     self.free(node)
                     continue
-                if self.lower_layer(node, m, var) or self.lower_add(node, m, var):
+                if self.lower_layer(node, m, var) or self.lower_add(node, m, var) or self.lower_table(node, m, var):
                     self.lowered += 1
                     self.free(node)
                     continue
@@ -308,7 +314,28 @@ class _Builder:
         if xq != getattr(x, "var", None):
             self.lines.append(f"{xq} = None")
         self.env[node] = var if st.float_out else _Codes(var, st.out_scale, st.out_zp, st.qmin, st.qmax, True)
-        self.guards.append((m, m.__dict__["_qt_fast"]))
+        self.guards.append((m, "_qt_fast", m.__dict__["_qt_fast"]))
+        return True
+
+    def lower_table(self, node: fx.Node, m: nn.Module, var: str) -> bool:
+        """A lookup-table activation on codes of its input grid: one gather, codes out."""
+        if not isinstance(m, Int8Activation) or len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+            return False
+        x = self.env[node.args[0]]
+        if m.execution != "fast" or not m.supports_fast() or not isinstance(x, _Codes):
+            return False
+        s, z = float(m.input_scale), int(m.input_zero_point)
+        if not (x.scale == s and x.zp == z and x.qmin >= m.qmin and x.qmax <= m.qmax):
+            return False
+        table, pairs = m.fast_tables(torch.device("cpu"))
+        self.lines.append(f"{var} = _lookup({self.const(table)}, {x.var}, {self.const(pairs)})")
+        so, zo = float(m.output_scale), int(m.output_zero_point)
+        if m.float_output:
+            self.lines.append(f"{var} = {var}.to(_f32).sub_({float(zo)!r}).mul_({so!r})")
+            self.env[node] = var
+        else:
+            self.env[node] = _Codes(var, so, zo, m.qmin, m.qmax, True)
+        self.guards.append((m, "_table_u8", m.__dict__["_table_u8"]))
         return True
 
     def lower_add(self, node: fx.Node, m: nn.Module, var: str) -> bool:
@@ -336,15 +363,14 @@ class _Builder:
         donate = next((i for i in dead if zps[i] != 0), dead[0]) if dead else None
         self.lines.append(f"{var} = _add({k}, {operands[0]}, {operands[1]}, {donate})")
         self.env[node] = var if st.float_out else _Codes(var, st.out_scale, st.out_zp, st.qmin, st.qmax, True)
-        self.guards.append((m, m.__dict__["_qt_fast"]))
+        self.guards.append((m, "_qt_fast", m.__dict__["_qt_fast"]))
         return True
 
 
-def _flat(v: Any) -> list:
-    out = []
-    for x in v:
-        out += _flat(x) if type(x) in (list, tuple) else [x]
-    return out
+def _has_node(v: Any) -> bool:
+    found: list[fx.Node] = []
+    fx.node.map_arg(v, found.append)
+    return bool(found)
 
 
 def _fetch(root: nn.Module, target: str) -> Any:
@@ -413,6 +439,8 @@ class ProgramForward:
             self.program, self.reason = build_program(self.model), None
         except _Bail as e:
             self.reason = str(e)
+        except Exception as e:  # noqa: BLE001 - a model the generator does not handle yet: module by module, warned
+            self.reason = f"the program could not be generated ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
         return self.program
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -54,6 +54,12 @@ def _plain(x: Tensor) -> Tensor:
     return x.dequantize() if isinstance(x, QuantizedActivation) else x
 
 
+def _on_grid(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> bool:
+    """Is ``x`` an int8 carrier whose codes are on the grid ``(scale, zero_point, [qmin, qmax])``?"""
+    return (type(x) is QuantizedActivation and x.codes is not None and x.q_scale == float(scale)
+            and x.q_zero_point == int(zero_point) and x.q_min >= qmin and x.q_max <= qmax)  # fmt: skip
+
+
 def _qparams(fq: nn.Module, require: bool) -> tuple[Tensor, Tensor] | None:
     if not fq.is_calibrated:
         if require:
@@ -82,9 +88,20 @@ def _load_qparams(m: nn.Module, q: nn.Module, sites: tuple[str, ...], require: b
     return ok
 
 
-def _lookup(table: Tensor, codes: Tensor) -> Tensor:
-    """``table[codes]`` with ``codes``' shape and memory layout: one ``index_select`` over the codes in memory
-    order with int32 indices (~3x faster than advanced indexing with int64 on a 64x16x112x112 activation)."""
+def pair_table(table: Tensor) -> Tensor:
+    """A 256-entry uint8 lookup table as a 65536-entry int16 table over *pairs* of codes (little-endian byte
+    order: entry ``lo + 256·hi`` holds ``table[lo] | table[hi] << 8``), so one gather looks up two codes."""
+    t = table.to(torch.int32)
+    idx = torch.arange(65536, device=table.device)
+    pairs = t[idx & 255] | (t[idx >> 8] << 8)
+    return torch.where(pairs >= 32768, pairs - 65536, pairs).to(torch.int16)
+
+
+def _lookup(table: Tensor, codes: Tensor, pairs: Tensor | None = None) -> Tensor:
+    """``table[codes]`` with ``codes``' shape and memory layout: ``index_select`` over the codes in memory order
+    with int32 indices (~3x faster than advanced indexing with int64 on a 64x16x112x112 activation).  With
+    ``pairs`` (:func:`pair_table` of ``table``) two neighbouring codes are looked up per gather: about 3x faster
+    again, the same bytes."""
     inv = None
     if codes.is_contiguous():
         view = codes
@@ -92,7 +109,17 @@ def _lookup(table: Tensor, codes: Tensor) -> Tensor:
         view, inv = codes.permute(0, 2, 3, 1), (0, 3, 1, 2)
     else:
         view = codes.contiguous()
-    out = table.index_select(0, view.reshape(-1).to(torch.int32)).view(view.shape)
+    flat = view.reshape(-1)
+    n = flat.numel()
+    if pairs is not None and n >= 2 and flat.storage_offset() % 2 == 0:
+        out = torch.empty_like(flat)
+        even = n - n % 2
+        torch.index_select(pairs, 0, flat[:even].view(torch.uint16).to(torch.int32), out=out[:even].view(torch.int16))
+        if even != n:
+            out[even:] = table.index_select(0, flat[even:].to(torch.int32))
+        out = out.view(view.shape)
+    else:
+        out = table.index_select(0, flat.to(torch.int32)).view(view.shape)
     return out if inv is None else out.permute(*inv)
 
 
@@ -187,13 +214,24 @@ class _Int8Binary(nn.Module):
         return (acc.double() * (float(self.lhs_scale) * float(self.rhs_scale))).to(a.dtype)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        # an int8 carrier already on this op's operand grid: its value is what fake-quantizing it would give
+        # (bit for bit), so the reference arithmetic skips that pass (the fast path's squeeze-excitation mul)
+        on_a = _on_grid(a, self.lhs_scale, self.lhs_zero_point, self.qmin, self.qmax)
+        on_b = _on_grid(b, self.rhs_scale, self.rhs_zero_point, self.qmin, self.qmax)
         a, b = _plain(a), _plain(b)
         if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.is_floating_point() and b.is_floating_point()):
             return self.op(a, b)
         dt = torch.promote_types(a.dtype, b.dtype)
         if dt in HALF_DTYPES:
             a, b = a.to(torch.float32), b.to(torch.float32)
-        y = self.forward_integer(a, b) if self.execution == "integer" else self.forward_reference(a, b)
+        if self.execution == "integer":
+            y = self.forward_integer(a, b)
+        elif on_a or on_b:
+            a = a if on_a else fake_quantize(a, self.lhs_scale, self.lhs_zero_point, self.qmin, self.qmax)
+            b = b if on_b else fake_quantize(b, self.rhs_scale, self.rhs_zero_point, self.qmin, self.qmax)
+            y = self.op(a, b)
+        else:
+            y = self.forward_reference(a, b)
         return inference_only(y.to(dt) if dt in HALF_DTYPES else y, self.name)
 
     def extra_repr(self) -> str:
@@ -265,15 +303,20 @@ class Int8Activation(nn.Module):
             codes = x.codes  # the producer's codes are on this grid: no float round trip
         else:
             codes = onednn.quantize_u8(_plain(x).float(), s, z, self.qmin, self.qmax)
-        table = self.__dict__.get("_table_u8")
-        if table is None or table.device != codes.device:
-            full = torch.zeros(256, dtype=torch.uint8, device=codes.device)
-            full[self.qmin : self.qmax + 1] = self.table.to(torch.uint8)
-            table = self.__dict__["_table_u8"] = full
-        out = _lookup(table, codes)
+        table, pairs = self.fast_tables(codes.device)
+        out = _lookup(table, codes, pairs)
         if self.float_output:
             return dequantize(out, self.output_scale, self.output_zero_point)
         return QuantizedActivation.wrap(out, float(self.output_scale), int(self.output_zero_point), self.qmin, self.qmax)
+
+    def fast_tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The table as 256 uint8 output codes indexed by the input code, and its :func:`pair_table` (cached)."""
+        cached = self.__dict__.get("_table_u8")
+        if cached is None or cached[0].device != device:
+            full = torch.zeros(256, dtype=torch.uint8, device=device)
+            full[self.qmin : self.qmax + 1] = self.table.to(torch.uint8)
+            cached = self.__dict__["_table_u8"] = (full, pair_table(full))
+        return cached
 
     def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[override]
         self.__dict__.pop("_table_u8", None)  # the uint8 copy of the table follows the buffer
