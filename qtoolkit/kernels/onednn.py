@@ -185,7 +185,11 @@ def quantize_u8(
     t = torch.empty_like(x, dtype=torch.float32, memory_format=memory_format)
     torch.mul(x if x.dtype == torch.float32 else x.float(), 1.0 / float(scale), out=t)
     t.round_().add_(float(zero_point)).clamp_(qmin, qmax)
-    return to_u8(t)
+    return to_u8(t) if t.numel() >= _TO_U8_MIN_NUMEL else t.to(torch.uint8)
+
+
+# below this size the direct (one op) float -> uint8 conversion beats the vectorized two-step one
+_TO_U8_MIN_NUMEL = 65536
 
 
 def to_u8(t: Tensor) -> Tensor:
