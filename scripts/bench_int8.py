@@ -6,13 +6,23 @@ Usage::
     .venv/bin/python scripts/bench_int8.py --ort             # + ONNX Runtime fp32 / int8 rows (scripts/bench_onnx.py)
     .venv/bin/python scripts/bench_int8.py --fuse-adds       # + qtoolkit with convert(fuse_adds=True)
     .venv/bin/python scripts/bench_int8.py --extra mymod:rows   # + rows from another script (see ``Variant``)
+    .venv/bin/python scripts/bench_int8.py --torchvision efficientnet_b0,mobilenet_v3_small --tv-batches 1,8
+    ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python scripts/bench_int8.py     # oneDNN capped to AVX2 (no VNNI kernels)
+
+``--torchvision NAMES`` adds torchvision classifiers at 3×224×224 (random weights, BN statistics from data,
+10 classes) with rows fp32 eager / qtoolkit int8 (fast) / module by module, and torch.ao's own int8 model
+from ``torchvision.models.quantization`` where torchvision has one.  ``--json PATH`` writes the rows and the
+header (``scripts/make_docs.py`` renders the tables from it).
 
 Rows, per model (``recipes.models.resnet20`` / ``resnet18_cifar``, 3×32×32, 10 classes, random weights
 and BN statistics — speed does not depend on them) and batch size:
 
 * ``fp32 eager`` / ``fp32 channels_last``: the float model (input and weights NCHW, or channels_last).
 * ``qtoolkit int8 (fast)``: ``qtoolkit.prepare(model, "w8a8")`` calibrated on 4 random batches,
-  ``qtoolkit.convert`` (default execution: oneDNN int8 kernels, activations kept as uint8 codes).
+  ``qtoolkit.convert`` (default execution: oneDNN int8 kernels, activations kept as uint8 codes, the forward
+  run as one generated program: ``qtoolkit.program_status``).
+* ``qtoolkit int8 (fast, module by module)``: the same converted model through its class's ``forward`` (each
+  converted module called in turn, int8 carriers between them): what the program saves.
 * ``qtoolkit w8a8-x86 (fast, 7-bit act.)``: the same with the ``w8a8-x86`` preset (7-bit activations, like
   torch.ao's x86 default): one direct kernel call per layer on every CPU.  With ``w8a8`` a CPU without VNNI
   runs 8-bit-activation layers on the exact split kernel (twice the MACs; the header says how many).
@@ -38,6 +48,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import io
+import json
 import os
 import statistics
 import sys
@@ -201,6 +212,17 @@ def _torch_runner(model: nn.Module, channels_last: bool = False) -> Callable[[to
     return make
 
 
+def _module_by_module(model: nn.Module) -> Callable[[torch.Tensor], Callable[[], object]]:
+    def make(x: torch.Tensor) -> Callable[[], object]:
+        def run() -> object:
+            with torch.inference_mode():
+                return type(model).forward(model, x)
+
+        return run
+
+    return make
+
+
 def torch_variants(model: nn.Module, calib: Sequence[torch.Tensor], fused: bool = False) -> tuple[list[Variant], nn.Module]:
     qm = qt.calibrate(qt.prepare(model, "w8a8"), calib, progress=False)
     fast = qt.convert(qm)
@@ -217,6 +239,7 @@ def torch_variants(model: nn.Module, calib: Sequence[torch.Tensor], fused: bool 
         Variant("fp32 eager", _torch_runner(model), fp32_bytes),
         Variant("fp32 channels_last", _torch_runner(fp32_cl, True), fp32_bytes),
         Variant("qtoolkit int8 (fast)", _torch_runner(fast), state_dict_bytes(fast)),
+        Variant("qtoolkit int8 (fast, module by module)", _module_by_module(fast), state_dict_bytes(fast)),
         Variant("qtoolkit w8a8-x86 (fast, 7-bit act.)", _torch_runner(fast7), state_dict_bytes(fast7)),
         Variant("qtoolkit int8 (reference)", _torch_runner(reference), state_dict_bytes(reference)),
         *extra,
@@ -243,6 +266,68 @@ def ort_variants(model: nn.Module, qm: nn.Module, shape: tuple[int, ...]) -> lis
             return lambda: sess.run(None, feed)
 
         rows.append(Variant(name, make, path.stat().st_size))
+    return rows
+
+
+TV_SHAPE = (3, 224, 224)
+AO_PEER = "torch.ao int8 (x86)"
+
+
+def _torchvision_model(name: str) -> nn.Module:
+    import torchvision
+
+    kwargs = {"num_classes": 10}
+    if name in ("googlenet", "inception_v3"):
+        kwargs.update(aux_logits=False, init_weights=True)
+    torch.manual_seed(0)
+    m = torchvision.models.get_model(name, weights=None, **kwargs)
+    g = torch.Generator().manual_seed(0)
+    m.train()
+    with torch.no_grad():  # BN statistics from data (random weights, random images)
+        for _ in range(2):
+            m(torch.randn(4, *TV_SHAPE, generator=g))
+    return m.eval()
+
+
+def _torchvision_ao(name: str, model: nn.Module, calib: Sequence[torch.Tensor]) -> nn.Module | None:
+    """torchvision's own quantizable twin (``torchvision.models.quantization``) with ``model``'s weights,
+    torch.ao x86 static int8; None where torchvision has none."""
+    import torchvision.models.quantization as tvq
+
+    builder = getattr(tvq, name, None)
+    if builder is None:
+        return None
+    import torch.ao.quantization as tq
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.backends.quantized.engine = "x86"
+        kwargs = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
+        net = builder(weights=None, quantize=False, num_classes=10, **kwargs).eval()
+        net.load_state_dict(model.state_dict())
+        net.fuse_model()
+        net.qconfig = tq.get_default_qconfig("x86")
+        tq.prepare(net, inplace=True)
+        with torch.no_grad():
+            for x in calib:
+                net(x)
+        tq.convert(net, inplace=True)
+    return net
+
+
+def torchvision_variants(name: str) -> list[Variant]:
+    model = _torchvision_model(name)
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randn(4, *TV_SHAPE, generator=g) for _ in range(2)]
+    fast = qt.convert(qt.calibrate(qt.prepare(model, "w8a8"), calib, progress=False))
+    rows = [
+        Variant("fp32 eager", _torch_runner(model), state_dict_bytes(model)),
+        Variant("qtoolkit int8 (fast)", _torch_runner(fast), state_dict_bytes(fast)),
+        Variant("qtoolkit int8 (fast, module by module)", _module_by_module(fast), state_dict_bytes(fast)),
+    ]
+    ao = _torchvision_ao(name, model, calib)
+    if ao is not None:
+        rows.append(Variant(AO_PEER, _torch_runner(ao), state_dict_bytes(ao)))
     return rows
 
 
@@ -286,6 +371,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ort", action="store_true", help="add ONNX Runtime fp32/int8 rows (scripts/bench_onnx.py)")
     p.add_argument("--extra", action="append", default=[], help="module:function returning list[Variant] (repeatable)")
     p.add_argument("--no-malloc-tune", action="store_true", help="do not set MALLOC_*_THRESHOLD_ (see the docstring)")
+    p.add_argument("--torchvision", default="", help="comma list of torchvision classifiers at 3x224x224 (see the docstring)")
+    p.add_argument("--tv-batches", default="1,8", help="batch sizes of the torchvision rows")
+    p.add_argument("--json", default="", help="write the rows and the header to this JSON file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
@@ -293,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
 
     snap0 = _cpu_snap()
     rows: list[tuple[str, int, str, float, float, float, int | None]] = []
-    for key in args.models.split(","):
+    for key in [k for k in args.models.split(",") if k]:
         title, build = builders[key]
         torch.manual_seed(0)
         model = _randomize_bn(build(num_classes=10, in_channels=SHAPE[0]))
@@ -310,22 +398,49 @@ def main(argv: list[str] | None = None) -> None:
             fp32, ao = speed["fp32 eager"], speed["torch.ao int8 (x86)"]
             for v in variants:
                 rows.append((title, bs, v.name, speed[v.name], speed[v.name] / fp32, speed[v.name] / ao, v.state_bytes))
+    for name in [n for n in args.torchvision.split(",") if n]:
+        variants = torchvision_variants(name)
+        for bs in [int(b) for b in args.tv_batches.split(",")]:
+            x = torch.randn(bs, *TV_SHAPE, generator=torch.Generator().manual_seed(bs))
+            speed = images_per_s({v.name: v.make(x) for v in variants}, bs, max(1, args.warmup // 2), args.repeats)
+            fp32, ao = speed["fp32 eager"], speed.get(AO_PEER)
+            for v in variants:
+                rows.append((f"{name} (224²)", bs, v.name, speed[v.name], speed[v.name] / fp32,
+                             speed[v.name] / ao if ao else float("nan"), v.state_bytes))  # fmt: skip
     snap1 = _cpu_snap()
     others = max(0.0, ((snap1[1] - snap0[1]) - (snap1[2] - snap0[2])) / max(snap1[0] - snap0[0], 1e-3))
 
     env = ", ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in (*_MALLOC_ENV, "OMP_NUM_THREADS"))
-    print(f"\ntorch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"torch.set_num_threads({args.threads}), inference_mode; median of {args.repeats} repeats (each ≥ 50 ms) "
-          f"after {args.warmup} warm-up calls, variants interleaved")  # fmt: skip
-    print(cpu_report())
-    split = sum("split" in v for v in dispatch.fast_status(qt.convert(qm)).values())
-    print(f"qtoolkit w8a8 (default preset): {split} layer(s) of the last model on the exact split kernel (no VNNI)")
-    print(f"environment: {env}; load average {os.getloadavg()[0]:.2f}; other processes used {others:.2f} CPUs on average\n")
-    print("| model | batch | variant | images/s | × fp32 eager | × torch.ao int8 | state_dict bytes |")
-    print("|---|---:|---|---:|---:|---:|---:|")
+    header = [
+        f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"torch.set_num_threads({args.threads}), inference_mode; median of {args.repeats} repeats (each ≥ 50 ms) "
+        f"after {args.warmup} warm-up calls, variants interleaved",
+        cpu_report(),
+    ]
+    if args.models:
+        split = sum("split" in v for v in dispatch.fast_status(qt.convert(qm)).values())
+        header.append(f"qtoolkit w8a8 (default preset): {split} layer(s) of the last model on the exact split kernel (no VNNI)")
+    header.append(f"environment: {env}; load average {os.getloadavg()[0]:.2f}; other processes used {others:.2f} CPUs on average")
+    print("\n" + "\n".join(header) + "\n")
+    print(markdown_table(rows))
+    if args.json:
+        cols = ("model", "batch", "variant", "images_per_s", "x_fp32", "x_torch_ao", "state_dict_bytes")
+        cmd = " ".join(["scripts/bench_int8.py", *(argv if argv is not None else sys.argv[1:])])
+        isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
+        data = {"command": (f"ONEDNN_MAX_CPU_ISA={isa} " if isa else "") + cmd, "header": header,
+                "rows": [dict(zip(cols, r)) for r in rows]}  # fmt: skip
+        Path(args.json).write_text(json.dumps(data, indent=1) + "\n")
+
+
+def markdown_table(rows: Sequence[Sequence[object]]) -> str:
+    """The rows as the README's Markdown table (``× torch.ao`` is "—" where there is no peer)."""
+    out = ["| model | batch | variant | images/s | × fp32 eager | × torch.ao int8 | state_dict bytes |",
+           "|---|---:|---|---:|---:|---:|---:|"]  # fmt: skip
     for title, bs, name, ips, r_fp32, r_ao, nbytes in rows:
         nb = f"{nbytes:,}" if nbytes is not None else "—"
-        print(f"| {title} | {bs} | {name} | {ips:,.0f} | {r_fp32:.2f}× | {r_ao:.2f}× | {nb} |")
+        ao = "—" if r_ao != r_ao else f"{r_ao:.2f}×"  # NaN: no peer
+        out.append(f"| {title} | {bs} | {name} | {ips:,.0f} | {r_fp32:.2f}× | {ao} | {nb} |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
