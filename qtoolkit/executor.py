@@ -55,7 +55,7 @@ from torch.utils._pytree import tree_map
 
 from qtoolkit.inference import inference_only
 from qtoolkit.kernels import onednn
-from qtoolkit.kernels.dispatch import FastPathWarning, _build_layer, _input_codes, _LayerState, _run_layer
+from qtoolkit.kernels.dispatch import FastPathWarning, _build_layer, _input_codes, _LayerState, _run_layer, packed_for
 from qtoolkit.kernels.fast_add import _add_state, _AddState, _operand_codes, add_codes
 from qtoolkit.kernels.fast_state import _get_state, _set_state
 from qtoolkit.kernels.qtensor import QuantizedActivation
@@ -170,7 +170,7 @@ class _Builder:
         self.lines: list[str] = []
         self.globals: dict[str, Any] = {"_codes_in": _codes_in, "_layer": _layer, "_add_in": _add_in, "_add": _add,
                                         "_wrap": _QA.wrap, "_u8": torch.uint8,
-                                        "_f32": torch.float32, "_lookup": _lookup}  # fmt: skip
+                                        "_f32": torch.float32, "_lookup": _lookup, "_packed": packed_for}  # fmt: skip
         self.env: dict[fx.Node, Any] = {}  # node -> _Codes | variable name of a Python object
         self.wrapped: dict[fx.Node, str] = {}
         self.guards: list[tuple[nn.Module, str, Any]] = []
@@ -301,7 +301,7 @@ class _Builder:
             op = self.const(onednn.op("qconv_pointwise"))
             bias = "None" if st.bias is None else self.const(st.bias)
             self.lines.append(
-                f"{var} = {op}({xq}, {st.x_scale!r}, {st.x_zp}, {self.const(st.packed)}, {self.const(st.w_scale)}, "
+                f"{var} = {op}({xq}, {st.x_scale!r}, {st.x_zp}, _packed({k}, {xq}), {self.const(st.w_scale)}, "
                 f"{self.const(st.w_zp)}, {bias}, {st.stride!r}, {st.padding!r}, {st.dilation!r}, {st.groups}, "
                 f"{st.out_scale!r}, {st.out_zp}, {self.const(st.out_dtype)}, {st.post_op!r}, [], '')"
             )

@@ -57,7 +57,7 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -137,6 +137,34 @@ class _LayerState:
     strategy: str  # "direct" or "split" (see _split_codes)
     pad: Optional[list]  # split + non-zero input zero point: explicit padding [h, w] with the zero point's code
     w_sum: Optional[Tensor]  # split: per-output-channel sum of the weight codes (zero-point correction in the bias)
+    repack: tuple = ()  # prepack arguments: the weight again in the layout oneDNN picks for each input shape
+    by_shape: dict = field(default_factory=dict)  # kernel input shape -> weight packed for it (see packed_for)
+
+
+#: distinct input shapes a layer keeps a packed weight for (oldest dropped first)
+MAX_PACKED_SHAPES = 4
+
+
+def packed_for(st: _LayerState, xq: Tensor) -> Tensor:
+    """The layer's weight prepacked in the layout oneDNN chooses for this kernel input's shape.
+
+    The weight packed without a shape hint is in a generic blocked layout; for many shapes (1x1 convolutions
+    at batch 1, ResNet-50's bottlenecks, MobileNet's projections) the primitive wants another and the op
+    reorders the whole weight on *every call* (``ONEDNN_VERBOSE=1`` shows a ``reorder`` per conv).  Packing once
+    per input shape (``input_shape`` hint; at most :data:`MAX_PACKED_SHAPES`) removes those reorders.  The
+    integer results are the same in any layout.
+    """
+    key = xq.shape
+    pw = st.by_shape.get(key)
+    if pw is None:
+        if len(st.by_shape) >= MAX_PACKED_SHAPES:
+            st.by_shape.pop(next(iter(st.by_shape)))
+        if st.kind == "conv2d":
+            pw = onednn.prepack_conv_weight(*st.repack, input_shape=list(key))
+        else:
+            pw = onednn.prepack_linear_weight(st.repack[0], input_shape=list(key))
+        st.by_shape[key] = pw
+    return pw
 
 
 def _params(m: nn.Module) -> LayerParams | AddParams | None:
@@ -237,8 +265,10 @@ def _layer_state(p: LayerParams) -> Any:
         if p.kind == "conv2d" and any(padding) and (not static or x_zp != 0):
             pad, padding = padding, [0, 0]
     if p.kind == "conv2d":
-        packed = onednn.prepack_conv_weight(w, w_scale, x_scale, kernel_zp, stride, padding, dilation, groups)
+        repack: tuple = (w, w_scale, x_scale, kernel_zp, stride, padding, dilation, groups)
+        packed = onednn.prepack_conv_weight(*repack)
     else:
+        repack = (w,)
         packed = onednn.prepack_linear_weight(w)
     out_scale, out_zp = (p.output_scale, p.output_zero_point + shift) if static else (1.0, 0)
     relu6 = p.act == "relu6"
@@ -259,7 +289,7 @@ def _layer_state(p: LayerParams) -> Any:
         p.kind, p.mode, packed, w_scale, torch.zeros(w_scale.numel(), dtype=torch.long), bias,
         stride, padding, dilation, groups, shift, qmin, qmax, x_scale, x_zp, p.act_symmetric,
         p.act_qmin, p.act_qmax, out_scale, out_zp, post_op, lo, hi, need_clamp, out_dtype, relu6, float_out,
-        "split" if split else "direct", pad, None if w_sum is None else w_sum.to(torch.float32),
+        "split" if split else "direct", pad, None if w_sum is None else w_sum.to(torch.float32), repack,
     )  # fmt: skip
 
 
@@ -330,11 +360,11 @@ def _run_layer(st: _LayerState, xq: Tensor, x_scale: float, x_zp: int, residual:
             raise ValueError(f"conv2d expects a 4-D input, got {tuple(xq.shape)}")
         if residual is None:
             return onednn.op("qconv_pointwise")(
-                xq, x_scale, x_zp, st.packed, st.w_scale, st.w_zp, bias, st.stride, st.padding, st.dilation,
+                xq, x_scale, x_zp, packed_for(st, xq), st.w_scale, st.w_zp, bias, st.stride, st.padding, st.dilation,
                 st.groups, out_scale, out_zp, out_dtype, post_op, [], "",
             )  # fmt: skip
         return onednn.op("qconv2d_pointwise", "binary")(
-            xq, x_scale, x_zp, st.packed, st.w_scale, st.w_zp, residual, bias, st.stride, st.padding, st.dilation,
+            xq, x_scale, x_zp, packed_for(st, xq), st.w_scale, st.w_zp, residual, bias, st.stride, st.padding, st.dilation,
             st.groups, out_scale, out_zp, out_dtype, r_scale, r_zp, "sum", 1.0, post_op, [], "",
         )  # fmt: skip
     if not xq.is_contiguous():
@@ -343,7 +373,7 @@ def _run_layer(st: _LayerState, xq: Tensor, x_scale: float, x_zp: int, residual:
     if xq.dim() != 2:  # the GEMM takes [M, K]: fold the leading dims (e.g. ConvNeXt's Linear on NHWC)
         xq = xq.reshape(-1, xq.shape[-1])
     y = onednn.op("qlinear_pointwise")(
-        xq, x_scale, x_zp, st.packed, st.w_scale, st.w_zp, bias, out_scale, out_zp, out_dtype, post_op, [], "none"
+        xq, x_scale, x_zp, packed_for(st, xq), st.w_scale, st.w_zp, bias, out_scale, out_zp, out_dtype, post_op, [], "none"
     )
     return y if len(lead) == 1 else y.reshape(*lead, y.shape[-1])
 
