@@ -299,11 +299,11 @@ class _Builder:
             self.lines.append(f"{xq} = _codes_in({k}, {self.obj(src)})")
         if st.strategy == "direct" and st.kind == "conv2d" and not st.float_out:
             op = self.const(onednn.op("qconv_pointwise"))
-            bias = "None" if st.bias is None else self.const(st.bias)
-            self.lines.append(
-                f"{var} = {op}({xq}, {st.x_scale!r}, {st.x_zp}, _packed({k}, {xq}), {self.const(st.w_scale)}, "
+            bias = "None" if st.k_bias is None else self.const(st.k_bias)
+            self.lines.append(  # scales folded into the weight scales and bias (see _LayerState.k_w_scale)
+                f"{var} = {op}({xq}, 1.0, {st.x_zp}, _packed({k}, {xq}), {self.const(st.k_w_scale)}, "
                 f"{self.const(st.w_zp)}, {bias}, {st.stride!r}, {st.padding!r}, {st.dilation!r}, {st.groups}, "
-                f"{st.out_scale!r}, {st.out_zp}, {self.const(st.out_dtype)}, {st.post_op!r}, [], '')"
+                f"1.0, {st.out_zp}, {self.const(st.out_dtype)}, {st.post_op!r}, [], '')"
             )
             if st.need_clamp:
                 self.lines.append(f"{var} = {var}.clamp_({st.clamp_lo}, {st.clamp_hi})")

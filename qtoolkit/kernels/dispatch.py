@@ -138,6 +138,11 @@ class _LayerState:
     pad: Optional[list]  # split + non-zero input zero point: explicit padding [h, w] with the zero point's code
     w_sum: Optional[Tensor]  # split: per-output-channel sum of the weight codes (zero-point correction in the bias)
     repack: tuple = ()  # prepack arguments: the weight again in the layout oneDNN picks for each input shape
+    # static layers without a residual: the kernel runs with input and output scale 1 and these per-channel weight
+    # scales / bias in output units (``s_x·s_w/s_y``, ``b/s_y``; fp32 outputs: ``s_x·s_w``, ``b``) -- oneDNN then sets
+    # no source / destination scale attributes (~8% less fixed cost per call), same codes
+    k_w_scale: Optional[Tensor] = None
+    k_bias: Optional[Tensor] = None
     by_shape: dict = field(default_factory=dict)  # kernel input shape -> weight packed for it (see packed_for)
 
 
@@ -285,11 +290,18 @@ def _layer_state(p: LayerParams) -> Any:
         # ReLU keeps codes >= out_zp >= 0 and an int8 output saturates at 127: the kernel does the clamp,
         # and its int8 output is the same bytes as the uint8 codes.
         need_clamp, out_dtype = False, torch.int8
+    k_w_scale, k_bias = w_scale, bias
+    if static:
+        k = x_scale * w_scale.double() / (1.0 if float_out else out_scale)
+        k_w_scale = k.to(torch.float32)
+        if bias is not None:
+            k_bias = (bias.double() / (1.0 if float_out else out_scale)).to(torch.float32)
     return _LayerState(
         p.kind, p.mode, packed, w_scale, torch.zeros(w_scale.numel(), dtype=torch.long), bias,
         stride, padding, dilation, groups, shift, qmin, qmax, x_scale, x_zp, p.act_symmetric,
         p.act_qmin, p.act_qmax, out_scale, out_zp, post_op, lo, hi, need_clamp, out_dtype, relu6, float_out,
         "split" if split else "direct", pad, None if w_sum is None else w_sum.to(torch.float32), repack,
+        k_w_scale=k_w_scale, k_bias=k_bias,
     )  # fmt: skip
 
 
@@ -346,7 +358,9 @@ def _split_last(x: Tensor) -> Tensor:
 def _run_layer(st: _LayerState, xq: Tensor, x_scale: float, x_zp: int, residual: Optional[Tensor] = None,
                r_scale: float = 1.0, r_zp: int = 0, out_scale: float = 1.0, out_zp: int = 0,
                out_dtype: torch.dtype = torch.uint8, post_op: str = "none") -> Tensor:  # fmt: skip
-    bias = st.bias
+    bias, w_scale = st.bias, st.w_scale
+    if st.mode == "static" and residual is None:  # scales folded into the weight scales (see _LayerState.k_w_scale)
+        x_scale, out_scale, w_scale, bias = 1.0, 1.0, st.k_w_scale, st.k_bias
     if st.strategy == "split":
         if st.pad is not None:
             xq = F.pad(xq, (st.pad[1], st.pad[1], st.pad[0], st.pad[0]), value=x_zp)
@@ -360,7 +374,7 @@ def _run_layer(st: _LayerState, xq: Tensor, x_scale: float, x_zp: int, residual:
             raise ValueError(f"conv2d expects a 4-D input, got {tuple(xq.shape)}")
         if residual is None:
             return onednn.op("qconv_pointwise")(
-                xq, x_scale, x_zp, packed_for(st, xq), st.w_scale, st.w_zp, bias, st.stride, st.padding, st.dilation,
+                xq, x_scale, x_zp, packed_for(st, xq), w_scale, st.w_zp, bias, st.stride, st.padding, st.dilation,
                 st.groups, out_scale, out_zp, out_dtype, post_op, [], "",
             )  # fmt: skip
         return onednn.op("qconv2d_pointwise", "binary")(
@@ -373,7 +387,7 @@ def _run_layer(st: _LayerState, xq: Tensor, x_scale: float, x_zp: int, residual:
     if xq.dim() != 2:  # the GEMM takes [M, K]: fold the leading dims (e.g. ConvNeXt's Linear on NHWC)
         xq = xq.reshape(-1, xq.shape[-1])
     y = onednn.op("qlinear_pointwise")(
-        xq, x_scale, x_zp, packed_for(st, xq), st.w_scale, st.w_zp, bias, out_scale, out_zp, out_dtype, post_op, [], "none"
+        xq, x_scale, x_zp, packed_for(st, xq), w_scale, st.w_zp, bias, out_scale, out_zp, out_dtype, post_op, [], "none"
     )
     return y if len(lead) == 1 else y.reshape(*lead, y.shape[-1])
 
