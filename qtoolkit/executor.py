@@ -61,7 +61,7 @@ from qtoolkit.kernels.fast_state import _get_state, _set_state
 from qtoolkit.kernels.qtensor import QuantizedActivation
 from qtoolkit.nn.int8_add import Int8Add
 from qtoolkit.nn.int8_layer import Int8Layer
-from qtoolkit.nn.int8_ops import Int8Activation, _lookup
+from qtoolkit.nn.int8_ops import Int8Activation, _lookup, pair_table
 
 __all__ = ["install", "program_status", "ProgramForward"]
 
@@ -91,10 +91,12 @@ def _layer(st: _LayerState, xq: Tensor) -> Tensor:
     if st.float_out:
         y = _run_layer(st, xq, st.x_scale, st.x_zp, out_dtype=torch.float32, post_op=st.post_op)
         return y.clamp_(max=6.0) if st.relu6 else y
-    y = _run_layer(st, xq, st.x_scale, st.x_zp, out_scale=st.out_scale, out_zp=st.out_zp, out_dtype=st.out_dtype,
+    y = _run_layer(st, xq, st.x_scale, st.x_zp, out_scale=st.out_scale, out_zp=st.k_out_zp, out_dtype=st.out_dtype,
                    post_op=st.post_op)  # fmt: skip
     if st.need_clamp:
         return y.clamp_(st.clamp_lo, st.clamp_hi)
+    if st.out_xor:
+        return y.view(torch.uint8).bitwise_xor_(128)
     return y.view(torch.uint8) if y.dtype == torch.int8 else y
 
 
@@ -134,6 +136,7 @@ class _Codes:
     qmin: int
     qmax: int
     fresh: bool  # made by the program (owns its memory: may be overwritten when dead)
+    xor: bool = False  # the bytes are int8 codes around zp - 128 (see _LayerState.out_xor): ``^ 0x80`` gives the codes
 
 
 @dataclass
@@ -199,11 +202,19 @@ class _Builder:
             return repr(v) if type(v) is list or len(v) != 1 else f"({v[0]!r},)"
         return self.const(v)
 
+    def codes(self, val: _Codes) -> str:
+        """The variable holding ``val``'s uint8 codes (flips shifted int8 bytes in place the first time)."""
+        if val.xor:
+            self.lines.append(f"{val.var} = {val.var}.view(_u8).bitwise_xor_(128)")
+            val.xor = False
+        return val.var
+
     def obj(self, node: fx.Node) -> str:
         """The node's value as a Python object (codes are wrapped as a carrier, once)."""
         val = self.env[node]
         if not isinstance(val, _Codes):
             return val
+        self.codes(val)
         if node not in self.wrapped:
             name = f"{val.var}_qa"
             self.lines.append(f"{name} = _wrap({val.var}, {val.scale!r}, {val.zp}, {val.qmin}, {val.qmax})")
@@ -249,7 +260,7 @@ class _Builder:
                 m = self.root.get_submodule(str(node.target))
                 if type(m) is nn.Identity and len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], fx.Node):
                     val = self.env[node.args[0]]  # the same value: codes stay codes (never overwritten: aliased)
-                    self.lines.append(f"{var} = {val.var if isinstance(val, _Codes) else val}")
+                    self.lines.append(f"{var} = {self.codes(val) if isinstance(val, _Codes) else val}")
                     self.env[node] = _Codes(var, val.scale, val.zp, val.qmin, val.qmax, False) if isinstance(val, _Codes) else var
                     self.free(node)
                     continue
@@ -293,7 +304,7 @@ class _Builder:
         src = node.args[0]
         x = self.env[src]
         if isinstance(x, _Codes) and x.scale == st.x_scale and x.zp == st.x_zp and x.qmin >= st.qmin and x.qmax <= st.qmax:
-            xq = x.var
+            xq = self.codes(x)
         else:
             xq = f"{var}_in"
             self.lines.append(f"{xq} = _codes_in({k}, {self.obj(src)})")
@@ -303,17 +314,21 @@ class _Builder:
             self.lines.append(  # scales folded into the weight scales and bias (see _LayerState.k_w_scale)
                 f"{var} = {op}({xq}, 1.0, {st.x_zp}, _packed({k}, {xq}), {self.const(st.k_w_scale)}, "
                 f"{self.const(st.w_zp)}, {bias}, {st.stride!r}, {st.padding!r}, {st.dilation!r}, {st.groups}, "
-                f"1.0, {st.out_zp}, {self.const(st.out_dtype)}, {st.post_op!r}, [], '')"
+                f"1.0, {st.k_out_zp}, {self.const(st.out_dtype)}, {st.post_op!r}, [], '')"
             )
             if st.need_clamp:
                 self.lines.append(f"{var} = {var}.clamp_({st.clamp_lo}, {st.clamp_hi})")
-            elif st.out_dtype == torch.int8:
+            elif st.out_dtype == torch.int8 and not st.out_xor:
                 self.lines.append(f"{var} = {var}.view(_u8)")
         else:
             self.lines.append(f"{var} = _layer({k}, {xq})")
         if xq != getattr(x, "var", None):
             self.lines.append(f"{xq} = None")
-        self.env[node] = var if st.float_out else _Codes(var, st.out_scale, st.out_zp, st.qmin, st.qmax, True)
+        if st.float_out:
+            self.env[node] = var
+        else:
+            inline = st.strategy == "direct" and st.kind == "conv2d"  # _layer flips the bytes itself
+            self.env[node] = _Codes(var, st.out_scale, st.out_zp, st.qmin, st.qmax, True, st.out_xor and inline)
         self.guards.append((m, "_qt_fast", m.__dict__["_qt_fast"]))
         return True
 
@@ -328,7 +343,11 @@ class _Builder:
         if not (x.scale == s and x.zp == z and x.qmin >= m.qmin and x.qmax <= m.qmax):
             return False
         table, pairs = m.fast_tables(torch.device("cpu"))
-        self.lines.append(f"{var} = _lookup({self.const(table)}, {x.var}, {self.const(pairs)})")
+        if x.xor:  # the producer's shifted bytes index a table permuted to match: no pass to flip them
+            table = table[torch.arange(256) ^ 128]
+            pairs = pair_table(table)
+        src = f"{x.var}.view(_u8)" if x.xor else x.var
+        self.lines.append(f"{var} = _lookup({self.const(table)}, {src}, {self.const(pairs)})")
         so, zo = float(m.output_scale), int(m.output_zero_point)
         if m.float_output:
             self.lines.append(f"{var} = {var}.to(_f32).sub_({float(zo)!r}).mul_({so!r})")
@@ -351,7 +370,7 @@ class _Builder:
         for i, (src, scale, zp) in enumerate(zip(node.args, (st.lhs_scale, st.rhs_scale), (st.lhs_zp, st.rhs_zp))):
             x = self.env[src]
             if isinstance(x, _Codes) and x.scale == scale and x.zp == zp and x.qmin >= st.qmin and x.qmax <= st.qmax:
-                operands.append(x.var)
+                operands.append(self.codes(x))
                 if x.fresh and len(src.users) == 1 and node.args.count(src) == 1 and src not in self.wrapped:
                     dead.append(i)
             else:

@@ -143,6 +143,12 @@ class _LayerState:
     # no source / destination scale attributes (~8% less fixed cost per call), same codes
     k_w_scale: Optional[Tensor] = None
     k_bias: Optional[Tensor] = None
+    # uint8 output with a large zero point: the kernel writes int8 codes around ``out_zp - 128`` instead, flipped to
+    # uint8 after (``^ 0x80``).  oneDNN adds the destination zero point in float32 before rounding; near 128 that
+    # float has half the resolution of the value itself, and rounding ties flipped ~5x more often than in the
+    # float32 fake-quant model (EfficientNet's pre-SiLU convs; teacher-forced, scripts/check_ties.py)
+    out_xor: bool = False
+    k_out_zp: int = 0
     by_shape: dict = field(default_factory=dict)  # kernel input shape -> weight packed for it (see packed_for)
 
 
@@ -290,6 +296,10 @@ def _layer_state(p: LayerParams) -> Any:
         # ReLU keeps codes >= out_zp >= 0 and an int8 output saturates at 127: the kernel does the clamp,
         # and its int8 output is the same bytes as the uint8 codes.
         need_clamp, out_dtype = False, torch.int8
+    out_xor = static and not float_out and not need_clamp and out_dtype == torch.uint8 and out_zp >= 64
+    k_out_zp = out_zp - 128 if out_xor else out_zp
+    if out_xor:
+        out_dtype = torch.int8
     k_w_scale, k_bias = w_scale, bias
     if static:
         k = x_scale * w_scale.double() / (1.0 if float_out else out_scale)
@@ -301,7 +311,7 @@ def _layer_state(p: LayerParams) -> Any:
         stride, padding, dilation, groups, shift, qmin, qmax, x_scale, x_zp, p.act_symmetric,
         p.act_qmin, p.act_qmax, out_scale, out_zp, post_op, lo, hi, need_clamp, out_dtype, relu6, float_out,
         "split" if split else "direct", pad, None if w_sum is None else w_sum.to(torch.float32), repack,
-        k_w_scale=k_w_scale, k_bias=k_bias,
+        k_w_scale=k_w_scale, k_bias=k_bias, out_xor=out_xor, k_out_zp=k_out_zp,
     )  # fmt: skip
 
 
@@ -328,6 +338,8 @@ def _finish(m: nn.Module, st: _LayerState, y: Tensor) -> Tensor:
         return y  # the caller attaches inference_only outside no_grad
     if st.need_clamp:
         y = y.clamp_(st.clamp_lo, st.clamp_hi)
+    elif st.out_xor:
+        y = y.view(torch.uint8).bitwise_xor_(128)
     elif y.dtype == torch.int8:
         y = y.view(torch.uint8)
     return _QA.wrap(y, st.out_scale, st.out_zp, st.qmin, st.qmax)
@@ -418,7 +430,7 @@ def _fast_forward(m: nn.Module, st: _LayerState, x: Tensor) -> Tensor:
         if st.float_out:
             y = _run_layer(st, xq, st.x_scale, st.x_zp, out_dtype=torch.float32, post_op=st.post_op)
         else:
-            y = _run_layer(st, xq, st.x_scale, st.x_zp, out_scale=st.out_scale, out_zp=st.out_zp,
+            y = _run_layer(st, xq, st.x_scale, st.x_zp, out_scale=st.out_scale, out_zp=st.k_out_zp,
                            out_dtype=st.out_dtype, post_op=st.post_op)  # fmt: skip
         return _finish(m, st, y)
     # dynamic: per-batch qparams exactly as the reference path computes them
