@@ -55,7 +55,15 @@ from torch.utils._pytree import tree_map
 
 from qtoolkit.inference import inference_only
 from qtoolkit.kernels import onednn
-from qtoolkit.kernels.dispatch import FastPathWarning, _build_layer, _input_codes, _LayerState, _run_layer, packed_for
+from qtoolkit.kernels.dispatch import (
+    FastPathWarning,
+    _build_layer,
+    _input_codes,
+    _LayerState,
+    _run_layer,
+    fused_conv_add,
+    packed_for,
+)
 from qtoolkit.kernels.fast_add import _add_state, _AddState, _operand_codes, add_codes
 from qtoolkit.kernels.fast_state import _get_state, _set_state
 from qtoolkit.kernels.qtensor import QuantizedActivation
@@ -120,7 +128,11 @@ def _add(st: _AddState, qa: Tensor, qb: Tensor, donate: Optional[int]) -> Tensor
 
 
 class _Tracer(fx.Tracer):
-    """Traces through user containers; qtoolkit's modules (converted or float twins) and torch's are leaves."""
+    """Traces through user containers; qtoolkit's modules (converted or float twins) and torch's are leaves, and so
+    is the fused conv + add call of ``convert(fuse_adds=True)``."""
+
+    def __init__(self) -> None:
+        super().__init__(autowrap_functions=(fused_conv_add,))
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:  # noqa: D102
         return type(m).__module__.startswith("qtoolkit.") or super().is_leaf_module(m, module_qualified_name)

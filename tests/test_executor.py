@@ -193,3 +193,12 @@ def test_unsupported_input_falls_back_with_a_warning() -> None:
     qt.set_execution(q, "reference")
     with torch.no_grad():
         assert torch.allclose(y, q(x), atol=1e-5)
+
+
+def test_fused_adds_run_in_the_program() -> None:
+    q = _converted(fuse_adds=True)
+    assert qt.program_status(q).startswith("program:")
+    assert "fused_conv_add" in q.forward.program.source
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(q(x), _module_by_module(q, x))
