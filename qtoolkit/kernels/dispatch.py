@@ -266,13 +266,17 @@ def _layer_state(p: LayerParams) -> Any:
     if split:
         w = w.repeat_interleave(2, dim=1).contiguous()  # both halves of an input channel see its weight
         w_sum = p.weight_codes.to(torch.float64).reshape(w.shape[0], -1).sum(1)
-        # The split kernel runs with input zero point 0 (the halves cannot share one; it is also cheaper for
-        # oneDNN): the correction -zp * sum(w) goes into the bias (static: here; dynamic: per call), and
-        # padded positions must then hold the zero point's code, so padding becomes explicit.
-        kernel_zp = 0
-        if static and x_zp != 0:
-            corr = -x_scale * w_scale.double() * x_zp * w_sum
-            bias = (corr if bias is None else bias.double() + corr).to(torch.float32)
+        # Both halves of a code x run with one input zero point zp // 2 (static; oneDNN subtracts it exactly, in
+        # int32): (hi - zp//2) + (lo - zp//2) = x - zp + (zp % 2), so an odd zero point leaves -(zp % 2)·sum(w) for
+        # the bias -- one code's worth, not zp's (folding all of -zp·sum(w) into a float32 bias cancelled against
+        # the sum: MobileNets lost 1-11 dB to the float64 fake-quant model).  Dynamic layers run with zero point 0
+        # and get the whole correction per call.  Padded positions must hold the zero point's code (both halves
+        # see it), so padding becomes explicit.
+        kernel_zp = x_zp // 2 if static else 0
+        odd = x_zp - 2 * kernel_zp if static else 0
+        if odd:
+            corr = -x_scale * w_scale.double() * odd * w_sum
+            bias = corr if bias is None else bias.double() + corr  # float64 until folded below
         if p.kind == "conv2d" and any(padding) and (not static or x_zp != 0):
             pad, padding = padding, [0, 0]
     if p.kind == "conv2d":
@@ -300,12 +304,15 @@ def _layer_state(p: LayerParams) -> Any:
     k_out_zp = out_zp - 128 if out_xor else out_zp
     if out_xor:
         out_dtype = torch.int8
+    bias64 = bias
+    if bias is not None and bias.dtype != torch.float32:
+        bias = bias.to(torch.float32)  # the real-unit bias (residual-sum calls, dynamic layers)
     k_w_scale, k_bias = w_scale, bias
     if static:
         k = x_scale * w_scale.double() / (1.0 if float_out else out_scale)
         k_w_scale = k.to(torch.float32)
-        if bias is not None:
-            k_bias = (bias.double() / (1.0 if float_out else out_scale)).to(torch.float32)
+        if bias64 is not None:
+            k_bias = (bias64.double() / (1.0 if float_out else out_scale)).to(torch.float32)
     return _LayerState(
         p.kind, p.mode, packed, w_scale, torch.zeros(w_scale.numel(), dtype=torch.long), bias,
         stride, padding, dilation, groups, shift, qmin, qmax, x_scale, x_zp, p.act_symmetric,
@@ -377,10 +384,10 @@ def _run_layer(st: _LayerState, xq: Tensor, x_scale: float, x_zp: int, residual:
         if st.pad is not None:
             xq = F.pad(xq, (st.pad[1], st.pad[1], st.pad[0], st.pad[0]), value=x_zp)
         xq = _split_codes(xq, channels_dim_last=st.kind == "linear")
-        if st.mode != "static" and x_zp != 0:  # static: folded into st.bias when the layer was built
+        if st.mode != "static" and x_zp != 0:  # static: the kernel's zero point zp // 2 (see _layer_state)
             corr = st.w_scale * (-x_scale * x_zp) * st.w_sum
             bias = corr if bias is None else bias + corr
-        x_zp = 0
+        x_zp = x_zp // 2 if st.mode == "static" else 0
     if st.kind == "conv2d":
         if xq.dim() != 4:
             raise ValueError(f"conv2d expects a 4-D input, got {tuple(xq.shape)}")
