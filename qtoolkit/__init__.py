@@ -17,7 +17,7 @@ from qtoolkit.calibrator_registry import register_calibrator
 from qtoolkit.config import PRESETS, QConfig, QuantizerConfig, get_qconfig
 from qtoolkit.convert import convert, set_execution, uncalibrated_sites
 from qtoolkit.executor import program_status
-from qtoolkit.export import export_onnx, verify_onnx
+from qtoolkit.export import DeployedModel, deploy, export_onnx, load_deployed, verify_onnx
 from qtoolkit.fake_quant import FakeQuantize
 from qtoolkit.fuse import fuse_model
 from qtoolkit.prepare import float_ops, prepare
@@ -54,8 +54,10 @@ __all__ = [
     "QuantSpec",
     "QuantizerConfig",
     "SensitivityReport",
+    "DeployedModel",
     "calibrate",
     "convert",
+    "deploy",
     "disable_fake_quant",
     "disable_observers",
     "enable_fake_quant",
@@ -68,6 +70,7 @@ __all__ = [
     "freeze_bn",
     "fuse_model",
     "get_qconfig",
+    "load_deployed",
     "mixed_precision",
     "observers_disabled",
     "prepare",

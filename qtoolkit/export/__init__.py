@@ -5,6 +5,8 @@
   runs in ONNX Runtime (``QLinearConv`` after its QDQ fusion) and TensorRT
   (``target="tensorrt"``).  The default ``target="portable"`` is exact in ONNX Runtime on
   every x86 CPU.
+* :func:`deploy` — export, compile with OpenVINO or ONNX Runtime with faithful settings, verify per site:
+  a :class:`DeployedModel` callable on torch tensors (:func:`load_deployed` reads a saved one back).
 * :func:`verify_onnx` — run the file in ONNX Runtime against the fake-quant model: agreement,
   SQNR, and the first quantization site (layer by layer) more than one step off.
 
@@ -22,7 +24,20 @@ Example::
     >>> report = export_onnx(qm, torch.randn(1, 3, 16, 16), "model.onnx")  # doctest: +SKIP
 """
 
+from qtoolkit.export.deploy import DeployedModel, deploy, load_deployed
 from qtoolkit.export.onnx import DEFAULT_OPSET, TARGETS, ExportError, OnnxExportReport, export_onnx
 from qtoolkit.export.verify import OnnxVerifyReport, SiteDiff, verify_onnx
 
-__all__ = ["DEFAULT_OPSET", "TARGETS", "ExportError", "OnnxExportReport", "OnnxVerifyReport", "SiteDiff", "export_onnx", "verify_onnx"]
+__all__ = [
+    "DEFAULT_OPSET",
+    "TARGETS",
+    "DeployedModel",
+    "ExportError",
+    "OnnxExportReport",
+    "OnnxVerifyReport",
+    "SiteDiff",
+    "deploy",
+    "export_onnx",
+    "load_deployed",
+    "verify_onnx",
+]
