@@ -31,7 +31,7 @@ from qtoolkit.kernels.dispatch import fused_conv_add, invalidate
 from qtoolkit.kernels.qtensor import dequantize_tree
 from qtoolkit.nn.int8_add import Int8Add
 from qtoolkit.nn.int8_layer import Int8Layer
-from qtoolkit.nn.int8_ops import Int8Activation
+from qtoolkit.nn.int8_ops import Int8Activation, Int8Einsum, Int8MatMul, Int8Mul
 from qtoolkit.numerics import HALF_DTYPES
 
 #: converted modules whose fast execution can hand int8 codes (a carrier) to the next module
@@ -122,10 +122,16 @@ def _consumes_codes(mod: nn.Module, cache: dict) -> bool:
     return bool(users) and all(_node_consumes_codes(mod, u, cache) for u in users)
 
 
-def _node_consumes_codes(owner: nn.Module, node: fx.Node, cache: dict) -> bool:
+def _node_consumes_codes(owner: nn.Module, node: fx.Node, cache: dict, carriers: bool = False) -> bool:
     if node.op == "call_module":
-        return _consumes_codes(owner.get_submodule(str(node.target)), cache)
+        mod = owner.get_submodule(str(node.target))
+        return _consumes_codes(mod, cache) or (carriers and isinstance(mod, _CARRIER_CONSUMERS))
     return node.op == "call_function" and node.target is fused_conv_add
+
+
+#: converted ops that read an int8 carrier already on their operand grid without re-quantizing it (bit-identical):
+#: a lookup-table activation's output, rounded to its grid in the fake-quant model as well, may go to them as codes
+_CARRIER_CONSUMERS = (Int8Mul, Int8MatMul, Int8Einsum)
 
 
 def mark_float_outputs(model: nn.Module) -> list[str]:
@@ -173,8 +179,13 @@ def mark_float_outputs(model: nn.Module) -> list[str]:
                     target = mod.get_submodule(str(node.args[1].target))  # the add
                 else:
                     continue
-                flt = any((u.op == "output" and out_float) or (u.op != "output" and not _node_consumes_codes(mod, u, cache))
-                          for u in node.users)  # fmt: skip
+                if isinstance(target, Int8Activation):
+                    # its output is rounded to its grid in the fake-quant model too: codes whenever any user takes
+                    # them (float users see the same values through the carrier), float only if none does
+                    flt = not any(u.op != "output" and _node_consumes_codes(mod, u, cache, carriers=True) for u in node.users)
+                else:
+                    flt = any((u.op == "output" and out_float) or (u.op != "output" and not _node_consumes_codes(mod, u, cache))
+                              for u in node.users)  # fmt: skip
                 visit(target, flt)
 
     visit(model, True)

@@ -271,7 +271,15 @@ class _Builder:
             if node.op == "call_module":
                 m = self.root.get_submodule(str(node.target))
                 if type(m) is nn.Identity and len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], fx.Node):
-                    val = self.env[node.args[0]]  # the same value: codes stay codes (never overwritten: aliased)
+                    src = node.args[0]
+                    val = self.env[src]
+                    if isinstance(val, _Codes) and len(src.users) == 1 and src not in self.wrapped:
+                        # the identity is the value's only user: the same value (shifted bytes stay shifted), and
+                        # the source's variable lives as long as the identity's value does
+                        self.env[node] = val
+                        self.last_use[src] = self.last_use.get(node, node)
+                        continue
+                    # otherwise an alias that is never overwritten in place
                     self.lines.append(f"{var} = {self.codes(val) if isinstance(val, _Codes) else val}")
                     self.env[node] = _Codes(var, val.scale, val.zp, val.qmin, val.qmax, False) if isinstance(val, _Codes) else var
                     self.free(node)
