@@ -13,6 +13,20 @@ How it works, one container at a time (the model's module tree is kept):
   ``forward`` cannot be traced (data-dependent control flow) is left as it is; its
   functional ops stay float and are reported.
 
+Model-zoo idioms (timm's, recognized through :mod:`qtoolkit.layer_kinds` by duck typing, never imported):
+
+* a normalization+activation module (``BatchNormAct2d``, :func:`~qtoolkit.layer_kinds.register_norm_act`) after a
+  layer folds like its plain BatchNorm; its activation is fused (ReLU/ReLU6) or takes the module's place (a lookup
+  table in ``prepare``); one that no layer absorbs becomes a depthwise 1x1 conv plus its activation;
+* ``Linear → flatten(0, 1) → BatchNorm1d → reshape_as`` (LeViT) folds the BatchNorm into the Linear;
+* a 'SAME'-padding conv (``Conv2dSame``) becomes :class:`~qtoolkit.nn.fused.PadSame` + a plain conv;
+* ``F.scaled_dot_product_attention`` is lifted into :class:`~qtoolkit.nn.fused.ScaledDotProductAttention`;
+* ops computed from shapes and constants only (a positional encoding) are not reported: nothing to quantize;
+* a forward with control flow on an argument with a constant default (``forward(x, pre_logits=False)``) is traced
+  with the default fixed only to report what it leaves float; the module itself is left as it is (other values
+  must still work). A forward that cannot be traced at all is named in the report with the BatchNorms that were not
+  folded (they become depthwise convs).
+
 Every rewrite keeps the float function exactly (checked by the tests).
 
 Example::
@@ -36,8 +50,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from qtoolkit.layer_kinds import kind_of, weight_layer_types
-from qtoolkit.nn.fused import Activation, Add, Cat, Einsum, FusedLayer, MatMul, Mul
+from qtoolkit.layer_kinds import is_norm_act, is_weight_layer, kind_of, split_norm_act, split_same_padding
+from qtoolkit.nn.fused import Activation, Add, Cat, Einsum, FusedLayer, MatMul, Mul, PadSame, ScaledDotProductAttention
 from qtoolkit.nn.quant_window_attention import window_attention_twin
 
 __all__ = ["FloatOp", "fuse_model"]
@@ -60,10 +74,11 @@ _BENIGN = {
     torch.flatten, torch.reshape, operator.getitem, getattr, operator.mul, F.adaptive_avg_pool2d,
     F.max_pool2d, F.avg_pool2d, F.dropout, torch.squeeze, torch.unsqueeze, torch.chunk, torch.split,
     torch.transpose, torch.permute, torch.narrow, torch.mean, F.adaptive_max_pool2d, operator.floordiv,
-    torch._assert, operator.eq,
+    torch._assert, operator.eq, torch.unbind, torch.roll, F.pad, F.adaptive_avg_pool1d, F.avg_pool1d,
 }
 _BENIGN_METHODS = {"size", "view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "dim", "permute",
-                   "chunk", "split", "transpose", "t", "narrow", "mean", "expand"}
+                   "chunk", "split", "transpose", "t", "narrow", "mean", "expand", "unbind", "reshape_as", "view_as",
+                   "expand_as", "roll", "movedim"}
 
 
 @dataclass(frozen=True)
@@ -139,6 +154,40 @@ def bn_as_conv(bn: nn.Module) -> nn.Module | None:
     return conv
 
 
+def _folding_bn(layer: nn.Module, m: nn.Module | None) -> tuple[nn.Module, nn.Module | None] | None:
+    """``(bn, activation module or None)`` if ``m`` is a BatchNorm that folds into ``layer``: the layer kind's own
+    ``bn_type``, or a registered normalization+activation module (timm's ``BatchNormAct2d``) around one."""
+    bn_type = kind_of(layer).bn_type
+    if m is None or bn_type is None:
+        return None
+    if type(m) is bn_type:
+        return m, None
+    split = split_norm_act(m) if is_norm_act(m) else None
+    return split if split is not None and type(split[0]) is bn_type else None
+
+
+def _standalone_bn(m: nn.Module) -> tuple[nn.Module, nn.Module | None] | None:
+    """``(depthwise 1x1 conv, activation module or None)`` for a BatchNorm2d/3d (or norm+act module around one)
+    that no layer absorbs; None if ``m`` is none (or has no running statistics)."""
+    act: nn.Module | None = None
+    if is_norm_act(m):
+        split = split_norm_act(m)
+        if split is None:
+            return None
+        m, act = split
+    conv = bn_as_conv(m) if type(m) in _STANDALONE_BN else None
+    return None if conv is None else (conv, act)
+
+
+def _with_activation(layer: nn.Module, bn: nn.Module | None, act_mod: nn.Module | None) -> tuple[nn.Module, nn.Module]:
+    """``(FusedLayer, what stands in the norm+act module's place)``: a ReLU/ReLU6 is fused (Identity in its
+    place); any other activation module takes the place (``prepare`` gives it a lookup table)."""
+    act = _act_module(act_mod) if act_mod is not None else None
+    if act is not None or act_mod is None:
+        return FusedLayer(layer, bn, act), nn.Identity()
+    return FusedLayer(layer, bn, None), act_mod
+
+
 def _act_module(m: nn.Module) -> str | None:
     if type(m) is nn.ReLU:
         return "relu"
@@ -152,8 +201,14 @@ def _fuse_standalone_bn_sequential(seq: nn.Sequential) -> bool:
     names = list(seq._modules.keys())
     changed = False
     for i, n in enumerate(names):
-        conv = bn_as_conv(seq._modules[n]) if type(seq._modules[n]) in _STANDALONE_BN else None
-        if conv is None:
+        found = _standalone_bn(seq._modules[n])
+        if found is None:
+            continue
+        conv, act_mod = found
+        if act_mod is not None:
+            fused, rest = _with_activation(conv, None, act_mod)
+            seq._modules[n] = fused if type(rest) is nn.Identity else nn.Sequential(fused, rest)
+            changed = True
             continue
         act = _act_module(seq._modules[names[i + 1]]) if i + 1 < len(names) else None
         seq._modules[n] = FusedLayer(conv, None, act)
@@ -171,11 +226,17 @@ def _fuse_sequential(seq: nn.Sequential) -> bool:
     i = 0
     while i < len(mods):
         m = mods[i]
-        if type(m) in weight_layer_types():
+        if is_weight_layer(m):
             j = i + 1
             bn = None
-            if j < len(mods) and type(mods[j]) is kind_of(m).bn_type:
-                bn = mods[j]
+            found = _folding_bn(m, mods[j] if j < len(mods) else None)
+            if found is not None and found[1] is not None:  # norm+act module: its activation comes with it
+                seq._modules[names[i]], seq._modules[names[j]] = _with_activation(m, found[0], found[1])
+                changed = True
+                i = j + 1
+                continue
+            if found is not None:
+                bn = found[0]
                 j += 1
             act = _act_module(mods[j]) if j < len(mods) else None
             if act:
@@ -199,20 +260,153 @@ def _target_counts(graph: fx.Graph) -> dict[str, int]:
     return counts
 
 
+def _trace(root: nn.Module) -> tuple[fx.Graph, dict[str, object]]:
+    """One-level trace of ``root.forward``. If it fails on control flow over an argument with a constant default
+    (timm's ``forward(x, pre_logits: bool = False)``), trace again with those arguments fixed to their defaults:
+    the specialized graph then asserts, when it runs, that they still have them (``torch.fx``'s own guard).
+    Returns the graph and what was fixed."""
+    try:
+        return _OneLevelTracer().trace(root), {}
+    except Exception as first:
+        import inspect
+
+        try:
+            params = list(inspect.signature(type(root).forward).parameters.values())[1:]
+        except (TypeError, ValueError):
+            raise first from None
+        fixed = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty
+                 and isinstance(p.default, (bool, int, float, str, type(None)))}
+        if not fixed:
+            raise
+        try:
+            graph = _OneLevelTracer().trace(root, concrete_args=fixed)
+        except Exception:
+            raise first from None
+        return graph, fixed
+
+
+def _is_number_annotation(t: object) -> bool:
+    """``int``, ``float``, ``bool``, ``str`` or a tuple / list of them (``shape: Tuple[int, int, int]``)."""
+    import re
+    import typing
+
+    if isinstance(t, str):  # postponed annotation (``from __future__ import annotations``)
+        inner = re.fullmatch(r"(?:typing\.)?(?:tuple|Tuple|list|List)\[(.*)\]", t.replace(" ", ""))
+        names = inner.group(1).split(",") if inner else [t.strip()]
+        return all(n in ("int", "float", "bool", "str", "...") for n in names)
+    if t in (int, float, bool, str):
+        return True
+    origin = typing.get_origin(t)
+    return origin in (tuple, list) and bool(typing.get_args(t)) and all(
+        a is Ellipsis or _is_number_annotation(a) for a in typing.get_args(t))
+
+
+def _data_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes whose value depends on the forward's tensor inputs (not only on their shapes, parameters or
+    constants): the ops worth quantizing. A positional encoding computed from ``x.shape`` is a constant."""
+    data: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if not _is_number_annotation(node.type):
+                data.add(node)
+            continue
+        if node.op in ("get_attr", "output") or _is_shape_value(node):
+            continue
+        if node.op == "call_function" and node.target is getattr and len(node.args) > 1 and node.args[1] in (
+                "shape", "ndim", "device", "dtype", "is_cuda"):
+            continue
+        deps: list[fx.Node] = []
+        fx.node.map_arg((node.args, node.kwargs), deps.append)
+        if any(d in data for d in deps):
+            data.add(node)
+    return data
+
+
+def _untraced_children(root: nn.Module, qualname: str, bn_conv: bool) -> list[str]:
+    """In a container whose forward could not be traced: BatchNorms (and norm+act modules) become depthwise 1x1
+    convs (the same function, ``bn_as_depthwise``). Returns the names of those not folded into a layer."""
+    names = []
+    for cname, child in list(root.named_children()):
+        if type(child) in _STANDALONE_BN or is_norm_act(child):
+            names.append(cname)
+            found = _standalone_bn(child) if bn_conv else None
+            if found is not None:
+                fused, rest = _with_activation(found[0], None, found[1])
+                setattr(root, cname, fused if type(rest) is nn.Identity else nn.Sequential(fused, rest))
+    return names
+
+
+def _split_same_padding(root: nn.Module, graph: fx.Graph, counts: dict[str, int]) -> bool:
+    """Each 'SAME'-padding conv called once (timm's ``Conv2dSame``): a :class:`PadSame` call, then the plain conv
+    in its place (so a BatchNorm after it folds as after any conv)."""
+    changed = False
+    existing = set(dict(root.named_children()))
+    for node in list(graph.nodes):
+        if node.op != "call_module" or counts.get(str(node.target)) != 1 or len(node.args) != 1 or node.kwargs:
+            continue
+        m = root.get_submodule(str(node.target))
+        conv = split_same_padding(m)
+        if conv is None:
+            continue
+        name = _new_name(existing, "pad_same")
+        root.add_module(name, PadSame(conv.kernel_size, conv.stride, conv.dilation))
+        _set_submodule(root, str(node.target), conv)
+        with graph.inserting_before(node):
+            pad = graph.call_module(name, args=node.args)
+        node.args = (pad,)
+        changed = True
+    return changed
+
+
+def _tensor_product(node: fx.Node, data: set[fx.Node]) -> bool:
+    """``a * b`` of two activations (a squeeze-excitation gate): lifted to :class:`Mul`, not data movement."""
+    return node.target in _MUL_FUNCS | _MUL_METHODS and sum(a in data for a in node.args if isinstance(a, fx.Node)) == 2
+
+
+def _report_specialized(root: nn.Module, graph: fx.Graph, fixed: dict[str, object], where: str, report: list[FloatOp],
+                        bn_conv: bool) -> nn.Module:
+    """A forward traceable only with arguments fixed to their defaults is left as it is (other values must still
+    work); its BatchNorms become depthwise convs (module by module: the same function); what that leaves float,
+    read from the specialized graph, is reported (nothing for timm's classifier heads)."""
+    data = _data_nodes(graph)
+    ops = sorted({getattr(n.target, "__name__", str(n.target)) for n in graph.nodes
+                  if n in data and n.op in ("call_function", "call_method") and not _scaled_by_constant(n)
+                  and _activation_of(n, {}) is None and (n.target not in _BENIGN and n.target not in _BENIGN_METHODS
+                                                         or _tensor_product(n, data))})
+    modules = dict(root.named_modules())
+    chains = [str(n.target) for n in graph.nodes if n.op == "call_module" and (type(modules.get(str(n.target))) in _STANDALONE_BN
+              or is_norm_act(modules.get(str(n.target), nn.Module())))]
+    _untraced_children(root, where, bn_conv)
+    if ops or chains:
+        args = ", ".join(f"{k}={v!r}" for k, v in fixed.items())
+        report.append(FloatOp(where, "forward", f"traceable by torch.fx only with {args} fixed (control flow on them): "
+                              f"left as it is; float: {', '.join(ops) or 'no functional op'}"
+                              + (f"; BatchNorms not folded into their layers: {', '.join(chains)}" if chains else "")))
+    return root
+
+
 def _fuse_graph(root: nn.Module, qualname: str, report: list[FloatOp], bn_conv: bool = False) -> nn.Module:
     """Trace ``root`` one level deep and rewrite fusions/adds. Returns the (new) module."""
+    where = qualname or "<model>"
     try:
-        graph = _OneLevelTracer().trace(root)
-    except Exception as exc:  # untraceable forward: leave it, say so
-        report.append(FloatOp(qualname or "<model>", "forward", f"not traceable by torch.fx ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); its functional ops (adds, ...) stay float"))
+        graph, fixed = _trace(root)
+    except Exception as exc:  # untraceable forward: leave it, say what that leaves float
+        bns = _untraced_children(root, qualname, bn_conv)
+        left = ("; BatchNorms not folded into their layers: " + ", ".join(bns)
+                + (" (each runs as an int8 depthwise 1x1 conv)" if bn_conv else "")) if bns else ""
+        report.append(FloatOp(where, "forward", f"not traceable by torch.fx ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:120]}); its functional ops (adds, muls, cats, matmuls) "
+                              f"stay float{left}"))
         return root
-    modules = dict(root.named_modules())
+    if fixed:  # a graph for those defaults only: rewriting it would break calls with other values; say what stays
+        return _report_specialized(root, graph, fixed, where, report, bn_conv)
     counts = _target_counts(graph)
     called_before = set(counts)
-    changed = False
+    changed = _split_same_padding(root, graph, counts)
+    modules = dict(root.named_modules())
 
     for node in list(graph.nodes):
-        if node.op != "call_module" or type(modules.get(str(node.target))) not in weight_layer_types():
+        if node.op != "call_module" or not is_weight_layer(modules.get(str(node.target), nn.Module())):
             continue
         if counts[str(node.target)] != 1:
             continue  # shared layer: fusing would change other call sites
@@ -220,8 +414,20 @@ def _fuse_graph(root: nn.Module, qualname: str, report: list[FloatOp], bn_conv: 
         last = node
         bn_node = None
         u = _only_user(last)
-        if (u is not None and u.op == "call_module" and type(modules.get(str(u.target))) is kind_of(layer).bn_type
-                and counts[str(u.target)] == 1 and _single_tensor_arg(u, last)):
+        found = None
+        if u is not None and u.op == "call_module" and counts[str(u.target)] == 1 and _single_tensor_arg(u, last):
+            found = _folding_bn(layer, modules.get(str(u.target)))
+        if found is not None and found[1] is not None:  # norm+act module: the activation takes its place
+            fused, rest = _with_activation(layer, found[0], found[1])
+            _set_submodule(root, str(node.target), fused)
+            if type(rest) is nn.Identity:
+                u.replace_all_uses_with(node)
+                graph.erase_node(u)
+            else:
+                _set_submodule(root, str(u.target), rest)
+            changed = True
+            continue
+        if found is not None:
             bn_node, last = u, u
         act = None
         act_node = None
@@ -232,7 +438,7 @@ def _fuse_graph(root: nn.Module, qualname: str, report: list[FloatOp], bn_conv: 
                 act_node, last = u, u
         if bn_node is None and act is None:
             continue
-        bn = modules[str(bn_node.target)] if bn_node is not None else None
+        bn = found[0] if found is not None else None
         _set_submodule(root, str(node.target), FusedLayer(layer, bn, act))
         last.replace_all_uses_with(node)
         for dead in (act_node, bn_node):
@@ -240,11 +446,23 @@ def _fuse_graph(root: nn.Module, qualname: str, report: list[FloatOp], bn_conv: 
                 graph.erase_node(dead)
         changed = True
 
+    if _fuse_linear_bn1d(root, graph, modules, counts):
+        changed = True
+
     for node in list(graph.nodes) if bn_conv else []:  # BatchNorms left standalone: depthwise 1x1 convs
-        if node.op != "call_module" or type(modules.get(str(node.target))) not in _STANDALONE_BN:
+        if node.op != "call_module" or counts.get(str(node.target)) != 1:
             continue
-        conv = bn_as_conv(modules[str(node.target)]) if counts[str(node.target)] == 1 else None
-        if conv is None:
+        m = root.get_submodule(str(node.target))  # now: a norm+act module folded above left its activation here
+        if type(m) not in _STANDALONE_BN and not is_norm_act(m):
+            continue
+        found = _standalone_bn(m)
+        if found is None:
+            continue
+        conv, act_mod = found
+        if act_mod is not None:
+            fused, rest = _with_activation(conv, None, act_mod)
+            _set_submodule(root, str(node.target), fused if type(rest) is nn.Identity else nn.Sequential(fused, rest))
+            changed = True
             continue
         act, act_node = None, None
         u = _only_user(node)
@@ -257,17 +475,21 @@ def _fuse_graph(root: nn.Module, qualname: str, report: list[FloatOp], bn_conv: 
             graph.erase_node(act_node)
         changed = True
 
+    data = _data_nodes(graph)
     n_add = 0
     existing = set(dict(root.named_children()))
     for node in list(graph.nodes):
         is_add = (node.op == "call_function" and node.target in _ADD_FUNCS) or (
             node.op == "call_method" and node.target in _ADD_METHODS
         )
+        if node not in data:
+            continue  # computed from shapes, parameters and constants only (a positional encoding): nothing to quantize
         if not is_add and _lift_functional(root, graph, node, existing):
             changed = True
             continue
         if not is_add:
-            if node.op in ("call_function", "call_method") and node.target not in _BENIGN and node.target not in _BENIGN_METHODS:
+            if (node.op in ("call_function", "call_method") and node.target not in _BENIGN
+                    and node.target not in _BENIGN_METHODS and node in data and not _scaled_by_constant(node)):
                 if _activation_of(node, modules) is None:
                     name = getattr(node.target, "__name__", str(node.target))
                     report.append(FloatOp(qualname or "<model>", name, "functional op without a quantized twin; runs in float"))
@@ -321,6 +543,49 @@ def _fuse_graph(root: nn.Module, qualname: str, report: list[FloatOp], bn_conv: 
     return gm
 
 
+def _is_leading_flatten(node: fx.Node, src: fx.Node) -> bool:
+    """``src.flatten(0, 1)`` / ``torch.flatten(src, 0, 1)`` (or ``(0, -2)``): a 3-D ``[B, N, C]`` output as the
+    ``[B·N, C]`` rows a BatchNorm1d normalizes per feature (LeViT's ``LinearNorm``)."""
+    if not ((node.op == "call_method" and node.target == "flatten") or (node.op == "call_function" and node.target is torch.flatten)):
+        return False
+    args = list(node.args[1:]) + [node.kwargs.get(k) for k in ("start_dim", "end_dim") if k in node.kwargs]
+    return node.args[0] is src and tuple(args) in ((0, 1), (0, -2))
+
+
+def _fuse_linear_bn1d(root: nn.Module, graph: fx.Graph, modules: dict[str, nn.Module], counts: dict[str, int]) -> bool:
+    """``bn(linear(x).flatten(0, 1)).reshape_as(...)`` (LeViT's Linear+BatchNorm1d over tokens): the BatchNorm
+    folds into the Linear (it normalizes the Linear's output features); the flatten and reshape stay. Other users
+    of the Linear's output may only read its shape (``reshape_as(·, y)``, ``view_as``, ``size``)."""
+    changed = False
+    for node in list(graph.nodes):
+        if node.op != "call_module" or type(modules.get(str(node.target))) is not nn.Linear or counts[str(node.target)] != 1:
+            continue
+        flats = [u for u in node.users if _is_leading_flatten(u, node)]
+        shape_only = all(u in flats or (u.op == "call_method" and u.target in ("reshape_as", "view_as") and u.args[0] is not node)
+                         or _is_shape_value(u) for u in node.users)
+        if len(flats) != 1 or not shape_only:
+            continue
+        bn_node = _only_user(flats[0])
+        if bn_node is None or bn_node.op != "call_module" or counts.get(str(bn_node.target)) != 1:
+            continue
+        bn = modules.get(str(bn_node.target))
+        if type(bn) is not nn.BatchNorm1d or not _single_tensor_arg(bn_node, flats[0]):
+            continue
+        _set_submodule(root, str(node.target), FusedLayer(modules[str(node.target)], bn, None))
+        bn_node.replace_all_uses_with(flats[0])
+        graph.erase_node(bn_node)
+        changed = True
+    return changed
+
+
+def _scaled_by_constant(node: fx.Node) -> bool:
+    """``x / 2``, ``x.div(2)``, ``x * 0.5`` (LeViT's mean of two heads): a constant rescale, which an int8 engine
+    folds into the next requantization (not reported, like a constant ``mul``)."""
+    div = (node.op == "call_function" and node.target in (operator.truediv, torch.div, torch.true_divide)) or (
+        node.op == "call_method" and node.target in ("div", "mul", "true_divide"))
+    return div and len(node.args) == 2 and not node.kwargs and isinstance(node.args[1], (int, float))
+
+
 def _is_shape_value(node: object) -> bool:
     """True for fx nodes that compute sizes (``x.size(0)``, ``x.shape[1] * 2``): plain numbers, not tensors."""
     if not isinstance(node, fx.Node):
@@ -343,6 +608,27 @@ def _new_name(existing: set[str], stem: str) -> str:
     return f"{stem}_{i}"
 
 
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _sdpa_module(node: fx.Node) -> tuple[nn.Module, dict[str, object]] | None:
+    """A :class:`ScaledDotProductAttention` for an ``F.scaled_dot_product_attention`` node and the keyword arguments
+    its call takes (``attn_mask`` and ``is_causal`` when they are values of the forward); None if ``dropout_p`` or
+    ``scale`` are computed."""
+    opts = dict(zip(_SDPA_ARGS, node.args))
+    opts.update(node.kwargs)
+    if set(opts) - set(_SDPA_ARGS) or not all(isinstance(opts.get(k), fx.Node) for k in _SDPA_ARGS[:3]):
+        return None
+    if any(isinstance(opts.get(k), fx.Node) for k in ("dropout_p", "scale", "enable_gqa")):
+        return None
+    call_kwargs = {k: opts[k] for k in ("attn_mask", "is_causal") if isinstance(opts.get(k), fx.Node)}
+    if opts.get("attn_mask") is not None and "attn_mask" not in call_kwargs:
+        return None
+    is_causal = False if "is_causal" in call_kwargs else bool(opts.get("is_causal", False))
+    return ScaledDotProductAttention(float(opts.get("dropout_p", 0.0)), is_causal, opts.get("scale"),
+                                     bool(opts.get("enable_gqa", False))), call_kwargs
+
+
 def _lift_functional(root: nn.Module, graph: fx.Graph, node: fx.Node, existing: set[str]) -> bool:
     """Replace a ``cat``/``stack``, a tensor-by-tensor ``mul`` or a ``matmul`` node by a call of a new
     :class:`Cat` / :class:`Mul` / :class:`MatMul` submodule. Returns True if it did."""
@@ -363,6 +649,20 @@ def _lift_functional(root: nn.Module, graph: fx.Graph, node: fx.Node, existing: 
     elif (fn and node.target in _MATMUL_FUNCS) or (meth and node.target in _MATMUL_METHODS):
         module, stem = MatMul(), "matmul"
         args = tuple(node.args)
+    elif fn and node.target is F.scaled_dot_product_attention:
+        sdpa = _sdpa_module(node)
+        if sdpa is None:
+            return False
+        module, call_kwargs = sdpa
+        opts = dict(zip(_SDPA_ARGS, node.args))
+        opts.update(node.kwargs)
+        name = _new_name(existing, "sdpa")
+        root.add_module(name, module)
+        with graph.inserting_before(node):
+            new = graph.call_module(name, args=(opts["query"], opts["key"], opts["value"]), kwargs=call_kwargs)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        return True
     elif fn and node.target is torch.einsum and not node.kwargs and node.args and isinstance(node.args[0], str):
         operands = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
         module, stem = Einsum(node.args[0]), "einsum"
@@ -391,12 +691,12 @@ def _lift_functional(root: nn.Module, graph: fx.Graph, node: fx.Node, existing: 
     return True
 
 
-_LEAVES = (FusedLayer, Add, Cat, Mul, MatMul, Einsum, Activation, nn.MultiheadAttention)  # attention: swapped whole by prepare
+_LEAVES = (FusedLayer, Add, Cat, Mul, MatMul, Einsum, Activation, ScaledDotProductAttention, nn.MultiheadAttention)  # attention: swapped whole by prepare
 
 
 def _process(module: nn.Module, qualname: str, skip: set[str], report: list[FloatOp], bn_conv: bool = False) -> nn.Module:
     if (qualname in skip or isinstance(module, _LEAVES) or window_attention_twin(module) is not None
-            or not module._modules):
+            or not module._modules or is_norm_act(module)):
         return module
     if isinstance(module, nn.Sequential):
         _fuse_sequential(module)

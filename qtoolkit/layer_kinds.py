@@ -15,6 +15,10 @@ converted on the way in (:meth:`LayerKind.to_canonical`) and back in its op
 (:meth:`LayerKind.from_canonical`); per-channel scales are therefore per *output*
 channel for every kind, as torch.ao and TensorRT use them.
 
+Model zoos' own classes are recognized without importing the zoo: :func:`register_layer_alias` (a subclass that
+computes what its base computes, timm's ``Linear``), :func:`register_norm_act` (normalization with a built-in
+activation, timm's ``BatchNormAct2d``) and :func:`register_same_padding_conv` (timm's ``Conv2dSame``).
+
 Example::
 
     >>> import torch
@@ -44,7 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerKind", "register_layer_kind", "kind_of", "get_layer_kind", "layer_kinds", "weight_layer_types"]
+__all__ = ["LayerKind", "register_layer_kind", "kind_of", "get_layer_kind", "layer_kinds", "weight_layer_types", "NormActKind",
+           "register_layer_alias", "is_weight_layer", "register_norm_act", "norm_act_kinds", "is_norm_act", "split_norm_act",
+           "register_same_padding_conv", "split_same_padding"]
 
 #: conv attributes every conv-like twin copies from its float layer
 CONV_GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
@@ -190,9 +196,43 @@ def weight_layer_types() -> tuple[type[nn.Module], ...]:
     return tuple(_BY_TYPE)
 
 
+_ALIASES: dict[tuple[str, str], str] = {}
+
+
+def register_layer_alias(package: str, class_name: str, kind_name: str) -> None:
+    """A model zoo's subclass of a registered float type that computes exactly what its base computes (timm's
+    ``Linear``, which only differs under TorchScript), recognized by its defining top-level package and class name
+    (duck typing: the library never imports the zoo) and handled as the kind ``kind_name``.
+
+    Example::
+
+        >>> class Linear(nn.Linear):   # a zoo's own Linear, defined in package "myzoo"
+        ...     pass
+        >>> Linear.__module__ = "myzoo.layers"
+        >>> register_layer_alias("myzoo", "Linear", "linear")
+        >>> kind_of(Linear(2, 3)).name, is_weight_layer(Linear(2, 3))
+        ('linear', True)
+    """
+    get_layer_kind(kind_name)
+    _ALIASES[(package, class_name)] = kind_name
+
+
+def _alias_kind(layer: nn.Module) -> LayerKind | None:
+    name = _ALIASES.get((type(layer).__module__.split(".")[0], type(layer).__name__))
+    if name is None:
+        return None
+    kind = _REGISTRY[name]
+    return kind if isinstance(layer, kind.float_types) else None
+
+
+def is_weight_layer(layer: nn.Module) -> bool:
+    """True if ``prepare`` swaps ``layer`` for a quantized twin (a registered type, or an alias of one)."""
+    return type(layer) in _BY_TYPE or _alias_kind(layer) is not None
+
+
 def kind_of(layer: nn.Module) -> LayerKind:
-    """The kind of a float layer (exact type match); TypeError naming the supported types otherwise."""
-    kind = _BY_TYPE.get(type(layer))
+    """The kind of a float layer (exact type match, or a registered alias); TypeError naming the supported types otherwise."""
+    kind = _BY_TYPE.get(type(layer)) or _alias_kind(layer)
     if kind is None:
         names = ", ".join(t.__name__ for t in _BY_TYPE)
         raise TypeError(f"unsupported layer type {type(layer).__name__}; supported: {names}")
@@ -217,3 +257,168 @@ for _k in (
     LayerKind("linear", (nn.Linear,), F.linear, nn.BatchNorm1d, 0, onnx_op="Gemm"),
 ):
     register_layer_kind(_k)
+register_layer_alias("timm", "Linear", "linear")  # timm.layers.Linear: F.linear outside TorchScript
+
+
+# ==================================================================== normalization + activation modules
+@dataclass(frozen=True)
+class NormActKind:
+    """A normalization module with its activation built in (timm's ``BatchNormAct2d``): ``act(bn(x))`` in one module.
+
+    ``prepare`` treats it as its plain BatchNorm followed by its activation: the BN folds into the preceding layer
+    (or becomes a depthwise 1x1 conv when no layer precedes it), a ReLU/ReLU6 is fused into that layer, any other
+    activation becomes an int8 lookup table (:class:`~qtoolkit.nn.QuantActivation`).
+
+    Args:
+        name: short name.
+        matches: True for the modules of this kind (duck typing: the library never imports the model zoo).
+        split: ``module -> (plain BatchNorm sharing its parameters and statistics, activation module or None)``.
+    """
+
+    name: str
+    matches: Callable[[nn.Module], bool]
+    split: Callable[[nn.Module], tuple[nn.Module, nn.Module | None]]
+
+
+_NORM_ACT: dict[str, NormActKind] = {}
+
+
+def register_norm_act(kind: NormActKind) -> NormActKind:
+    """Add a normalization+activation kind (its name must be new). Returns it.
+
+    Example::
+
+        >>> [k.name for k in norm_act_kinds()]
+        ['batch_norm_act', 'frozen_batch_norm_act']
+    """
+    if kind.name in _NORM_ACT:
+        raise ValueError(f"register_norm_act: a kind named {kind.name!r} exists already")
+    _NORM_ACT[kind.name] = kind
+    return kind
+
+
+def norm_act_kinds() -> tuple[NormActKind, ...]:
+    """Every registered normalization+activation kind, in registration order."""
+    return tuple(_NORM_ACT.values())
+
+
+def is_norm_act(m: nn.Module) -> bool:
+    """True if ``m`` is a registered normalization+activation module."""
+    return any(k.matches(m) for k in _NORM_ACT.values())
+
+
+def split_norm_act(m: nn.Module) -> tuple[nn.Module, nn.Module | None] | None:
+    """``(plain BatchNorm, activation or None)`` for a normalization+activation module; None for anything else.
+
+    Example::
+
+        >>> class BatchNormAct2d(nn.BatchNorm2d):             # timm's shape of it (duck typed)
+        ...     def __init__(self, c):
+        ...         super().__init__(c)
+        ...         self.drop, self.act = nn.Identity(), nn.SiLU()
+        ...     def forward(self, x):
+        ...         return self.act(self.drop(super().forward(x)))
+        >>> m = BatchNormAct2d(4).eval()
+        >>> bn, act = split_norm_act(m)
+        >>> type(bn).__name__, type(act).__name__, bn.weight is m.weight
+        ('BatchNorm2d', 'SiLU', True)
+        >>> x = torch.randn(2, 4, 3, 3)
+        >>> torch.equal(act(bn(x)), m(x))
+        True
+    """
+    for k in _NORM_ACT.values():
+        if k.matches(m):
+            return k.split(m)
+    return None
+
+
+_PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _activation_child(m: nn.Module) -> nn.Module | None:
+    act = getattr(m, "act", None)
+    return None if act is None or type(act) is nn.Identity else act
+
+
+def _drop_is_noop(m: nn.Module) -> bool:
+    """timm's ``drop`` (Identity, or DropBlock: the identity in eval) in front of the activation."""
+    drop = getattr(m, "drop", None)
+    return drop is None or type(drop) is nn.Identity or not drop.training
+
+
+def _is_bn_act(m: nn.Module) -> bool:
+    return (isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m) not in (*_PLAIN_BN, nn.SyncBatchNorm)
+            and isinstance(getattr(m, "act", None), nn.Module) and _drop_is_noop(m))
+
+
+def _plain_bn_type(m: nn.Module) -> type[nn.Module]:
+    for t in _PLAIN_BN:
+        if isinstance(m, t):
+            return t
+    return nn.BatchNorm2d  # SyncBatchNorm subclasses (timm's SyncBatchNormAct) run on NCHW
+
+
+def _split_bn_act(m: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+    bn = _plain_bn_type(m)(m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine,
+                           track_running_stats=m.track_running_stats)
+    bn.weight, bn.bias = m.weight, m.bias  # shared: the same Parameters, the same statistics buffers
+    bn.running_mean, bn.running_var, bn.num_batches_tracked = m.running_mean, m.running_var, m.num_batches_tracked
+    bn.train(m.training)
+    return bn, _activation_child(m)
+
+
+def _is_frozen_bn_act(m: nn.Module) -> bool:
+    return (not isinstance(m, nn.modules.batchnorm._BatchNorm) and "BatchNorm" in type(m).__name__
+            and all(isinstance(getattr(m, a, None), Tensor) for a in ("weight", "bias", "running_mean", "running_var"))
+            and isinstance(getattr(m, "act", None), nn.Module) and _drop_is_noop(m))
+
+
+def _split_frozen_bn_act(m: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+    w = m.weight
+    bn = nn.BatchNorm2d(w.numel(), eps=float(m.eps)).to(device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        for a in ("weight", "bias", "running_mean", "running_var"):
+            getattr(bn, a).copy_(getattr(m, a))
+    bn.requires_grad_(False)
+    return bn.eval(), _activation_child(m)
+
+
+register_norm_act(NormActKind("batch_norm_act", _is_bn_act, _split_bn_act))  # timm BatchNormAct2d, SyncBatchNormAct
+register_norm_act(NormActKind("frozen_batch_norm_act", _is_frozen_bn_act, _split_frozen_bn_act))  # timm FrozenBatchNormAct2d
+
+
+# ==================================================================== convolutions with dynamic 'SAME' padding
+_SAME_PADDING: set[tuple[str, str]] = set()
+
+
+def register_same_padding_conv(package: str, class_name: str) -> None:
+    """A model zoo's ``nn.Conv2d`` subclass that pads its input TensorFlow-style ('SAME', computed from the input
+    size, asymmetric) and then convolves without padding (timm's ``Conv2dSame``), recognized by defining top-level
+    package and class name. ``prepare`` splits it into a :class:`~qtoolkit.nn.fused.PadSame` (data movement: zeros
+    are exact on every activation grid) and a plain ``nn.Conv2d`` sharing its parameters.
+
+    Example::
+
+        >>> class Conv2dSame(nn.Conv2d):
+        ...     pass
+        >>> Conv2dSame.__module__ = "myzoo.layers"
+        >>> register_same_padding_conv("myzoo", "Conv2dSame")
+        >>> conv = split_same_padding(Conv2dSame(3, 4, 3, stride=2))
+        >>> type(conv).__name__, conv.padding
+        ('Conv2d', (0, 0))
+    """
+    _SAME_PADDING.add((package, class_name))
+
+
+def split_same_padding(m: nn.Module) -> nn.Module | None:
+    """The plain ``nn.Conv2d`` (padding 0, the same Parameters) of a registered 'SAME'-padding conv; else None."""
+    if not isinstance(m, nn.Conv2d) or (type(m).__module__.split(".")[0], type(m).__name__) not in _SAME_PADDING:
+        return None
+    conv = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, 0, m.dilation, m.groups, m.bias is not None,
+                     device=m.weight.device, dtype=m.weight.dtype)
+    conv.weight, conv.bias = m.weight, m.bias
+    conv.train(m.training)
+    return conv
+
+
+register_same_padding_conv("timm", "Conv2dSame")

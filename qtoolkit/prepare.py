@@ -33,11 +33,15 @@ from torch import nn
 from qtoolkit.config import QConfig, get_qconfig
 from qtoolkit.fake_quant import FakeQuantize
 from qtoolkit.fuse import FloatOp, fuse_model
-from qtoolkit.layer_kinds import weight_layer_types
+from qtoolkit.layer_kinds import is_norm_act, is_weight_layer, split_same_padding
 from qtoolkit.module_swap import swap_modules
-from qtoolkit.nn.fused import Activation, Add, Cat, Einsum, FusedLayer, MatMul, Mul
+from qtoolkit.nn.fused import Activation, Add, Cat, Einsum, FusedLayer, MatMul, Mul, PadSame, ScaledDotProductAttention
 from qtoolkit.nn.quant_add import QuantAdd
-from qtoolkit.nn.quant_attention import QuantMultiheadAttention, unsupported_attention_reason
+from qtoolkit.nn.quant_attention import (
+    QuantMultiheadAttention,
+    QuantScaledDotProductAttention,
+    unsupported_attention_reason,
+)
 from qtoolkit.nn.quant_layer import QuantLayer
 from qtoolkit.nn.quant_ops import QuantActivation, QuantCat, QuantEinsum, QuantMatMul, QuantMul, QuantNorm
 from qtoolkit.nn.quant_rnn import QuantRNN, unsupported_rnn_reason
@@ -55,6 +59,29 @@ LUT_MODULES: dict[type[nn.Module], str] = {
     nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid", nn.SiLU: "silu", nn.GELU: "gelu", nn.Sigmoid: "sigmoid",
     nn.Tanh: "tanh", nn.Mish: "mish", nn.ELU: "elu", nn.LeakyReLU: "leaky_relu", nn.SELU: "selu", nn.Softplus: "softplus",
 }
+#: elementwise activation modules of model zoos, recognized by class name and defining package (duck typing: the
+#: library never imports them): timm's own activation classes (``timm.layers.activations``)
+LUT_MODULES_BY_NAME: dict[tuple[str, str], str] = {
+    ("timm", "Swish"): "silu", ("timm", "HardSwish"): "hardswish", ("timm", "HardSigmoid"): "hardsigmoid",
+    ("timm", "GELU"): "gelu", ("timm", "Sigmoid"): "sigmoid", ("timm", "Tanh"): "tanh", ("timm", "Mish"): "mish",
+}
+
+
+def lut_activation_name(m: nn.Module) -> str | None:
+    """The lookup-table activation name of an elementwise activation module (torch's or a model zoo's), else None.
+
+    Example::
+
+        >>> lut_activation_name(nn.SiLU()), lut_activation_name(nn.Linear(2, 2))
+        ('silu', None)
+    """
+    if type(m) in LUT_MODULES:
+        return LUT_MODULES[type(m)]
+    if m._modules or any(True for _ in m.parameters(recurse=False)):
+        return None
+    return LUT_MODULES_BY_NAME.get((type(m).__module__.split(".")[0], type(m).__name__))
+
+
 # not elementwise (no lookup table): float between quantized ops, as in TensorRT; reported
 _FLOAT_ACTIVATIONS = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
 _UNSUPPORTED_HINT = (
@@ -210,9 +237,12 @@ def _convert_one(
     report: list[FloatOp],
 ) -> nn.Module | None:
     """The quantized twin of ``child``; ``child`` itself to keep it float; None to recurse."""
+    if (conv := split_same_padding(child)) is not None:  # not rewritten by the fusion pass (e.g. in a Sequential)
+        twin = _convert_one(conv, name, default, overrides, skip, qat, report)
+        return nn.Sequential(PadSame(conv.kernel_size, conv.stride, conv.dilation), conv if twin is None else twin)
     if isinstance(child, FusedLayer):
         layer, bn, act = child.layer, child.bn, child.act
-    elif type(child) in weight_layer_types():
+    elif is_weight_layer(child):
         layer, bn, act = child, None, None
     elif isinstance(child, Add):
         qc = resolve_qconfig(name, Add, default, overrides, skip)
@@ -237,14 +267,25 @@ def _convert_one(
         if isinstance(child, Einsum):
             return QuantEinsum(qc, child.equation)
         return QuantMul(qc) if isinstance(child, Mul) else QuantMatMul(qc)
-    elif isinstance(child, Activation) or type(child) in LUT_MODULES:
-        act = child.name if isinstance(child, Activation) else LUT_MODULES[type(child)]
+    elif isinstance(child, Activation) or lut_activation_name(child) is not None:
+        act = child.name if isinstance(child, Activation) else lut_activation_name(child)  # type: ignore[assignment]
         qc = resolve_qconfig(name, type(child), default, overrides, skip)
         if qc is None or qc.mode != "static":
             why = "skipped by configuration" if qc is None else f"mode={qc.mode}: lookup-table activations need static mode"
             report.append(FloatOp(name, type(child).__name__ if not isinstance(child, Activation) else act, why))
             return child
         return QuantActivation(act, qc, None if isinstance(child, Activation) else child)
+    elif isinstance(child, ScaledDotProductAttention):
+        qc = resolve_qconfig(name, ScaledDotProductAttention, default, overrides, skip)
+        if qc is None or qc.mode != "static":
+            why = "skipped by configuration" if qc is None else f"mode={qc.mode}: attention is quantized in static mode only"
+            report.append(FloatOp(name, "scaled_dot_product_attention", why))
+            return child
+        return QuantScaledDotProductAttention(child, qc)
+    elif is_norm_act(child):
+        report.append(FloatOp(name, type(child).__name__, "normalization+activation that no layer absorbs and that "
+                              "is not run as a depthwise conv (QAT keeps it live): runs in float"))
+        return child
     elif (twin := window_attention_twin(child)) is not None:
         qc = resolve_qconfig(name, type(child), default, overrides, skip)
         if qc is None or qc.mode != "static":

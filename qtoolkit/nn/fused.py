@@ -62,7 +62,10 @@ class FusedLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.layer(x)
         if self.bn is not None:
-            x = self.bn(x)
+            if isinstance(self.layer, nn.Linear) and x.dim() > 2:  # per output feature (the last dim): LeViT's tokens
+                x = self.bn(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+            else:
+                x = self.bn(x)
         return apply_activation(x, self.act)
 
     def extra_repr(self) -> str:
@@ -129,6 +132,59 @@ class Einsum(nn.Module):
 
     def extra_repr(self) -> str:
         return repr(self.equation)
+
+
+class ScaledDotProductAttention(nn.Module):
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)`` as a module
+    (timm's ViT attention calls it; ``prepare`` gives it int8 ``q·kᵀ`` and ``p·v`` matmuls).
+
+    Example::
+
+        >>> q, k, v = torch.randn(3, 2, 4, 5, 8).unbind(0)
+        >>> torch.equal(ScaledDotProductAttention()(q, k, v), F.scaled_dot_product_attention(q, k, v))
+        True
+    """
+
+    def __init__(self, dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                 enable_gqa: bool = False) -> None:
+        super().__init__()
+        self.dropout_p, self.is_causal, self.scale, self.enable_gqa = float(dropout_p), bool(is_causal), scale, bool(enable_gqa)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        """``is_causal`` here: a value the model passes at run time (or'ed with the constant one)."""
+        kw: dict = {"scale": self.scale} if self.scale is not None else {}
+        if self.enable_gqa:
+            kw["enable_gqa"] = True
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p if self.training else 0.0,
+                                              is_causal=bool(self.is_causal or is_causal), **kw)
+
+    def extra_repr(self) -> str:
+        return f"dropout_p={self.dropout_p}, is_causal={self.is_causal}, scale={self.scale}"
+
+
+class PadSame(nn.Module):
+    """TensorFlow 'SAME' zero padding for a conv of ``kernel_size`` / ``stride`` / ``dilation`` (computed from the
+    input's size, the extra row / column at the bottom / right), the front half of timm's ``Conv2dSame``.
+
+    Example::
+
+        >>> PadSame((3, 3), (2, 2))(torch.ones(1, 1, 6, 6)).shape
+        torch.Size([1, 1, 7, 7])
+    """
+
+    def __init__(self, kernel_size: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...] = (1, 1)) -> None:
+        super().__init__()
+        self.kernel_size, self.stride, self.dilation = tuple(kernel_size), tuple(stride), tuple(dilation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pads: list[int] = []
+        for size, k, s, d in zip(reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride), reversed(self.dilation)):
+            p = max((-(-int(size) // s) - 1) * s + (k - 1) * d + 1 - int(size), 0)
+            pads += [p // 2, p - p // 2]
+        return F.pad(x, pads) if any(pads) else x
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, dilation={self.dilation}"
 
 
 #: elementwise activations an int8 engine runs as a 256-entry lookup table: name -> float function

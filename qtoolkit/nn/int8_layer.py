@@ -179,6 +179,25 @@ class Int8Layer(nn.Module):
         return dequantize(self.int_weight(), self.weight_scale, self.weight_zero_point, axis=0)
 
     @property
+    def weight(self) -> Tensor:
+        """The dequantized weight in the float module's own layout (read-only, no gradient), for model code that
+        reads ``layer.weight`` (its dtype, device, shape: timm's EdgeNeXt casts its positional encoding to
+        ``token_projection.weight.dtype``). ``bias`` is the float bias buffer (BatchNorm folded).
+
+        Example::
+
+            >>> import torch
+            >>> from torch import nn
+            >>> from qtoolkit import prepare, calibrate, convert
+            >>> m = calibrate(prepare(nn.Sequential(nn.Linear(4, 3))), [torch.randn(8, 4)], progress=False)
+            >>> q = convert(m)
+            >>> q[0].weight.shape, q[0].weight.dtype, q[0].in_features, q[0].out_features
+            (torch.Size([3, 4]), torch.float32, 4, 3)
+        """
+        w = self.kind_info.from_canonical(self.dequantized_weight(), getattr(self, "groups", 1))
+        return w.to(self.weight_scale.dtype).detach()
+
+    @property
     def kind_info(self) -> LayerKind:
         """The :class:`~qtoolkit.layer_kinds.LayerKind` of this layer."""
         return get_layer_kind(self.kind)

@@ -40,7 +40,7 @@ from qtoolkit.config import QConfig
 from qtoolkit.nn.quant_layer import QuantLayer
 from qtoolkit.nn.quant_ops import QuantMatMul
 
-__all__ = ["QuantMultiheadAttention", "unsupported_attention_reason"]
+__all__ = ["QuantMultiheadAttention", "QuantScaledDotProductAttention", "unsupported_attention_reason"]
 
 
 def unsupported_attention_reason(mha: nn.MultiheadAttention) -> str | None:
@@ -149,3 +149,58 @@ class QuantMultiheadAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
+
+
+class QuantScaledDotProductAttention(nn.Module):
+    """``F.scaled_dot_product_attention`` (lifted by ``prepare`` into :class:`~qtoolkit.nn.fused.ScaledDotProductAttention`)
+    with int8 attention matmuls: ``scores`` (:class:`~qtoolkit.nn.QuantMatMul`, ``q @ kᵀ``), scaled by ``scale``
+    (default ``1/√head_dim``) in float, mask added, softmax in float, ``context`` (``softmax(...) @ v``) — the same
+    placement as :class:`QuantMultiheadAttention` and TensorRT's explicit-quantization attention. ``convert`` turns
+    the two matmuls into :class:`~qtoolkit.nn.Int8MatMul`; this container stays.
+
+    Args:
+        sdpa: the float :class:`~qtoolkit.nn.fused.ScaledDotProductAttention` (its options are copied).
+        qconfig: a static QConfig.
+
+    Example::
+
+        >>> from qtoolkit.config import get_qconfig
+        >>> from qtoolkit.nn.fused import ScaledDotProductAttention
+        >>> from qtoolkit.toggles import fake_quant_disabled
+        >>> f = ScaledDotProductAttention(is_causal=True)
+        >>> q = QuantScaledDotProductAttention(f, get_qconfig("w8a8"))
+        >>> a, b, c = torch.randn(3, 2, 4, 5, 8).unbind(0)
+        >>> with fake_quant_disabled(q):
+        ...     torch.allclose(q(a, b, c), f(a, b, c), atol=1e-6)
+        True
+    """
+
+    def __init__(self, sdpa: nn.Module, qconfig: QConfig) -> None:
+        super().__init__()
+        if qconfig.mode != "static" or qconfig.activation is None:
+            raise ValueError("QuantScaledDotProductAttention needs a static QConfig (int8 attention matmuls)")
+        self.qconfig = qconfig
+        self.dropout_p, self.is_causal, self.scale = sdpa.dropout_p, sdpa.is_causal, sdpa.scale
+        self.enable_gqa = getattr(sdpa, "enable_gqa", False)
+        self.scores = QuantMatMul(qconfig)
+        self.context = QuantMatMul(qconfig)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        if self.enable_gqa and k.shape[-3] != q.shape[-3]:
+            rep = q.shape[-3] // k.shape[-3]
+            k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+        scores = self.scores(q, k.transpose(-2, -1)) * scale
+        tgt, src = scores.shape[-2], scores.shape[-1]
+        if self.is_causal or is_causal:
+            causal = torch.ones(tgt, src, dtype=torch.bool, device=scores.device).tril()
+            scores = scores.masked_fill(~causal, float("-inf"))
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+        attn = torch.softmax(scores, dim=-1)
+        if self.training and self.dropout_p > 0:
+            attn = F.dropout(attn, self.dropout_p)
+        return self.context(attn, v)
+
+    def extra_repr(self) -> str:
+        return f"is_causal={self.is_causal}, scale={self.scale}"

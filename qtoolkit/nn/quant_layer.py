@@ -126,7 +126,7 @@ class QuantLayer(nn.Module):
         return self.kind_info.op(x, w, b, self)
 
     def _channel_shape(self, ndim: int) -> list[int]:
-        return [1, -1] + [1] * (ndim - 2)
+        return self.kind_info.channel_shape(ndim)
 
     def folded_weight_bias(self) -> tuple[Tensor, Tensor | None]:
         """Weight and bias with a live BN folded in (running statistics)."""
@@ -191,10 +191,13 @@ class QuantLayer(nn.Module):
         if self.bias is not None:
             y = y + self.bias.reshape(cshape)
         use_batch_stats = self.training and not self.bn_is_frozen
+        shape = y.shape
+        if self.kind_info.is_linear and y.dim() > 2:  # Linear + BatchNorm1d over tokens: per output feature
+            y = y.reshape(-1, shape[-1])
         return F.batch_norm(
             y, bn.running_mean, bn.running_var, bn.weight, bn.bias,
             training=use_batch_stats, momentum=bn.momentum if bn.momentum is not None else 0.1, eps=bn.eps,
-        )
+        ).reshape(shape)
 
     def forward(self, x: Tensor) -> Tensor:
         """Fake-quantized layer.  float16/bfloat16 inputs are computed in float32 and the result is cast back
