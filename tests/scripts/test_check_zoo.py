@@ -42,3 +42,26 @@ def test_check_zoo_on_two_small_classifiers(tmp_path, capsys):
     table = zoo.markdown_table(saved["rows"])
     assert table.count("\n") == 3 and "| squeezenet1_1 |" in table
     assert "| mobilenet_v3_small |" in capsys.readouterr().out
+
+
+def test_check_zoo_timm_subset(tmp_path):
+    """``--source timm`` on two small families: timm's BatchNormAct2d folded, squeeze-excitation and SiLU/hardswish
+    tables int8; the bars' columns computed (the counterpart's SQNR read from a torchvision --json file)."""
+    pytest.importorskip("timm")
+    zoo = _load()
+    tv = tmp_path / "tv.json"
+    tv.write_text(json.dumps({"cpu": "", "rows": [{"model": "efficientnet_b0", "fakequant_vs_fp32_sqnr_db": 30.0}]}))
+    out = tmp_path / "zoo_timm.json"
+    rows = zoo.main(["--source", "timm", "--models", "efficientnet:efficientnet_b0,mobilenetv3:mobilenetv3_small_050",
+                     "--size", "64", "--batch", "2", "--calib-batches", "1", "--eval-batches", "1", "--executions", "fast",
+                     "--drift-floor", "--threads", "1", "--counterpart-json", str(tv), "--json", str(out)])  # fmt: skip
+    assert [r["model"] for r in rows] == ["efficientnet_b0", "mobilenetv3_small_050"]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["float_ops"] == 0 and r["float_ops_other"] == [] and r["int8_flops_%"] >= 95.0
+        assert r["fakequant_vs_fp32_sqnr_db"] > 20 and r["fast_vs_fakequant64_sqnr_db"] > 20
+        assert r["meets"]["converts"] and r["meets"]["only_norm_softmax_movement_float"] and r["meets"]["int8_flops_95"]
+    assert rows[0]["torchvision_counterpart"] == "efficientnet_b0" and rows[0]["torchvision_fakequant_vs_fp32_sqnr_db"] == 30.0
+    assert rows[0]["meets"]["within_3db_of_torchvision"] == (rows[0]["fakequant_vs_fp32_sqnr_db"] >= 27.0)
+    assert json.loads(out.read_text())["source"] == "timm"
+    assert zoo.allowed_float("LayerNorm2d") and zoo.allowed_float("softmax") and not zoo.allowed_float("add")
