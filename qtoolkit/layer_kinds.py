@@ -101,9 +101,13 @@ class LayerKind:
             return {"in_features": layer.in_features, "out_features": layer.out_features, "out_channels": layer.out_features}
         if getattr(layer, "padding_mode", "zeros") != "zeros":
             raise ValueError(f"{type(layer).__name__}: padding_mode={layer.padding_mode!r} is not supported (only 'zeros')")
-        if isinstance(layer.padding, str):
-            raise ValueError(f"{type(layer).__name__}: string padding ('same'/'valid') is not supported; use integer padding")
         g: dict[str, Any] = {k: getattr(layer, k) for k in CONV_GEOMETRY}
+        if isinstance(layer.padding, str):  # 'valid': none; 'same' (stride 1): symmetric where the total is even
+            total = [d * (k - 1) for k, d in zip(layer.kernel_size, layer.dilation)]
+            if layer.padding == "same" and (self.transposed or any(t % 2 for t in total)):
+                raise ValueError(f"{type(layer).__name__}: padding='same' with an odd total padding is asymmetric; not "
+                                 "supported (use integer padding)")
+            g["padding"] = tuple(t // 2 for t in total) if layer.padding == "same" else (0,) * len(total)
         for k in ("kernel_size", "stride", "padding", "dilation"):
             g[k] = tuple(g[k])
         g["groups"] = int(g["groups"])

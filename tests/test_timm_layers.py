@@ -335,3 +335,15 @@ def test_timm_vit_attention_int8(timm_mod) -> None:
     m, qm, q, x = _timm_roundtrip(timm_mod, "vit_tiny_patch16_224", 32, img_size=32, depth=2)
     assert {f.op for f in qt.float_ops(qm)} == {"LayerNorm"}
     assert sum(isinstance(mm, Int8MatMul) for mm in q.modules()) == 4
+
+
+def test_string_padding_same_and_valid() -> None:
+    """ConvMixer's ``nn.Conv2d(..., padding="same")``: the symmetric integer padding it stands for."""
+    m = nn.Sequential(nn.Conv2d(3, 4, 5, padding="same", dilation=2), nn.Conv2d(4, 4, 3, padding="valid")).eval()
+    x = torch.randn(2, 3, 9, 9)
+    qm = qt.prepare(m)
+    assert qm[0].padding == (4, 4) and qm[1].padding == (0, 0)
+    with fake_quant_disabled(qm), torch.no_grad():
+        torch.testing.assert_close(qm(x), m(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="odd total padding"):
+        qt.prepare(nn.Sequential(nn.Conv2d(3, 4, 4, padding="same")))
