@@ -70,7 +70,9 @@ def deploy_variants(model: torch.nn.Module, qm: torch.nn.Module, shape: tuple[in
     x = torch.randn(2, *shape)
     for engine, label in (("openvino", "OpenVINO"), ("onnxruntime", "ORT")):
         try:
-            dm = qt.deploy(qm, x, engine=engine, threads=threads, strict=False)
+            # ORT's worker threads otherwise spin after each run and slow the torch rows timed next to it
+            quiet = {"session.intra_op.allow_spinning": "0"} if engine == "onnxruntime" else {}
+            dm = qt.deploy(qm, x, engine=engine, threads=threads, strict=False, **quiet)
         except ImportError as exc:
             print(f"skipping {label}: {exc}")
             continue

@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     so.intra_op_num_threads, so.inter_op_num_threads = args.threads, 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.enable_profiling = True
+    so.profile_file_prefix = str(Path(path).parent / "ort_profile")  # not into the working directory
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     feed = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal((args.batch, *bench_int8.SHAPE), dtype=np.float32)}
     runs = 3 + args.runs  # the first three (warm-up) are averaged in: at these run counts they move the shares little
