@@ -187,6 +187,16 @@ def torch_ao_int8(model: nn.Module, calib: Sequence[torch.Tensor]) -> nn.Module:
         for b in net.modules():
             if isinstance(b, _AoBlock):
                 b.fuse()
+    return _ao_calibrate_convert(net, calib)
+
+
+def _ao_calibrate_convert(net: nn.Module, calib: Sequence[torch.Tensor]) -> nn.Module:
+    """torch.ao's x86 default qconfig on a fused quantizable model, calibrated on ``calib``, converted (a peer)."""
+    import torch.ao.quantization as tq
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.backends.quantized.engine = "x86"
         net.qconfig = tq.get_default_qconfig("x86")
         tq.prepare(net, inplace=True)
         with torch.no_grad():
@@ -297,7 +307,6 @@ def _torchvision_ao(name: str, model: nn.Module, calib: Sequence[torch.Tensor]) 
     builder = getattr(tvq, name, None)
     if builder is None:
         return None
-    import torch.ao.quantization as tq
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -306,13 +315,7 @@ def _torchvision_ao(name: str, model: nn.Module, calib: Sequence[torch.Tensor]) 
         net = builder(weights=None, quantize=False, num_classes=10, **kwargs).eval()
         net.load_state_dict(model.state_dict())
         net.fuse_model()
-        net.qconfig = tq.get_default_qconfig("x86")
-        tq.prepare(net, inplace=True)
-        with torch.no_grad():
-            for x in calib:
-                net(x)
-        tq.convert(net, inplace=True)
-    return net
+    return _ao_calibrate_convert(net, calib)
 
 
 def torchvision_variants(name: str) -> list[Variant]:

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from qtoolkit.calibrate import batch_input, call_model
-from qtoolkit.export.verify import SiteDiff, _site_of
+from qtoolkit.export.verify import SiteDiff, _site_of, add_site_diff, finish_totals
 from qtoolkit.fake_quant import FakeQuantize
 from qtoolkit.numerics import quantize
 
@@ -295,22 +295,12 @@ def verify_engine(
                 head = torch.from_numpy(cut_outs[0]).to(torch.float64)  # the float ops after the last site, teacher-forced
                 head_num += float((head.reshape(r.shape) - r).pow(2).sum())
                 for _, out, site, _ in site_nodes:
-                    mine = captured[site]
-                    theirs = torch.from_numpy(named[out].astype(np.int32)).reshape(mine.shape)
-                    d = (theirs - mine).abs()
-                    st = stats[site]
-                    st[0] = max(st[0], int(d.max()) if d.numel() else 0)
-                    st[1] += int((d > 0).sum())
-                    st[2] += d.numel()
+                    add_site_diff(stats[site], captured[site], named[out])
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    if report.samples == 0:
-        raise ValueError("verify: `data` yielded no batches")
-    report.sqnr_db = math.inf if num == 0 else 10.0 * math.log10(den / num) if den > 0 else -math.inf
-    report.rel_l2 = math.sqrt(num / den) if den > 0 else math.inf
-    report.top1_agreement = agree / total if total else None
+    finish_totals(report, "verify", num, den, agree, total)
     for node, _, site, _ in site_nodes:
         if stats.get(site, [0, 0, 0])[2]:
             mx, nd, n = stats[site]

@@ -111,6 +111,23 @@ class OnnxVerifyReport:
         return "\n".join(lines)
 
 
+def add_site_diff(st: list, mine: Tensor, theirs: Any) -> None:
+    """Add one batch's code differences at a site to ``st`` = ``[max steps, differing codes, codes]``."""
+    d = (torch.from_numpy(theirs.astype("int32")).reshape(mine.shape) - mine).abs()  # theirs: a numpy array
+    st[0] = max(st[0], int(d.max()) if d.numel() else 0)
+    st[1] += int((d > 0).sum())
+    st[2] += d.numel()
+
+
+def finish_totals(report: Any, who: str, num: float, den: float, agree: int, total: int) -> None:
+    """End-to-end SQNR, relative L2 and top-1 agreement from the accumulated sums (raises if no batch ran)."""
+    if report.samples == 0:
+        raise ValueError(f"{who}: `data` yielded no batches")
+    report.sqnr_db = math.inf if num == 0 else 10.0 * math.log10(den / num) if den > 0 else -math.inf
+    report.rel_l2 = math.sqrt(num / den) if den > 0 else math.inf
+    report.top1_agreement = agree / total if total else None
+
+
 def _site_of(scale_name: str) -> str | None:
     """``layer1.0.conv1.input_site.scale`` -> ``layer1.0.conv1.input_quantizer`` (export's naming)."""
     if not scale_name.endswith("_site.scale"):
@@ -261,22 +278,12 @@ def verify_onnx(
                 for (_, _, site), arr in zip(q_nodes, outs[n_model_outputs:]):
                     if site not in stats or site not in captured:
                         continue
-                    mine = captured[site]
-                    theirs = torch.from_numpy(arr.astype("int32")).reshape(mine.shape)
-                    d = (theirs - mine).abs()
-                    st = stats[site]
-                    st[0] = max(st[0], int(d.max()) if d.numel() else 0)
-                    st[1] += int((d > 0).sum())
-                    st[2] += d.numel()
+                    add_site_diff(stats[site], captured[site], arr)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    if report.samples == 0:
-        raise ValueError("verify_onnx: `data` yielded no batches")
-    report.sqnr_db = math.inf if num == 0 else 10.0 * math.log10(den / num) if den > 0 else -math.inf
-    report.rel_l2 = math.sqrt(num / den) if den > 0 else math.inf
-    report.top1_agreement = agree / total if total else None
+    finish_totals(report, "verify_onnx", num, den, agree, total)
     for name, _, site in q_nodes:
         if site in stats and stats[site][2]:
             mx, nd, n = stats[site]
