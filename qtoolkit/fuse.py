@@ -42,96 +42,31 @@ Example::
 from __future__ import annotations
 
 import copy
-import operator
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
-from qtoolkit.layer_kinds import is_norm_act, is_weight_layer, kind_of, split_norm_act, split_same_padding
-from qtoolkit.nn.fused import Activation, Add, Cat, Einsum, FusedLayer, MatMul, Mul, PadSame, ScaledDotProductAttention
+from qtoolkit.fuse_common import (
+    _ADD_FUNCS,
+    _ADD_METHODS,
+    _BENIGN,
+    _BENIGN_METHODS,
+    _MUL_FUNCS,
+    _MUL_METHODS,
+    FloatOp,
+    _activation_of,
+    _OneLevelTracer,
+    _only_user,
+    _set_submodule,
+    _single_tensor_arg,
+)
+from qtoolkit.fuse_rewrites import _fuse_linear_bn1d, _is_shape_value, _lift_functional, _scaled_by_constant, _split_same_padding
+from qtoolkit.layer_kinds import is_norm_act, is_weight_layer, kind_of, split_norm_act
+from qtoolkit.nn.fused import Activation, Add, Cat, Einsum, FusedLayer, MatMul, Mul, ScaledDotProductAttention
 from qtoolkit.nn.quant_window_attention import window_attention_twin
 
 __all__ = ["FloatOp", "fuse_model"]
-
-_ADD_FUNCS = {operator.add, operator.iadd, torch.add}
-_ADD_METHODS = {"add", "add_"}
-_CAT_FUNCS = {torch.cat: False, torch.concat: False, torch.concatenate: False, torch.stack: True}
-_MUL_FUNCS, _MUL_METHODS = {operator.mul, torch.mul}, {"mul"}  # in-place forms stay as they are
-_MATMUL_FUNCS, _MATMUL_METHODS = {operator.matmul, torch.matmul, torch.bmm}, {"matmul", "bmm"}
-_SHAPE_METHODS = {"size", "dim", "numel"}
-_ACT_FUNCS = {F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid", F.silu: "silu", F.gelu: "gelu",
-              torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh", F.mish: "mish"}
-_ACT_METHODS = {"sigmoid": "sigmoid", "tanh": "tanh"}
-_RELU_FUNCS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu6: "relu6"}
-_RELU_METHODS = {"relu": "relu", "relu_": "relu"}
-# ops that only move data (exact on quantized values: chunk/split/transpose keep the producer's grid), average or
-# max-pool (the consumer's input quantizer requantizes, as an int8 engine's pooling does), or compute sizes: they
-# need no quantizer of their own and are not reported
-_BENIGN = {
-    torch.flatten, torch.reshape, operator.getitem, getattr, operator.mul, F.adaptive_avg_pool2d,
-    F.max_pool2d, F.avg_pool2d, F.dropout, torch.squeeze, torch.unsqueeze, torch.chunk, torch.split,
-    torch.transpose, torch.permute, torch.narrow, torch.mean, F.adaptive_max_pool2d, operator.floordiv,
-    torch._assert, operator.eq, torch.unbind, torch.roll, F.pad, F.adaptive_avg_pool1d, F.avg_pool1d,
-}
-_BENIGN_METHODS = {"size", "view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "dim", "permute",
-                   "chunk", "split", "transpose", "t", "narrow", "mean", "expand", "unbind", "reshape_as", "view_as",
-                   "expand_as", "roll", "movedim"}
-
-
-@dataclass(frozen=True)
-class FloatOp:
-    """An op the quantization pass leaves in float, and why."""
-
-    where: str
-    op: str
-    reason: str
-
-
-class _OneLevelTracer(fx.Tracer):
-    """Trace a module's own ``forward``; every submodule call stays a leaf."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:  # noqa: D102
-        return True
-
-
-def _activation_of(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
-    """Name of the activation ``node`` applies (``relu``/``relu6``), if any."""
-    if node.op == "call_module":
-        m = modules.get(str(node.target))
-        if type(m) is nn.ReLU:
-            return "relu"
-        if type(m) is nn.ReLU6:
-            return "relu6"
-        if type(m) is nn.Hardtanh and m.min_val == 0.0 and m.max_val == 6.0:
-            return "relu6"
-    elif node.op == "call_function" and node.target in _RELU_FUNCS:
-        return _RELU_FUNCS[node.target]  # type: ignore[index]
-    elif node.op == "call_method" and node.target in _RELU_METHODS:
-        return _RELU_METHODS[str(node.target)]
-    return None
-
-
-def _single_tensor_arg(node: fx.Node, src: fx.Node) -> bool:
-    return len(node.args) >= 1 and node.args[0] is src and all(
-        not isinstance(a, fx.Node) for a in node.args[1:]
-    ) and all(not isinstance(v, fx.Node) for v in node.kwargs.values())
-
-
-def _only_user(node: fx.Node) -> fx.Node | None:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
-
-
-def _set_submodule(root: nn.Module, target: str, new: nn.Module) -> None:
-    *path, last = target.split(".")
-    parent = root
-    for p in path:
-        parent = getattr(parent, p)
-    setattr(parent, last, new)
-
 
 _STANDALONE_BN = {nn.BatchNorm2d: nn.Conv2d, nn.BatchNorm3d: nn.Conv3d}
 
@@ -336,28 +271,6 @@ def _untraced_children(root: nn.Module, qualname: str, bn_conv: bool) -> list[st
     return names
 
 
-def _split_same_padding(root: nn.Module, graph: fx.Graph, counts: dict[str, int]) -> bool:
-    """Each 'SAME'-padding conv called once (timm's ``Conv2dSame``): a :class:`PadSame` call, then the plain conv
-    in its place (so a BatchNorm after it folds as after any conv)."""
-    changed = False
-    existing = set(dict(root.named_children()))
-    for node in list(graph.nodes):
-        if node.op != "call_module" or counts.get(str(node.target)) != 1 or len(node.args) != 1 or node.kwargs:
-            continue
-        m = root.get_submodule(str(node.target))
-        conv = split_same_padding(m)
-        if conv is None:
-            continue
-        name = _new_name(existing, "pad_same")
-        root.add_module(name, PadSame(conv.kernel_size, conv.stride, conv.dilation))
-        _set_submodule(root, str(node.target), conv)
-        with graph.inserting_before(node):
-            pad = graph.call_module(name, args=node.args)
-        node.args = (pad,)
-        changed = True
-    return changed
-
-
 def _tensor_product(node: fx.Node, data: set[fx.Node]) -> bool:
     """``a * b`` of two activations (a squeeze-excitation gate): lifted to :class:`Mul`, not data movement."""
     return node.target in _MUL_FUNCS | _MUL_METHODS and sum(a in data for a in node.args if isinstance(a, fx.Node)) == 2
@@ -541,154 +454,6 @@ def _fuse_graph(root: nn.Module, qualname: str, report: list[FloatOp], bn_conv: 
     gm.train(root.training)
     gm.qtoolkit_original_class = type(root).__qualname__  # type: ignore[attr-defined]
     return gm
-
-
-def _is_leading_flatten(node: fx.Node, src: fx.Node) -> bool:
-    """``src.flatten(0, 1)`` / ``torch.flatten(src, 0, 1)`` (or ``(0, -2)``): a 3-D ``[B, N, C]`` output as the
-    ``[B·N, C]`` rows a BatchNorm1d normalizes per feature (LeViT's ``LinearNorm``)."""
-    if not ((node.op == "call_method" and node.target == "flatten") or (node.op == "call_function" and node.target is torch.flatten)):
-        return False
-    args = list(node.args[1:]) + [node.kwargs.get(k) for k in ("start_dim", "end_dim") if k in node.kwargs]
-    return node.args[0] is src and tuple(args) in ((0, 1), (0, -2))
-
-
-def _fuse_linear_bn1d(root: nn.Module, graph: fx.Graph, modules: dict[str, nn.Module], counts: dict[str, int]) -> bool:
-    """``bn(linear(x).flatten(0, 1)).reshape_as(...)`` (LeViT's Linear+BatchNorm1d over tokens): the BatchNorm
-    folds into the Linear (it normalizes the Linear's output features); the flatten and reshape stay. Other users
-    of the Linear's output may only read its shape (``reshape_as(·, y)``, ``view_as``, ``size``)."""
-    changed = False
-    for node in list(graph.nodes):
-        if node.op != "call_module" or type(modules.get(str(node.target))) is not nn.Linear or counts[str(node.target)] != 1:
-            continue
-        flats = [u for u in node.users if _is_leading_flatten(u, node)]
-        shape_only = all(u in flats or (u.op == "call_method" and u.target in ("reshape_as", "view_as") and u.args[0] is not node)
-                         or _is_shape_value(u) for u in node.users)
-        if len(flats) != 1 or not shape_only:
-            continue
-        bn_node = _only_user(flats[0])
-        if bn_node is None or bn_node.op != "call_module" or counts.get(str(bn_node.target)) != 1:
-            continue
-        bn = modules.get(str(bn_node.target))
-        if type(bn) is not nn.BatchNorm1d or not _single_tensor_arg(bn_node, flats[0]):
-            continue
-        _set_submodule(root, str(node.target), FusedLayer(modules[str(node.target)], bn, None))
-        bn_node.replace_all_uses_with(flats[0])
-        graph.erase_node(bn_node)
-        changed = True
-    return changed
-
-
-def _scaled_by_constant(node: fx.Node) -> bool:
-    """``x / 2``, ``x.div(2)``, ``x * 0.5`` (LeViT's mean of two heads): a constant rescale, which an int8 engine
-    folds into the next requantization (not reported, like a constant ``mul``)."""
-    div = (node.op == "call_function" and node.target in (operator.truediv, torch.div, torch.true_divide)) or (
-        node.op == "call_method" and node.target in ("div", "mul", "true_divide"))
-    return div and len(node.args) == 2 and not node.kwargs and isinstance(node.args[1], (int, float))
-
-
-def _is_shape_value(node: object) -> bool:
-    """True for fx nodes that compute sizes (``x.size(0)``, ``x.shape[1] * 2``): plain numbers, not tensors."""
-    if not isinstance(node, fx.Node):
-        return not isinstance(node, (list, tuple))
-    if node.op == "call_method" and node.target in _SHAPE_METHODS:
-        return True
-    if node.op == "call_function" and node.target is getattr and len(node.args) > 1 and node.args[1] in ("shape", "ndim"):
-        return True
-    if node.op == "call_function" and node.target in (operator.getitem, operator.mul, operator.floordiv, operator.add,
-                                                      operator.sub, len):  # fmt: skip
-        return bool(node.args) and isinstance(node.args[0], fx.Node) and _is_shape_value(node.args[0])
-    return False
-
-
-def _new_name(existing: set[str], stem: str) -> str:
-    i = 0
-    while f"{stem}_{i}" in existing:
-        i += 1
-    existing.add(f"{stem}_{i}")
-    return f"{stem}_{i}"
-
-
-_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-
-
-def _sdpa_module(node: fx.Node) -> tuple[nn.Module, dict[str, object]] | None:
-    """A :class:`ScaledDotProductAttention` for an ``F.scaled_dot_product_attention`` node and the keyword arguments
-    its call takes (``attn_mask`` and ``is_causal`` when they are values of the forward); None if ``dropout_p`` or
-    ``scale`` are computed."""
-    opts = dict(zip(_SDPA_ARGS, node.args))
-    opts.update(node.kwargs)
-    if set(opts) - set(_SDPA_ARGS) or not all(isinstance(opts.get(k), fx.Node) for k in _SDPA_ARGS[:3]):
-        return None
-    if any(isinstance(opts.get(k), fx.Node) for k in ("dropout_p", "scale", "enable_gqa")):
-        return None
-    call_kwargs = {k: opts[k] for k in ("attn_mask", "is_causal") if isinstance(opts.get(k), fx.Node)}
-    if opts.get("attn_mask") is not None and "attn_mask" not in call_kwargs:
-        return None
-    is_causal = False if "is_causal" in call_kwargs else bool(opts.get("is_causal", False))
-    return ScaledDotProductAttention(float(opts.get("dropout_p", 0.0)), is_causal, opts.get("scale"),
-                                     bool(opts.get("enable_gqa", False))), call_kwargs
-
-
-def _lift_functional(root: nn.Module, graph: fx.Graph, node: fx.Node, existing: set[str]) -> bool:
-    """Replace a ``cat``/``stack``, a tensor-by-tensor ``mul`` or a ``matmul`` node by a call of a new
-    :class:`Cat` / :class:`Mul` / :class:`MatMul` submodule. Returns True if it did."""
-    fn, meth = node.op == "call_function", node.op == "call_method"
-    if fn and node.target in _CAT_FUNCS:
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-        extra = set(node.kwargs) - {"dim"}
-        tensors = node.args[0] if node.args else None
-        if extra or not isinstance(dim, int) or len(node.args) > 2 or not (
-            isinstance(tensors, fx.Node) or (isinstance(tensors, (list, tuple)) and all(isinstance(t, fx.Node) for t in tensors))
-        ):
-            return False
-        module: nn.Module = Cat(dim, stack=_CAT_FUNCS[node.target])
-        stem, args = "cat", (list(tensors) if isinstance(tensors, (list, tuple)) else tensors,)
-    elif (fn and node.target in _MUL_FUNCS) or (meth and node.target in _MUL_METHODS):
-        module, stem = Mul(), "mul"
-        args = tuple(node.args)
-    elif (fn and node.target in _MATMUL_FUNCS) or (meth and node.target in _MATMUL_METHODS):
-        module, stem = MatMul(), "matmul"
-        args = tuple(node.args)
-    elif fn and node.target is F.scaled_dot_product_attention:
-        sdpa = _sdpa_module(node)
-        if sdpa is None:
-            return False
-        module, call_kwargs = sdpa
-        opts = dict(zip(_SDPA_ARGS, node.args))
-        opts.update(node.kwargs)
-        name = _new_name(existing, "sdpa")
-        root.add_module(name, module)
-        with graph.inserting_before(node):
-            new = graph.call_module(name, args=(opts["query"], opts["key"], opts["value"]), kwargs=call_kwargs)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-        return True
-    elif fn and node.target is torch.einsum and not node.kwargs and node.args and isinstance(node.args[0], str):
-        operands = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
-        module, stem = Einsum(node.args[0]), "einsum"
-        args = tuple(operands)
-    elif (fn and node.target in _ACT_FUNCS) or (meth and node.target in _ACT_METHODS):
-        # one tensor argument, default options (e.g. not gelu(approximate="tanh")): an elementwise lookup table
-        if len(node.args) != 1 or not isinstance(node.args[0], fx.Node) or node.kwargs:
-            return False
-        name = _new_name(existing, "act")
-        root.add_module(name, Activation(_ACT_FUNCS[node.target] if fn else _ACT_METHODS[node.target]))
-        with graph.inserting_before(node):
-            new = graph.call_module(name, args=tuple(node.args))
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-        return True
-    else:
-        return False
-    if stem != "cat" and (len(args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) and not _is_shape_value(a) for a in args)):
-        return False  # a constant operand (x * 0.5) or size arithmetic: nothing to quantize
-    name = _new_name(existing, stem)
-    root.add_module(name, module)
-    with graph.inserting_before(node):
-        new = graph.call_module(name, args=args)
-    node.replace_all_uses_with(new)
-    graph.erase_node(node)
-    return True
 
 
 _LEAVES = (FusedLayer, Add, Cat, Mul, MatMul, Einsum, Activation, ScaledDotProductAttention, nn.MultiheadAttention)  # attention: swapped whole by prepare
