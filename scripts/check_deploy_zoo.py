@@ -29,14 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import qtoolkit as qt  # noqa: E402
 from qtoolkit.kernels.cpuinfo import cpu_report  # noqa: E402
 
-NEEDS_224 = {"inception_v3", "maxvit_t", "vit_b_32", "vit_b_16", "swin_t", "swin_v2_t"}
+NEEDS_224 = {"alexnet", "inception_v3", "maxvit_t", "vit_b_32", "vit_b_16", "swin_t", "swin_v2_t"}
 
 
 def main(argv: list[str] | None = None) -> None:
     import check_zoo
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=",".join(check_zoo.DEFAULT_MODELS))
+    default = check_zoo.DEFAULT_MODELS
+    p.add_argument("--models", default=default if isinstance(default, str) else ",".join(default))
     p.add_argument("--engines", default="openvino,onnxruntime")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--json", default="")
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
                               progress=False)  # fmt: skip
         except Exception as e:  # noqa: BLE001 - report and go on
             rows.append({"model": name, "error": f"prepare: {type(e).__name__}: {str(e)[:200]}"})
+            print(json.dumps(rows[-1]), flush=True)
             continue
         for engine in args.engines.split(","):
             t0 = time.perf_counter()
