@@ -13,7 +13,7 @@ Example::
 
 from qtoolkit._version import __version__ as __version__
 from qtoolkit.calibrate import calibrate
-from qtoolkit.calibrator_registry import register_calibrator
+from qtoolkit.calibration import register_calibrator
 from qtoolkit.config import PRESETS, QConfig, QuantizerConfig, get_qconfig
 from qtoolkit.convert import convert, set_execution, uncalibrated_sites
 from qtoolkit.executor import program_status

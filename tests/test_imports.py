@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1] / "qtoolkit"
 LAYERS = {
     0: ["qtoolkit._version", "qtoolkit.spec", "qtoolkit.numerics", "qtoolkit.packing", "qtoolkit.atomic",
         "qtoolkit.inference", "qtoolkit.layer_kinds", "qtoolkit.module_swap", "qtoolkit.kernels"],
-    1: ["qtoolkit.histogram_calibrators", "qtoolkit.tensor_calibrators", "qtoolkit.calibrators", "qtoolkit.observer_base",
+    1: ["qtoolkit.calibration", "qtoolkit.histogram_calibrators", "qtoolkit.tensor_calibrators", "qtoolkit.calibrators", "qtoolkit.observer_base",
         "qtoolkit.minmax_observers", "qtoolkit.histogram_observer", "qtoolkit.per_channel_observers",
         "qtoolkit.calibrator_registry", "qtoolkit.config", "qtoolkit.observers", "qtoolkit.fake_quant"],
     2: ["qtoolkit.nn"],

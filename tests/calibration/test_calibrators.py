@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from qtoolkit.calibrators import (
+from qtoolkit.calibration import (
     abs_histogram,
     entropy_range,
     expected_quant_mse,
@@ -171,7 +171,7 @@ def test_entropy_matches_plain_loop_reference(seed: int) -> None:
 
 def test_entropy_kl_curve_matches_plain_loop_reference() -> None:
     """Every candidate's KL, including thresholds whose last bin is empty but has outliers beyond."""
-    from qtoolkit.calibrators import _kl_divergences
+    from qtoolkit.calibration.histogram_ranges import _kl_divergences
 
     g = torch.Generator().manual_seed(7)
     x = torch.cat([torch.randn(5_000, generator=g).abs(), torch.rand(40, generator=g) * 10])
@@ -188,7 +188,7 @@ def test_entropy_kl_curve_matches_plain_loop_reference() -> None:
 
 def test_kl_group_bounds_table_is_exact_and_grows() -> None:
     """The cached table of group boundaries: ceil(g·i / L) in integers, for histograms shorter and longer than it."""
-    from qtoolkit.histogram_calibrators import _GROUP_BOUNDS, _group_bounds
+    from qtoolkit.calibration.histogram_ranges import _GROUP_BOUNDS, _group_bounds
 
     for levels in (8, 128):
         _GROUP_BOUNDS.pop((levels, torch.device("cpu")), None)
@@ -430,13 +430,13 @@ def test_entropy_4bit_does_not_collapse_onto_a_few_bins():
         entropy_range(hist, edges, bits=4, symmetric=False, max_clip_fraction=1.0)
 
 
-def test_calibrators_module_reexports_the_split_modules() -> None:
-    """qtoolkit.calibrators stays the import path; the functions live in one module per kind."""
-    import qtoolkit.calibrators as cal
-    from qtoolkit import histogram_calibrators, tensor_calibrators
+def test_package_reexports_the_range_modules() -> None:
+    """qtoolkit.calibration is the import path; the functions live in one module per kind."""
+    import qtoolkit.calibration as cal
+    from qtoolkit.calibration import histogram_ranges, tensor_ranges
 
     for name in ("abs_histogram", "percentile_range", "entropy_range", "mse_range", "expected_quant_mse"):
-        assert getattr(cal, name) is getattr(histogram_calibrators, name) and name in cal.__all__
+        assert getattr(cal, name) is getattr(histogram_ranges, name) and name in cal.__all__
     for name in ("percentile_range_tensor", "mse_range_tensor"):
-        assert getattr(cal, name) is getattr(tensor_calibrators, name) and name in cal.__all__
-    assert cal._kl_divergences is histogram_calibrators._kl_divergences and cal.KL_EPS == histogram_calibrators.KL_EPS
+        assert getattr(cal, name) is getattr(tensor_ranges, name) and name in cal.__all__
+    assert cal.KL_EPS == histogram_ranges.KL_EPS

@@ -13,26 +13,24 @@ from torch import Tensor, nn
 
 import qtoolkit as qt
 import qtoolkit.config as qconfig
-from qtoolkit.calibrator_registry import (
+from qtoolkit.calibration import (
     COMMON_OPTIONS,
     CalibratorEntry,
-    calibrator_names,
-    get_calibrator,
-    register_calibrator,
-    unregister_calibrator,
-)
-from qtoolkit.config import QuantizerConfig
-from qtoolkit.fake_quant import FakeQuantize
-from qtoolkit.numerics import compute_qparams
-from qtoolkit.observers import (
     HistogramObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
     PerChannelMinMaxObserver,
     PerChannelMSEObserver,
     PerChannelPercentileObserver,
+    calibrator_names,
+    get_calibrator,
     make_observer,
+    register_calibrator,
+    unregister_calibrator,
 )
+from qtoolkit.config import QuantizerConfig
+from qtoolkit.fake_quant import FakeQuantize
+from qtoolkit.numerics import compute_qparams
 from qtoolkit.spec import QuantSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")

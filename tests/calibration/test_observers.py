@@ -8,8 +8,7 @@ import warnings
 import pytest
 import torch
 
-from qtoolkit.config import QuantizerConfig
-from qtoolkit.observers import (
+from qtoolkit.calibration import (
     HistogramObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
@@ -19,6 +18,7 @@ from qtoolkit.observers import (
     PerChannelPercentileObserver,
     make_observer,
 )
+from qtoolkit.config import QuantizerConfig
 from qtoolkit.spec import QuantSpec
 
 try:  # oracles only
@@ -607,24 +607,68 @@ def test_histogram_counts_values_on_bin_edges() -> None:
         assert int(obs.hist[-1]) >= 5 and int(obs.hist[0]) >= 5
 
 
-def test_observers_module_reexports_the_family_modules() -> None:
-    """qtoolkit.observers stays the import path; the classes live in one module per family."""
-    import qtoolkit.observers as obs
-    from qtoolkit import histogram_observer, minmax_observers, observer_base, per_channel_observers
+def test_package_reexports_one_module_per_role() -> None:
+    """qtoolkit.calibration is the import path; the classes live in one module per role."""
+    import qtoolkit.calibration as cal
+    from qtoolkit.calibration import base, histogram, minmax, per_channel
 
     homes = {
-        "ObserverBase": observer_base,
-        "MinMaxObserver": minmax_observers,
-        "PerChannelMinMaxObserver": minmax_observers,
-        "MovingAverageMinMaxObserver": minmax_observers,
-        "HistogramObserver": histogram_observer,
-        "PerChannelPercentileObserver": per_channel_observers,
-        "PerChannelMSEObserver": per_channel_observers,
+        "ObserverBase": base,
+        "MinMaxObserver": minmax,
+        "PerChannelMinMaxObserver": minmax,
+        "MovingAverageMinMaxObserver": minmax,
+        "HistogramObserver": histogram,
+        "PerChannelPercentileObserver": per_channel,
+        "PerChannelMSEObserver": per_channel,
     }
-    assert set(obs.__all__) == set(homes) | {"make_observer"}
     for name, module in homes.items():
-        assert getattr(obs, name) is getattr(module, name)
-        assert issubclass(getattr(obs, name), ObserverBase)
+        assert getattr(cal, name) is getattr(module, name) and name in cal.__all__
+        assert issubclass(getattr(cal, name), ObserverBase)
+
+
+OLD_PATHS = {  # module users imported before the package existed -> its home now
+    "observer_base": "base",
+    "minmax_observers": "minmax",
+    "per_channel_observers": "per_channel",
+    "histogram_observer": "histogram",
+    "histogram_calibrators": "histogram_ranges",
+    "tensor_calibrators": "tensor_ranges",
+    "calibrator_registry": "registry",
+}
+
+
+@pytest.mark.parametrize("old", [*OLD_PATHS, "observers", "calibrators"])
+def test_old_import_paths_keep_working(old: str) -> None:
+    import importlib
+
+    import qtoolkit.calibration as cal
+
+    shim = importlib.import_module(f"qtoolkit.{old}")
+    home = importlib.import_module(f"qtoolkit.calibration.{OLD_PATHS[old]}") if old in OLD_PATHS else cal
+    assert shim.__all__ and all(getattr(shim, n) is getattr(home, n) for n in shim.__all__)
+    if old == "observers":
+        assert set(shim.__all__) >= {"HistogramObserver", "MinMaxObserver", "ObserverBase", "make_observer"}
+
+
+def test_the_package_does_not_import_the_old_paths() -> None:
+    import ast
+    from pathlib import Path
+
+    import qtoolkit.calibration as cal
+
+    old = {f"qtoolkit.{m}" for m in [*OLD_PATHS, "observers", "calibrators"]}
+    bad = []
+    for path in Path(cal.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            bad += [f"{path.name}: {n}" for n in names if n in old]
+    assert bad == []
+
+
+def test_make_observer_refuses_what_is_not_a_quantizer_config() -> None:
+    with pytest.raises(TypeError, match="make_observer expects a QuantizerConfig"):
+        make_observer(U8_ASYM)  # a QuantSpec, not a config
 
 
 def test_make_observer_unknown_calibrator_names_the_registered_ones() -> None:
