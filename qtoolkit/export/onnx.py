@@ -70,7 +70,6 @@ import io
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +80,7 @@ from qtoolkit._version import __version__
 from qtoolkit.atomic import atomic_write
 from qtoolkit.export.errors import ExportError
 from qtoolkit.export.graph_passes import _OP_RE, _find_op_callers, _materialize_identities, _share_identical
+from qtoolkit.export.report import OnnxExportReport
 from qtoolkit.export.twins import _build_twin, _validate
 
 __all__ = ["DEFAULT_OPSET", "MIN_OPSET", "MAX_OPSET", "ExportError", "OnnxExportReport", "export_onnx"]
@@ -93,38 +93,6 @@ MIN_OPSET = 13
 MAX_OPSET = 20
 
 _INSTALL_HINT = "pip install 'qtoolkit[export]'  (onnx>=1.15, onnxruntime>=1.17)"
-
-
-@dataclass
-class OnnxExportReport:
-    """What :func:`export_onnx` wrote.
-
-    Attributes:
-        path: the ONNX file.
-        opset: the default-domain opset of the graph.
-        num_quantize: ``QuantizeLinear`` nodes (activations; shared where identical).
-        num_dequantize: ``DequantizeLinear`` nodes (activations, weights, int32 biases).
-        num_dynamic_quantize: ``DynamicQuantizeLinear`` nodes (dynamic-mode inputs).
-        quantized_layers: names of the Conv/Linear layers exported with int weights.
-        quantized_adds: names of the residual adds exported with Q/DQ inputs.
-        quantized_ops: names of the cat / mul / matmul ops exported with Q/DQ inputs.
-        float_bias: layers whose bias stayed float (and why).
-        shared_qdq: activation Q/DQ pairs removed because another quantizer of the
-            same tensor had identical qparams.
-        verification: the :class:`~qtoolkit.export.verify.OnnxVerifyReport` of ``verify=``, else None.
-    """
-
-    path: Path
-    opset: int
-    num_quantize: int = 0
-    num_dequantize: int = 0
-    num_dynamic_quantize: int = 0
-    quantized_layers: list[str] = field(default_factory=list)
-    quantized_adds: list[str] = field(default_factory=list)
-    quantized_ops: list[str] = field(default_factory=list)
-    float_bias: dict[str, str] = field(default_factory=dict)
-    shared_qdq: int = 0
-    verification: Any = None  # an OnnxVerifyReport when export_onnx(..., verify=data) ran
 
 
 # --------------------------------------------------------------------------- lazy deps

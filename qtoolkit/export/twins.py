@@ -27,8 +27,8 @@ from qtoolkit.nn.quant_layer import QuantLayer
 from qtoolkit.nn.quant_ops import QuantActivation, QuantCat, QuantNorm, _QuantBinary
 from qtoolkit.numerics import quantize
 
-if TYPE_CHECKING:  # annotations only: onnx.py imports this module
-    from qtoolkit.export.onnx import OnnxExportReport
+if TYPE_CHECKING:  # annotations only
+    from qtoolkit.export.report import OnnxExportReport
 
 _INT32_MAX = 2**31 - 1
 
