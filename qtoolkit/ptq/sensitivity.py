@@ -1,7 +1,9 @@
 """Per-site sensitivity: which quantized layers / adds cost the most.
 
-Two views, both on a calibrated prepared model, toggling fake quantization per *site* (a layer's weight and
-input quantizers, or a residual add's operand quantizers):
+Two views, both on a calibrated prepared model, toggling fake quantization per *site*: a layer's weight and
+input quantizers, or the rounding quantizers of any other quantized op — a residual add's operands, an
+elementwise activation's lookup-table input and output (SiLU, sigmoid, GELU, ...), a ``mul`` / ``matmul``'s
+operands (a squeeze-excitation gate), a ``cat``'s shared grid, a quantized normalization:
 
 * ``"quantize_one"`` — everything float except this site: the damage this site does on its own;
 * ``"float_one"`` — everything quantized except this site: what keeping it float buys back.
@@ -44,16 +46,28 @@ MODES = ("quantize_one", "float_one")
 
 
 def sites(model: nn.Module) -> list[tuple[str, nn.Module, list[FakeQuantize]]]:
-    """``(name, module, quantizers)`` of every site: a quantized layer (weight + input quantizers) or a residual
-    add (operand quantizers).  Observe-only output quantizers never change the fake-quant output."""
+    """``(name, module, quantizers)`` of every site, in registration order: a quantized layer (weight + input
+    quantizers), or any other module owning rounding quantizers as direct children (a residual add's operands,
+    an activation table's input and output, a ``mul``'s operands, ...).  Observe-only output quantizers
+    (role ``"output"``) never change the fake-quant output and belong to no site.
+
+    Example::
+
+        >>> m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.SiLU(), nn.Conv2d(4, 2, 1)).eval()
+        >>> import qtoolkit as qt
+        >>> [n for n, _, _ in sites(qt.prepare(m, "w8a8"))]  # doctest: +SKIP
+        ['0', '1', '2']
+    """
     out = []
     for name, m in model.named_modules():
+        if isinstance(m, FakeQuantize):
+            continue
         if isinstance(m, QuantLayer):
             fqs = [m.weight_quantizer] + ([m.input_quantizer] if m.input_quantizer is not None else [])
-        elif isinstance(m, QuantAdd):
-            fqs = [m.lhs_quantizer, m.rhs_quantizer]
         else:
-            continue
+            fqs = [c for c in m.children() if isinstance(c, FakeQuantize) and c.role != "output"]
+            if not fqs:
+                continue
         out.append((name, m, fqs))
     return out
 
@@ -157,12 +171,19 @@ def _set_sites(entries: list[tuple[str, nn.Module, list[FakeQuantize]]], on: set
             fq.fake_quant_enabled.fill_(int(name in on))
 
 
-def _describe(m: nn.Module) -> tuple[str, str, int]:
+def _describe(m: nn.Module, fqs: list[FakeQuantize]) -> tuple[str, str, int]:
     if isinstance(m, QuantLayer):
         qc = m.qconfig
         bits = f"w{qc.weight.spec.bits}" + (f"a{qc.activation.spec.bits}" if qc.activation is not None else "")
         return m.kind, bits, int(m.weight.numel())
-    return "add", f"a{m.qconfig.activation.spec.bits}", 0
+    if isinstance(m, QuantAdd):
+        kind = "add"
+    elif isinstance(getattr(m, "act", None), str):
+        kind = str(m.act)  # an activation table: silu, sigmoid, gelu, ...
+    else:
+        kind = str(getattr(m, "op_name", "") or type(m).__name__.removeprefix("Quant").lower())
+    bits = sorted({int(fq.spec.bits) for fq in fqs})
+    return kind, "a" + "/".join(str(b) for b in bits), 0
 
 
 def sensitivity(
@@ -227,8 +248,8 @@ def sensitivity(
         report = SensitivityReport(metric_name, float_metric, quantized_metric)
         from tqdm.auto import tqdm
 
-        for name, m, _ in tqdm(entries, desc="sensitivity", unit="site", leave=False, disable=not progress):
-            kind, bits, params = _describe(m)
+        for name, m, fqs in tqdm(entries, desc="sensitivity", unit="site", leave=False, disable=not progress):
+            kind, bits, params = _describe(m, fqs)
             row = SiteSensitivity(name, kind, bits, params)
             if "quantize_one" in modes:
                 _set_sites(entries, {name})

@@ -72,3 +72,40 @@ def test_output_sqnr_is_inf_for_identical_outputs():
     with torch.no_grad():
         ref = [m(x) for x in data]
     assert output_sqnr(data, ref)(m) == float("inf")
+
+
+def test_activation_table_and_mul_sites_are_measured():
+    """A SiLU table and a squeeze-excitation ``mul`` are sites of their own: toggled with the rest (so the
+    all-float model is the float model) and measured directly."""
+
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.act = nn.SiLU()
+            self.gate = nn.Sigmoid()
+            self.head = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = self.act(self.conv(x))
+            return self.head(y * self.gate(y.mean((2, 3), keepdim=True)))
+
+    torch.manual_seed(0)
+    m = Gated().eval()
+    g = torch.Generator().manual_seed(4)
+    data = [torch.randn(8, 3, 12, 12, generator=g) for _ in range(2)]
+    qm = qt.calibrate(qt.prepare(m, "w4a4"), data, progress=False)
+    rep = qt.sensitivity(qm, data, progress=False)
+    kinds = {r.site: r.kind for r in rep.rows}
+    assert kinds["act"] == "silu" and kinds["gate"] == "sigmoid"
+    assert any(k == "mul" for k in kinds.values())
+    assert rep.float_metric == float("inf")  # every rounding quantizer is off in the all-float model
+    with torch.no_grad():
+        ref = torch.cat([m(x) for x in data])
+        for name, fq in qt.quantizers(qm):
+            fq.enable_fake_quant(name.startswith("act."))
+        only_act = torch.cat([qm(x) for x in data])
+    qt.enable_fake_quant(qm)
+    row = next(r for r in rep.rows if r.site == "act")
+    assert row.quantize_one == pytest.approx(_sqnr(only_act, ref), abs=1e-3)
+    assert row.bits == "a4" and row.params == 0
