@@ -90,7 +90,20 @@ def _quantizer_row(site: str, kind: str, role: str, fq: FakeQuantize, sqnr: floa
 
 
 def summary_rows(model: nn.Module) -> list[dict[str, Any]]:
-    """One dict per quantizer of a prepared model (or per converted module)."""
+    """One dict per quantizer of a prepared model (or per converted module).
+
+    Keys: ``site``, ``kind``, ``role``, ``bits``, ``dtype``, ``granularity``, ``calibrator``, ``scale``,
+    ``zero_point``, ``clip_ratio``, ``sqnr_db``, ``calibrated``.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from qtoolkit import calibrate, prepare
+        >>> qm = calibrate(prepare(nn.Sequential(nn.Linear(8, 4))), [torch.randn(8, 8)], progress=False)
+        >>> [(r["site"], r["role"], r["granularity"], r["calibrated"]) for r in summary_rows(qm)]
+        [('0', 'weight', 'per-channel(axis=0)', True), ('0', 'input', 'per-tensor', True)]
+    """
     rows: list[dict[str, Any]] = []
     for name, m in model.named_modules():
         if isinstance(m, QuantLayer):
@@ -117,7 +130,17 @@ def summary_rows(model: nn.Module) -> list[dict[str, Any]]:
 
 
 def summary(model: nn.Module) -> str:
-    """A plain-text table of the quantized sites and the ops left in float."""
+    """A plain-text table of the quantized sites (:func:`summary_rows`) and the ops left in float.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from qtoolkit import calibrate, prepare
+        >>> qm = calibrate(prepare(nn.Sequential(nn.Linear(8, 4))), [torch.randn(8, 8)], progress=False)
+        >>> print(summary(qm).splitlines()[-2])
+        1 quantized sites, 2 quantizers.
+    """
     rows = summary_rows(model)
     cols = ["site", "kind", "role", "dtype", "granularity", "calibrator", "scale", "zero_point", "clip_ratio", "sqnr_db"]
 
