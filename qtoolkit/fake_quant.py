@@ -17,12 +17,14 @@ Example::
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor, nn
 
 from qtoolkit.calibrator_registry import get_calibrator
 from qtoolkit.config import QuantizerConfig
-from qtoolkit.numerics import compute_qparams, fake_quantize, fake_quantize_lsq
+from qtoolkit.numerics import compute_qparams, fake_quantize, fake_quantize_lsq, fake_quantize_trusted
 from qtoolkit.observers import ObserverBase, make_observer
 
 __all__ = ["FakeQuantize"]
@@ -103,6 +105,33 @@ class FakeQuantize(nn.Module):
     def disable_fake_quant(self) -> FakeQuantize:
         return self.enable_fake_quant(False)
 
+    def make_learnable(self) -> FakeQuantize:
+        """Train the current scale with LSQ from here on (QAT from a calibrated or reconstructed state).
+
+        The calibrated ``scale`` buffer becomes an ``nn.Parameter`` holding the same values (same
+        ``state_dict`` key) and ``config.learnable`` is set; the observer should stay disabled, or
+        it overwrites the learned value. Build the optimizer after this call.
+
+        Example::
+
+            >>> from qtoolkit.config import Uint8ActPerTensor
+            >>> fq = FakeQuantize(Uint8ActPerTensor)
+            >>> _ = fq(torch.randn(16)); _ = fq.disable_observer()
+            >>> isinstance(fq.make_learnable().scale, nn.Parameter)
+            True
+        """
+        if self.role not in ("weight", "activation"):
+            raise ValueError(f"{self.name}: only weight and activation quantizers learn their scale, not {self.role!r} ones")
+        if not self.is_calibrated:
+            raise RuntimeError(f"{self.name}: no range to start LSQ from; run qtoolkit.calibrate(model, data) first")
+        if not isinstance(self.scale, nn.Parameter):
+            scale = self.scale.detach().clone()
+            del self.scale  # the buffer
+            self.scale = nn.Parameter(scale)
+        if not self.config.learnable:
+            self.config = replace(self.config, learnable=True)
+        return self
+
     # --------------------------------------------------------------- qparams
     @property
     def is_calibrated(self) -> bool:
@@ -178,7 +207,7 @@ class FakeQuantize(nn.Module):
             )
         if self.config.learnable:
             return fake_quantize_lsq(x, self.scale, self.zero_point, self.qmin, self.qmax, self.spec.axis)
-        return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self.spec.axis)
+        return fake_quantize_trusted(x, self.scale, self.zero_point, self.qmin, self.qmax, self.spec.axis)
 
     # ------------------------------------------------------------ state dict
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[override]

@@ -35,6 +35,7 @@ __all__ = [
     "quantize",
     "dequantize",
     "fake_quantize",
+    "fake_quantize_trusted",
     "fake_quantize_lsq",
     "lsq_grad_scale",
     "integer_dtype_for",
@@ -213,36 +214,86 @@ def _check_float_input(x: Tensor, who: str) -> None:
         )
 
 
+def _fq_codes_forward(x: Tensor, s: Tensor, zf: Tensor | None, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
+    """Shared forward of the STE and LSQ functions: ``(x̂, outside)``.
+
+    ``x̂ = (clamp(round_half_even(x · (1/s)) + z, qmin, qmax) − z) · s`` in float32 with two
+    full-size temporaries, in place where possible; ``outside`` (bool) marks the elements whose
+    unclamped code left ``[qmin, qmax]`` (``clamp(c) != c``; also true for NaN). ``zf=None`` means a
+    zero point known to be 0 (two passes fewer).
+    """
+    codes = torch.mul(x.float(), 1.0 / s)
+    codes.round_()
+    if zf is not None:
+        codes.add_(zf)
+    out = torch.clamp(codes, qmin, qmax)
+    outside = out != codes
+    del codes
+    if zf is not None:
+        out.sub_(zf)
+    out.mul_(s)
+    return out, outside
+
+
+def _zf_or_none(zero_point: Tensor) -> Tensor | None:
+    """The zero point as float32, or ``None`` when it is all zeros (checked on the host only for CPU
+    tensors, where that costs no synchronization)."""
+    if zero_point.device.type == "cpu" and not bool(zero_point.any()):
+        return None
+    return zero_point.float()
+
+
 class _FakeQuantSTE(torch.autograd.Function):
     """Fake quantization with the straight-through estimator.
 
     Forward: ``x̂ = (clamp(round(x/s)+z) − z)·s``. Backward: ``∂x̂/∂x = 1`` where
-    ``round(x/s)+z`` lies in ``[qmin, qmax]``, 0 outside (clipped).
+    ``round(x/s)+z`` lies in ``[qmin, qmax]``, 0 outside (clipped): one ``masked_fill`` pass
+    over the saved 1-byte mask.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:  # type: ignore[override]
-        # Same arithmetic as _round_codes / torch's kernel (x * (1/s), round half
-        # even, + z, clamp, - z, * s), with two full-size temporaries instead of
-        # six: in-place steps, and the mask as ``clamp(codes) == codes`` (False for
-        # NaN, like torch's ``qmin <= codes <= qmax``).
-        s = scale.float()
-        zf = zero_point.float()
-        codes = torch.mul(x.float(), 1.0 / s)
-        codes.round_().add_(zf)
-        out = torch.clamp(codes, qmin, qmax)
-        mask = out == codes
-        del codes
-        out.sub_(zf).mul_(s)
-        ctx.save_for_backward(mask)
+        out, outside = _fq_codes_forward(x, scale.float(), _zf_or_none(zero_point), qmin, qmax)
+        ctx.save_for_backward(outside)
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        (mask,) = ctx.saved_tensors
-        # bool mask promotes on the fly (one pass); ``grad * 0`` keeps NaN/Inf
-        # propagation identical to torch's ``dY * mask``
-        return grad * mask, None, None, None, None
+        (outside,) = ctx.saved_tensors
+        return grad.masked_fill(outside, 0), None, None, None, None
+
+
+def _fake_quantize_impl(x: Tensor, s: Tensor, z: Tensor, qmin: int, qmax: int, axis: int | None) -> Tensor:
+    """Dispatch of :func:`fake_quantize` after the checks (``s``/``z`` already broadcastable)."""
+    if x.device.type != "cpu" and x.dtype == torch.float32:
+        # accelerators: torch's fused kernel (one launch forward with the mask, one backward; tensor
+        # qparams, so no host synchronization). On CPU these ATen kernels are slower than the
+        # arithmetic below (measured in scripts/bench_core.py).
+        sd, zi = s.detach().float(), z.detach().to(torch.int32)
+        if axis is None:
+            return torch.fake_quantize_per_tensor_affine(x, sd.reshape(()), zi.reshape(()), qmin, qmax)
+        return torch.fake_quantize_per_channel_affine(x, sd.reshape(-1), zi.reshape(-1), axis % x.dim(), qmin, qmax)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        # no gradient to carry: the forward's arithmetic without keeping the mask
+        return _fq_codes_forward(x, s.detach().float(), _zf_or_none(z.detach()), qmin, qmax)[0].to(x.dtype)
+    return _FakeQuantSTE.apply(x, s.detach(), z.detach(), qmin, qmax)
+
+
+def fake_quantize_trusted(
+    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None = None
+) -> Tensor:
+    """:func:`fake_quantize` without the argument checks, for quantizer modules whose qparams come
+    from :func:`compute_qparams` (zero points inside ``[qmin, qmax]``, one value per channel).
+
+    Example::
+
+        >>> fake_quantize_trusted(torch.tensor([0.04, 0.26]), torch.tensor(0.1), torch.tensor(0), -8, 7)
+        tensor([0.0000, 0.3000])
+    """
+    shape = None if axis is None else [-1 if d == axis % x.dim() else 1 for d in range(x.dim())]
+    s = scale.reshape(()) if shape is None else scale.reshape(shape)
+    z = zero_point.reshape(()) if shape is None else zero_point.reshape(shape)
+    return _fake_quantize_impl(x, s, z, qmin, qmax, axis)
 
 
 def fake_quantize(
@@ -256,8 +307,11 @@ def fake_quantize(
     """Quantize-dequantize ``x`` (Q/DQ) with a straight-through-estimator gradient.
 
     Bit-identical to torch's own per-tensor / per-channel fake-quantize reference ops
-    (the oracles in ``tests/test_numerics.py``) for the same qparams. Computes in
-    float32 and returns ``x``'s dtype (float32, bfloat16 or float16).
+    (the oracles in ``tests/test_numerics.py``, beside float64 references) for the same
+    qparams. Computes in float32 and returns ``x``'s dtype (float32, bfloat16 or float16).
+    On CPU: five full-size passes forward (two more with a non-zero zero point), one
+    backward; on accelerators torch's fused kernels (float32). A NaN input gives NaN on
+    CPU and the ``qmin`` value in torch's fused kernels.
 
     Example::
 
@@ -268,12 +322,9 @@ def fake_quantize(
     _check_float_input(x, "fake_quantize")
     _check_codes(qmin, qmax)
     s, z = _params_for(x, torch.as_tensor(scale), torch.as_tensor(zero_point), axis)
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        # no gradient to carry: the forward's arithmetic, in place, without the STE mask (one pass fewer)
-        sf, zf = s.detach().float(), z.detach().float()
-        out = torch.mul(x.float(), 1.0 / sf)
-        return out.round_().add_(zf).clamp_(qmin, qmax).sub_(zf).mul_(sf).to(x.dtype)
-    return _FakeQuantSTE.apply(x, s.detach(), z.detach(), qmin, qmax)
+    if x.device.type != "cpu" and not bool(((z >= qmin) & (z <= qmax)).all()):
+        raise ValueError(f"fake_quantize: zero points must lie in [qmin, qmax] = [{qmin}, {qmax}] on {x.device}")
+    return _fake_quantize_impl(x, s, z, qmin, qmax, axis)
 
 
 def lsq_grad_scale(numel: int, qmax: int) -> float:
@@ -286,35 +337,30 @@ class _FakeQuantLSQ(torch.autograd.Function):
 
     ``∂x̂/∂s`` is ``round(x/s) − x/s`` inside the range, ``qmin − z`` below and
     ``qmax − z`` above, scaled by ``grad_factor`` and summed to ``s``'s shape.
+    All three cases are ``(x̂ − x·inside) / s``, so the backward is one masked pass for
+    ``∂/∂x`` and two read-only reductions: ``Σ g·(x̂ − x·inside) = Σ g·x̂ − Σ g_x·x``.
     """
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, grad_factor, reduce_dims):  # type: ignore[override]
         s = scale.float()
-        xs = x.float() / s
-        codes = torch.round(xs) + zero_point.float()
-        below = codes < qmin
-        above = codes > qmax
-        out = (torch.clamp(codes, qmin, qmax) - zero_point.float()) * s
-        ctx.save_for_backward(xs, below, above, zero_point)
-        ctx.qmin, ctx.qmax, ctx.grad_factor, ctx.reduce_dims = qmin, qmax, grad_factor, reduce_dims
+        out, outside = _fq_codes_forward(x, s, _zf_or_none(zero_point), qmin, qmax)
+        ctx.save_for_backward(x, out, outside, s)
+        ctx.grad_factor, ctx.reduce_dims = grad_factor, reduce_dims
         ctx.scale_shape = scale.shape
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        xs, below, above, zero_point = ctx.saved_tensors
-        inside = ~(below | above)
-        g = grad.float()
-        ds = torch.where(inside, torch.round(xs) - xs, torch.zeros_like(xs))
-        zf = zero_point.float()
-        ds = ds + below.float() * (ctx.qmin - zf) + above.float() * (ctx.qmax - zf)
-        ds = (g * ds) * ctx.grad_factor
+        x, out, outside, s = ctx.saved_tensors
+        grad_x = grad.masked_fill(outside, 0)
+        g, xf = grad.float(), x.float()
         if ctx.reduce_dims is None:
-            ds = ds.sum()
+            ds = (torch.dot(g.reshape(-1), out.reshape(-1)) - torch.dot(grad_x.float().reshape(-1), xf.reshape(-1))) / s
         else:
-            ds = ds.sum(dim=ctx.reduce_dims, keepdim=True)
-        grad_x = grad * inside.to(grad.dtype)
+            ds = ((g * out).sum(dim=ctx.reduce_dims, keepdim=True)
+                  - (grad_x.float() * xf).sum(dim=ctx.reduce_dims, keepdim=True)) / s
+        ds = ds * ctx.grad_factor
         return grad_x, ds.reshape(ctx.scale_shape), None, None, None, None, None
 
 
@@ -330,7 +376,9 @@ def fake_quantize_lsq(
     """Fake quantization with a learnable scale (LSQ, Esser et al. 2020).
 
     ``scale`` may require grad; its gradient is scaled by ``grad_factor``
-    (default ``1/sqrt(N·qmax)``, N = elements per scale).
+    (default ``1/sqrt(N·qmax)``, N = elements per scale). The forward is
+    :func:`fake_quantize`'s arithmetic; the backward one masked pass plus two
+    read-only reductions (no host synchronization on any device).
 
     Example::
 

@@ -477,3 +477,82 @@ def test_requantize_rounding_modes() -> None:
     assert (single.double() - ref).abs().max() <= 1 and (gem.double() - ref).abs().max() <= 1
     with pytest.raises(ValueError, match="rounding"):
         requantize(acc, m0, n, 0, -128, 127, rounding="nearest")
+
+
+# --------------------------------------------------------------------------------------
+# the QAT kernels against float64 (contract: x * (1/s), round half to even, + z, clamp)
+# --------------------------------------------------------------------------------------
+
+
+def _ties_and_random(s: float, z: int, qmin: int, qmax: int, seed: int) -> torch.Tensor:
+    """Exact ties (k + 0.5)·s for every code and beyond both ends (s a power of two), plus random values."""
+    k = torch.arange(qmin - z - 3, qmax - z + 3, dtype=torch.float64)
+    ties = (k + 0.5) * s
+    g = torch.Generator().manual_seed(seed)
+    rnd = (torch.rand(4000, generator=g, dtype=torch.float64) - 0.5) * (qmax - qmin + 8) * s - z * s
+    return torch.cat([ties, rnd]).float()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("signed,z_kind", [(True, "zero"), (False, "zero"), (False, "mid"), (True, "offset")])
+def test_fake_quantize_and_ste_match_float64_reference(bits: int, signed: bool, z_kind: str) -> None:
+    qmin, qmax = quant_range(bits, signed)
+    z = {"zero": 0 if signed else qmin, "mid": (qmin + qmax + 1) // 2, "offset": qmin + 1}[z_kind]
+    s = 2.0 ** -5
+    x = _ties_and_random(s, z, qmin, qmax, seed=bits).requires_grad_(True)
+    y = fake_quantize(x, torch.tensor(s), torch.tensor(z, dtype=torch.int32), qmin, qmax)
+    xd = x.detach().double()
+    codes = torch.round(xd * (1.0 / s)) + z  # float64 round half to even
+    ref = (codes.clamp(qmin, qmax) - z) * s
+    assert torch.equal(y.detach().double(), ref)
+    up = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    y.backward(up)
+    inside = (codes >= qmin) & (codes <= qmax)
+    assert torch.equal(x.grad, torch.where(inside, up, torch.zeros_like(up)))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("axis", [None, 0])
+def test_lsq_matches_float64_reference_with_zero_point(bits: int, axis: int | None) -> None:
+    qmin, qmax = quant_range(bits, signed=False)
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(4, 500, generator=g) * 2
+    if axis is None:
+        s = torch.tensor(0.07, requires_grad=True)
+        z = torch.tensor(qmin + (qmax - qmin) // 3, dtype=torch.int32)
+        x = x[:, ~near_half(x, 0.07, 1e-3).any(0)]
+    else:
+        s = torch.tensor([0.05, 0.1, 0.2, 0.4], requires_grad=True)
+        z = torch.tensor([qmin, qmin + 1, (qmin + qmax) // 2, qmax - 1], dtype=torch.int32)
+    xr = x.clone().requires_grad_(True)
+    up = torch.randn(x.shape, generator=g)
+    y = fake_quantize_lsq(xr, s, z, qmin, qmax, axis=axis)
+    y.backward(up)
+    ref = lsq_reference(x, s.detach() if axis is not None else float(s.detach()), z, qmin, qmax, up, axis=axis)
+    assert torch.allclose(s.grad.double(), ref.reshape(s.shape), rtol=1e-4, atol=1e-6)
+    # forward = plain fake quantization, STE gradient = inside mask (float64 codes)
+    assert torch.equal(y.detach(), fake_quantize(x, s.detach(), z, qmin, qmax, axis=axis))
+    shape = [1] * x.dim() if axis is None else [-1, 1]
+    codes = torch.round(x.double() * (1.0 / s.detach().double().reshape(shape))) + z.double().reshape(shape)
+    assert torch.equal(xr.grad, torch.where((codes >= qmin) & (codes <= qmax), up, torch.zeros_like(up)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fake_quantize_cuda_equals_cpu() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 16, 5, 5, generator=g) * 3
+    up = torch.randn(x.shape, generator=g)
+    for axis, s, z in ((None, torch.tensor(0.05), torch.tensor(3, dtype=torch.int32)),
+                       (1, torch.rand(16, generator=g) * 0.1 + 0.01, torch.zeros(16, dtype=torch.int32))):
+        outs = []
+        for dev in ("cpu", "cuda"):
+            xi = x.to(dev).requires_grad_(True)
+            y = fake_quantize(xi, s.to(dev), z.to(dev), 0, 15, axis=axis)
+            y.backward(up.to(dev))
+            outs.append((y.detach().cpu(), xi.grad.cpu()))
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+        sl = s.clone().requires_grad_(True)
+        sc = s.cuda().requires_grad_(True)
+        fake_quantize_lsq(x, sl, z, 0, 15, axis=axis).backward(up)
+        fake_quantize_lsq(x.cuda(), sc, z.cuda(), 0, 15, axis=axis).backward(up.cuda())
+        assert torch.allclose(sl.grad, sc.grad.cpu(), rtol=1e-4, atol=1e-6)

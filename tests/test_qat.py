@@ -441,3 +441,113 @@ def test_batches_whose_input_is_a_tuple_of_arguments():
     hist = QATTrainer(model, batches, opt, config=QATConfig(epochs=1, progress=False)).fit()
     assert len(hist) == 1 and math.isfinite(hist[0]["train_loss"])
     assert 0.0 <= evaluate_top1(model, batches) <= 1.0
+
+
+# ---------------------------------------------------------------------------- QAT from a PTQ state
+
+
+def _ptq_model(seed: int = 0, preset: str = "w4a4") -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(seed)
+    x, _ = make_data(64, seed=3)
+    calib = [x[i:i + 32] for i in range(0, 64, 32)]
+    qm = qt.prepare(TinyNet().eval(), preset)
+    qt.calibrate(qm, calib, progress=False)
+    return qm, calib
+
+
+def _weights_on_grid(qm: torch.nn.Module) -> bool:
+    return all(torch.equal(m.weight_quantizer(m.weight.detach()), m.weight.detach())
+               for m in qm.modules() if isinstance(m, QuantLayer))
+
+
+def test_start_from_reconstructed_keeps_rounding_and_step_sizes_then_trains():
+    from qtoolkit.qat import start_from_prepared
+
+    qm, calib = _ptq_model()
+    qt.reconstruct(qm, calib, "adaround", iters=8, batch_size=16, progress=False)
+    assert _weights_on_grid(qm)  # reconstruction wrote code * scale into the weights
+    before = _clone_sd(qm)
+    eval_x = calib[0]
+    with torch.no_grad():
+        out_before = qm.eval()(eval_x)
+    start_from_prepared(qm)
+    assert all(not bool(fq.observer_enabled) for _, fq in qt.quantizers(qm))
+    assert _states_equal(before, _clone_sd(qm)) == []  # nothing recomputed: same codes, same scales
+    with torch.no_grad():
+        assert torch.equal(qm.eval()(eval_x), out_before)
+    train, _ = _loaders()
+    opt = torch.optim.SGD(qm.parameters(), lr=0.02, momentum=0.9)
+    hist = QATTrainer(qm, train, opt, config=QATConfig(epochs=1, progress=False, log_interval=2)).fit()
+    after = _clone_sd(qm)
+    scales = [k for k in before if k.endswith(".scale") or k.endswith(".zero_point")]
+    assert scales and all(torch.equal(before[k], after[k]) for k in scales)  # ranges stayed frozen
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))  # weights trained
+    assert math.isfinite(hist[0]["train_loss"])
+
+
+def test_lsq_from_calibrated_state_learns_scales_from_their_calibrated_values():
+    from qtoolkit.qat import start_from_prepared
+
+    qm, _ = _ptq_model(seed=1)
+    calibrated = {n: fq.scale.detach().clone() for n, fq in qt.quantizers(qm) if fq.role in ("weight", "activation")}
+    start_from_prepared(qm, lsq=True)
+    learnable = {n: fq for n, fq in qt.quantizers(qm) if isinstance(fq.scale, torch.nn.Parameter)}
+    assert set(learnable) == set(calibrated)
+    assert all(torch.equal(fq.scale.detach(), calibrated[n]) for n, fq in learnable.items())
+    train, _ = _loaders()
+    opt = torch.optim.SGD(qm.parameters(), lr=0.05)
+    QATTrainer(qm, train, opt, config=QATConfig(epochs=1, progress=False, max_batches_per_epoch=3)).fit()
+    assert any(not torch.equal(fq.scale.detach(), calibrated[n]) for n, fq in learnable.items())
+    sd = qm.state_dict()  # same keys as before (the buffer became a parameter of the same name)
+    assert all(f"{n}.scale" in sd for n in learnable)
+
+
+def test_trainer_refuses_an_uncalibrated_ptq_model_and_start_from_prepared_names_it():
+    from qtoolkit.qat import start_from_prepared
+
+    train, _ = _loaders()
+    ptq = qt.prepare(TinyNet(), "w8a8")
+    with pytest.raises(ValueError, match="not calibrated"):
+        QATTrainer(ptq, train, torch.optim.SGD(ptq.parameters(), lr=0.1), config=QATConfig(epochs=1, progress=False))
+    with pytest.raises(ValueError, match="no range yet"):
+        start_from_prepared(ptq)
+
+
+def test_reestimate_bn_equals_float64_batch_averages():
+    """With fake quantization off, the re-estimated running mean/var of the stem BN are the averages of the
+    per-batch mean / unbiased variance of conv1's output (computed here in float64)."""
+    from qtoolkit.qat import reestimate_bn
+
+    torch.manual_seed(0)
+    float_model = TinyNet().eval()
+    qm = qt.prepare(float_model, "w8a8", qat=True)
+    x, _ = make_data(96, seed=4)
+    batches = [x[i:i + 32] for i in range(0, 96, 32)]
+    qt.calibrate(qm, batches, progress=False)
+    qt.disable_fake_quant(qm)
+    layer = next(m for m in qm.modules() if isinstance(m, QuantLayer) and m.bn is not None)
+    assert reestimate_bn(qm, batches) == 3
+    w = float_model.conv1.weight.double()
+    means, vars_ = [], []
+    for b in batches:
+        y = torch.nn.functional.conv2d(b.double(), w, None, padding=1)
+        means.append(y.mean(dim=(0, 2, 3)))
+        vars_.append(y.var(dim=(0, 2, 3), unbiased=True))
+    assert torch.allclose(layer.bn.running_mean.double(), torch.stack(means).mean(0), atol=1e-5)
+    assert torch.allclose(layer.bn.running_var.double(), torch.stack(vars_).mean(0), rtol=1e-4, atol=1e-6)
+    assert layer.bn.momentum == float_model.bn1.momentum  # restored
+
+
+def test_training_curve_points_every_log_interval():
+    train, _ = _loaders(n=192, batch=32)  # 6 steps
+    model = _qat_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    trainer = QATTrainer(model, train, opt, config=QATConfig(epochs=2, progress=False, log_interval=3,
+                                                             eval_every_batches=3), eval_loader=train)
+    hist = trainer.fit()
+    train_pts = [c for c in trainer.curve if "train_loss" in c]
+    assert [c["step"] for c in train_pts] == [3, 6, 9, 12]
+    assert [c["epoch"] for c in train_pts] == [0.5, 1.0, 1.5, 2.0]
+    # the two windows of an epoch average to the epoch's loss (equal batch sizes)
+    assert (train_pts[0]["train_loss"] + train_pts[1]["train_loss"]) / 2 == pytest.approx(hist[0]["train_loss"], rel=1e-9)
+    assert [c["step"] for c in trainer.curve if "eval_acc" in c] == [3, 9]  # mid-epoch only (epoch ends: history)

@@ -1,7 +1,10 @@
 """Quantization-aware fine-tuning: a small trainer with torchvision's QAT schedule.
 
 :class:`QATTrainer` fine-tunes a model returned by
-``qtoolkit.prepare(model, qconfig, qat=True)`` (fake quantization + live BN):
+``qtoolkit.prepare(model, qconfig, qat=True)`` (fake quantization + live BN), or
+a calibrated / reconstructed PTQ model made ready by :func:`start_from_prepared`
+(BN folded, learned rounding and step sizes kept, optional LSQ): QAT that starts
+where PTQ ends.
 
 * **schedule** (applied at the start of every epoch, 0-based, as in torchvision's
   ``train_quantization.py``): ``epoch >= freeze_observers_epoch`` →
@@ -47,6 +50,8 @@ from qtoolkit.qat.checkpoint import payload_checksum, read_checkpoint
 from qtoolkit.qat.config import QATConfig
 from qtoolkit.qat.distributed import sync_quantizers, unwrap_model
 from qtoolkit.qat.evaluation import evaluate_top1
+from qtoolkit.qat.from_prepared import has_live_bn, is_ptq_form, reestimate_bn, start_from_prepared
 from qtoolkit.qat.trainer import QATTrainer, fit_qat
 
-__all__ = ["QATConfig", "QATTrainer", "fit_qat", "sync_quantizers", "evaluate_top1", "unwrap_model", "read_checkpoint", "payload_checksum"]
+__all__ = ["QATConfig", "QATTrainer", "fit_qat", "sync_quantizers", "evaluate_top1", "unwrap_model", "read_checkpoint",
+           "payload_checksum", "start_from_prepared", "reestimate_bn", "has_live_bn", "is_ptq_form"]

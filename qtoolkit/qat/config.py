@@ -29,8 +29,11 @@ class QATConfig:
             default: the model's device.
         progress: tqdm bar per epoch (loss / accuracy) and a summary line per
             epoch, on rank 0 only. Summaries also go to the ``qtoolkit.qat`` logger.
-        log_interval: refresh the progress bar's loss/accuracy every this many
-            batches (each refresh synchronizes with the GPU).
+        log_interval: refresh the progress bar's loss/accuracy and add a point to
+            ``QATTrainer.curve`` every this many batches (each refresh synchronizes
+            with the GPU).
+        eval_every_batches: also evaluate every this many batches within an epoch
+            (points of ``QATTrainer.curve``); ``None``: only after each epoch.
 
     Example::
 
@@ -47,6 +50,7 @@ class QATConfig:
     device: str | torch.device | None = None
     progress: bool = True
     log_interval: int = 10
+    eval_every_batches: int | None = None
 
     def __post_init__(self) -> None:
         def _nonneg(name: str, value: Any, allow_none: bool = True, positive: bool = False) -> None:
@@ -62,6 +66,7 @@ class QATConfig:
         _nonneg("max_batches_per_epoch", self.max_batches_per_epoch, positive=True)
         _nonneg("max_eval_batches", self.max_eval_batches, positive=True)
         _nonneg("log_interval", self.log_interval, allow_none=False, positive=True)
+        _nonneg("eval_every_batches", self.eval_every_batches, positive=True)
         if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
             raise ValueError(f"QATConfig.grad_clip must be a positive number or None, got {self.grad_clip!r}")
 

@@ -45,11 +45,19 @@ def _check_qat_model(module: nn.Module) -> None:
     if any(f is True for f in flags):
         return
     if flags:
-        raise ValueError(
-            "QATTrainer: the model was prepared for post-training quantization (qtoolkit.prepare(..., qat=False): "
-            "BatchNorm is folded, observers are frozen); prepare the float model with "
-            "qtoolkit.prepare(model, qconfig, qat=True) for quantization-aware training"
-        )
+        # PTQ form (BN folded): trains as it is once every range exists (calibrated / reconstructed)
+        missing = [
+            name for name, fq in quantizers(module)
+            if fq.role in ("weight", "activation") and bool(fq.fake_quant_enabled) and not fq.is_calibrated
+        ]
+        if missing:
+            raise ValueError(
+                "QATTrainer: the model was prepared for post-training quantization (BatchNorm folded) but is not "
+                f"calibrated ({', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''} have no range); run "
+                "qtoolkit.calibrate(model, data) (and optionally qtoolkit.reconstruct) and "
+                "qtoolkit.qat.start_from_prepared(model) first, or prepare with qtoolkit.prepare(model, qconfig, qat=True)"
+            )
+        return
     if next(quantizers(module), None) is None:
         raise ValueError(
             "QATTrainer: the model has no quantizers; prepare it first with qtoolkit.prepare(model, qconfig, qat=True)"
@@ -69,9 +77,11 @@ class QATTrainer:
     """Fine-tune a QAT-prepared model with the observer / BN freeze schedule.
 
     Args:
-        model: ``qtoolkit.prepare(float_model, qconfig, qat=True)``, optionally
-            wrapped in ``DistributedDataParallel`` (call
-            ``torch.distributed.init_process_group`` first).
+        model: ``qtoolkit.prepare(float_model, qconfig, qat=True)`` (BN live), or a
+            calibrated / reconstructed PTQ model (``prepare(..., qat=False)``, BN folded;
+            see :func:`~qtoolkit.qat.start_from_prepared`), which trains in its folded
+            form with the ranges it has; optionally wrapped in ``DistributedDataParallel``
+            (call ``torch.distributed.init_process_group`` first).
         train_loader: iterable of ``(input, target)`` pairs (or dicts); a
             ``DistributedSampler``'s ``set_epoch`` is called every epoch.
         optimizer: built on ``model.parameters()`` of the *prepared* model
@@ -201,6 +211,11 @@ class QATTrainer:
         self.device = device
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
+        #: training curve: one record every ``config.log_interval`` steps (``step``, fractional ``epoch``,
+        #: ``train_loss`` / ``train_acc`` over those steps on this rank) and, every
+        #: ``config.eval_every_batches`` steps, ``eval_acc``
+        self.curve: list[dict[str, Any]] = []
+        self.global_step = 0
         self._pending_rng: dict[str, Any] | None = None
         if resume:
             assert path is not None
@@ -261,6 +276,14 @@ class QATTrainer:
 
         return tqdm(total=n, desc=f"QAT epoch {epoch + 1}/{self.config.epochs}", unit="batch", leave=False)
 
+    def _steps_per_epoch(self) -> int | None:
+        try:
+            n: int | None = len(self.train_loader)  # type: ignore[arg-type]
+        except TypeError:
+            return self.config.max_batches_per_epoch
+        limit = self.config.max_batches_per_epoch
+        return n if limit is None or n is None else min(n, limit)
+
     def _batches(self) -> Iterator[Any]:
         limit = self.config.max_batches_per_epoch
         for i, batch in enumerate(self.train_loader):
@@ -284,6 +307,8 @@ class QATTrainer:
         correct = torch.zeros((), dtype=torch.float64, device=dev)
         n_loss = n_acc = 0
         bar = self._progress(epoch)
+        n_steps = self._steps_per_epoch()
+        window = (0.0, 0, 0.0, 0)  # loss sum, samples, correct, samples with accuracy at the last curve point
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         try:
             for step, batch in enumerate(self._batches()):
@@ -304,15 +329,28 @@ class QATTrainer:
                 if hits is not None:
                     correct += hits
                     n_acc += bs
+                self.global_step += 1
                 if (step + 1) % self.config.log_interval == 0:
-                    running = float(loss_sum) / n_loss
+                    total_loss, total_correct = float(loss_sum), float(correct)
+                    running = total_loss / n_loss
                     if not math.isfinite(running):
                         raise FloatingPointError(
                             f"QATTrainer: the training loss became {running} in epoch {epoch + 1} (batch {step + 1}); "
                             "lower the learning rate or set QATConfig.grad_clip"
                         )
+                    d_loss, d_n = total_loss - window[0], n_loss - window[1]
+                    d_acc, d_nacc = total_correct - window[2], n_acc - window[3]
+                    window = (total_loss, n_loss, total_correct, n_acc)
+                    self.curve.append({"step": self.global_step, "epoch": epoch + (step + 1) / n_steps if n_steps else None,
+                                       "train_loss": d_loss / max(d_n, 1), "train_acc": d_acc / d_nacc if d_nacc else None})
                     if bar is not None:
-                        bar.set_postfix(loss=f"{running:.4f}", acc=f"{float(correct) / n_acc:.3f}" if n_acc else "-")
+                        bar.set_postfix(loss=f"{running:.4f}", acc=f"{total_correct / n_acc:.3f}" if n_acc else "-")
+                every = self.config.eval_every_batches
+                if every is not None and (step + 1) % every == 0 and (n_steps is None or step + 1 < n_steps):
+                    acc = self.evaluate()
+                    self.model.train()
+                    self.curve.append({"step": self.global_step, "epoch": epoch + (step + 1) / n_steps if n_steps else None,
+                                       "eval_acc": acc})
                 if bar is not None:
                     bar.update(1)
         finally:
@@ -409,6 +447,8 @@ class QATTrainer:
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "scheduler_step": self.scheduler_step,
             "history": [dict(h) for h in self.history],
+            "curve": [dict(c) for c in self.curve],
+            "global_step": self.global_step,
             "rng": rngs,
             "world_size": _world(),
             "qat_schedule": {
@@ -507,6 +547,8 @@ class QATTrainer:
                                key, sched[key], getattr(self.config, key))
         self.epoch = int(ckpt["epoch"])
         self.history = [dict(h) for h in ckpt.get("history", [])]
+        self.curve = [dict(c) for c in ckpt.get("curve", [])]
+        self.global_step = int(ckpt.get("global_step", 0))
         rngs = ckpt.get("rng") or []
         self._pending_rng = rngs[_rank()] if _rank() < len(rngs) else (rngs[0] if rngs else None)
 
