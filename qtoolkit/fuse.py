@@ -60,6 +60,7 @@ from qtoolkit.fuse_common import (
     _only_user,
     _set_submodule,
     _single_tensor_arg,
+    _zoo_leaf_functions,
 )
 from qtoolkit.fuse_rewrites import _fuse_linear_bn1d, _is_shape_value, _lift_functional, _scaled_by_constant, _split_same_padding
 from qtoolkit.layer_kinds import is_norm_act, is_weight_layer, kind_of, split_norm_act
@@ -200,11 +201,14 @@ def _trace(root: nn.Module) -> tuple[fx.Graph, dict[str, object]]:
     (timm's ``forward(x, pre_logits: bool = False)``), trace again with those arguments fixed to their defaults:
     the specialized graph then asserts, when it runs, that they still have them (``torch.fx``'s own guard).
     Returns the graph and what was fixed."""
-    try:
-        return _OneLevelTracer().trace(root), {}
-    except Exception as first:
-        import inspect
+    import inspect
 
+    try:
+        graph = _traced(root)
+        if not _tests_none_default(root):
+            return graph, {}
+        raise TypeError("forward tests an argument that defaults to None (`is None`): a trace follows one branch")
+    except Exception as first:
         try:
             params = list(inspect.signature(type(root).forward).parameters.values())[1:]
         except (TypeError, ValueError):
@@ -214,10 +218,35 @@ def _trace(root: nn.Module) -> tuple[fx.Graph, dict[str, object]]:
         if not fixed:
             raise
         try:
-            graph = _OneLevelTracer().trace(root, concrete_args=fixed)
+            graph = _traced(root, fixed)
         except Exception:
             raise first from None
         return graph, fixed
+
+
+def _traced(root: nn.Module, concrete_args: dict[str, object] | None = None) -> fx.Graph:
+    """The one-level trace; where control flow stops it, again with the functions a loaded model zoo declares opaque
+    to ``torch.fx`` as leaves (those that a plain trace goes through, e.g. timm's ``window_reverse``, stay traced)."""
+    try:
+        return _OneLevelTracer().trace(root, concrete_args=concrete_args)
+    except Exception:
+        if not _zoo_leaf_functions():
+            raise
+        return _OneLevelTracer(zoo_leaves=True).trace(root, concrete_args=concrete_args)
+
+
+def _tests_none_default(root: nn.Module) -> bool:
+    """True if ``forward`` tests ``arg is None`` for an argument that defaults to None (DLA's ``shortcut``): the trace
+    sees a Proxy there and takes the not-None branch only, which calls without the argument would not run."""
+    import inspect
+    import re
+
+    try:
+        params = list(inspect.signature(type(root).forward).parameters.values())[1:]
+        src = inspect.getsource(type(root).forward)
+    except (TypeError, ValueError, OSError):
+        return False
+    return any(p.default is None and re.search(rf"\b{re.escape(p.name)}\s+is\s+(not\s+)?None\b", src) for p in params)
 
 
 def _is_number_annotation(t: object) -> bool:
@@ -459,7 +488,37 @@ def _fuse_graph(root: nn.Module, qualname: str, report: list[FloatOp], bn_conv: 
 _LEAVES = (FusedLayer, Add, Cat, Mul, MatMul, Einsum, Activation, ScaledDotProductAttention, nn.MultiheadAttention)  # attention: swapped whole by prepare
 
 
-def _process(module: nn.Module, qualname: str, skip: set[str], report: list[FloatOp], bn_conv: bool = False) -> nn.Module:
+def _process(module: nn.Module, qualname: str, skip: set[str], report: list[FloatOp], bn_conv: bool = False,
+             memo: dict[int, tuple[nn.Module, nn.Module]] | None = None) -> nn.Module:
+    """Fuse ``module`` and its children. A module registered under several names (CoaT's shared positional
+    encodings) is processed once, at its first name; every other name gets the same result (``memo``)."""
+    memo = {} if memo is None else memo  # id -> (module, result): the module is held, so its id is not reused
+    if id(module) in memo:
+        return memo[id(module)][1]
+    memo[id(module)] = (module, module)  # a container that (indirectly) holds itself is not walked again
+    new = _process_once(module, qualname, skip, report, bn_conv, memo)
+    memo[id(module)], memo[id(new)] = (module, new), (new, new)
+    return new
+
+
+def _opaque_leaf(module: nn.Module) -> bool:
+    """A model's own leaf module that holds parameters and is no known kind (a layer, a norm, an activation): its
+    forward is traced like a container's, so that its matmuls, muls and adds are quantized (HaloNet's relative
+    position logits, timm's ``LayerScale``)."""
+    return (not module._modules and any(True for _ in module.parameters(recurse=False))
+            and not type(module).__module__.startswith("torch.") and not is_weight_layer(module)
+            and not is_norm_act(module)
+            and not isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, *_LEAVES)))
+
+
+def _process_once(module: nn.Module, qualname: str, skip: set[str], report: list[FloatOp], bn_conv: bool,
+                  memo: dict[int, tuple[nn.Module, nn.Module]]) -> nn.Module:
+    if qualname not in skip and _opaque_leaf(module):
+        found: list[FloatOp] = []
+        new = _fuse_graph(module, qualname, found, bn_conv)
+        if new is not module:  # untraceable or nothing to quantize: prepare reports the leaf as a whole
+            report.extend(found)
+        return new
     if (qualname in skip or isinstance(module, _LEAVES) or window_attention_twin(module) is not None
             or not module._modules or is_norm_act(module)):
         return module
@@ -473,7 +532,7 @@ def _process(module: nn.Module, qualname: str, skip: set[str], report: list[Floa
         if child is None:
             continue
         sub = f"{qualname}.{cname}" if qualname else cname
-        new = _process(child, sub, skip, report, bn_conv)
+        new = _process(child, sub, skip, report, bn_conv, memo)
         if new is not child:
             setattr(module, cname, new)
     return module

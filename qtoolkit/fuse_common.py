@@ -39,10 +39,11 @@ _BENIGN = {
     F.max_pool2d, F.avg_pool2d, F.dropout, torch.squeeze, torch.unsqueeze, torch.chunk, torch.split,
     torch.transpose, torch.permute, torch.narrow, torch.mean, F.adaptive_max_pool2d, operator.floordiv,
     torch._assert, operator.eq, torch.unbind, torch.roll, F.pad, F.adaptive_avg_pool1d, F.avg_pool1d,
+    F.unfold, F.interpolate, F.upsample,  # sliding windows (data movement); resampling (a fixed average, as pooling)
 }
 _BENIGN_METHODS = {"size", "view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "dim", "permute",
                    "chunk", "split", "transpose", "t", "narrow", "mean", "expand", "unbind", "reshape_as", "view_as",
-                   "expand_as", "roll", "movedim"}
+                   "expand_as", "roll", "movedim", "unfold"}
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,21 @@ class FloatOp:
     reason: str
 
 
+def _zoo_leaf_functions() -> tuple:
+    """Functions a loaded model zoo declares opaque to ``torch.fx`` (timm's ``register_notrace_function``: helpers
+    that hold the control flow, e.g. CrossViT's ``scale_image``); duck-typed, the zoo is never imported."""
+    import sys
+
+    fx_mod = sys.modules.get("timm.layers._fx")
+    return tuple(f for f in getattr(fx_mod, "_autowrap_functions", ()) if callable(f) and hasattr(f, "__code__"))
+
+
 class _OneLevelTracer(fx.Tracer):
-    """Trace a module's own ``forward``; every submodule call stays a leaf."""
+    """Trace a module's own ``forward``; every submodule call stays a leaf, and with ``zoo_leaves`` so does every
+    function a loaded model zoo declares opaque to ``torch.fx`` (:func:`_zoo_leaf_functions`)."""
+
+    def __init__(self, zoo_leaves: bool = False) -> None:
+        super().__init__(autowrap_functions=_zoo_leaf_functions() if zoo_leaves else ())
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:  # noqa: D102
         return True

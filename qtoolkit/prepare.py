@@ -223,7 +223,20 @@ def _swap(
     qat: bool,
     report: list[FloatOp],
 ) -> nn.Module:
-    swap_modules(module, lambda child, name: _convert_one(child, name, default, overrides, skip, qat, report), prefix)
+    # a module registered under several names is swapped once, and shared after; id -> (module, result): the
+    # module is held, so its id is not reused by a later object
+    done: dict[int, tuple[nn.Module, nn.Module]] = {}
+
+    def replace(child: nn.Module, name: str) -> nn.Module | None:
+        if id(child) in done:
+            return done[id(child)][1]
+        new = _convert_one(child, name, default, overrides, skip, qat, report)
+        done[id(child)] = (child, child if new is None else new)
+        if new is not None:
+            done[id(new)] = (new, new)
+        return new
+
+    swap_modules(module, replace, prefix)
     return module
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 import qtoolkit as qt
 from qtoolkit.fuse import fuse_model
-from qtoolkit.nn import Int8Layer, Int8MatMul, QuantActivation, QuantLayer
+from qtoolkit.nn import Int8Layer, Int8MatMul, QuantActivation, QuantLayer, QuantMatMul
 from qtoolkit.nn.fused import FusedLayer, PadSame
 from qtoolkit.nn.quant_attention import QuantScaledDotProductAttention
 from qtoolkit.toggles import fake_quant_disabled
@@ -347,3 +347,133 @@ def test_string_padding_same_and_valid() -> None:
         torch.testing.assert_close(qm(x), m(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="odd total padding"):
         qt.prepare(nn.Sequential(nn.Conv2d(3, 4, 4, padding="same")))
+
+
+def test_module_under_two_names_is_quantized_once_and_shared() -> None:
+    """CoaT registers one positional-encoding module on the model and on every block: one twin, both paths."""
+
+    class Enc(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x) + x
+
+    class Block(nn.Module):
+        def __init__(self, enc: nn.Module) -> None:
+            super().__init__()
+            self.enc, self.conv = enc, nn.Conv2d(4, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(self.enc(x))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = Enc()
+            self.blocks = nn.Sequential(Block(self.enc), Block(self.enc))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.blocks(x)
+
+    m = Net().eval()
+    x = torch.randn(4, 4, 8, 8)
+    qm = qt.prepare(m)
+    assert qm.enc is qm.blocks[0].enc is qm.blocks[1].enc and isinstance(qm.enc.proj, QuantLayer)
+    assert not any(isinstance(c, QuantLayer) for c in qm.enc.proj.modules() if c is not qm.enc.proj)  # not wrapped twice
+    with fake_quant_disabled(qm), torch.no_grad():
+        torch.testing.assert_close(qm(x), m(x), atol=1e-5, rtol=1e-5)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every quantizer sees data: none is left uncalibrated
+        qm = qt.calibrate(qm, [x], progress=False)
+        q = qt.convert(qm)
+    assert q.enc is q.blocks[1].enc and isinstance(q.enc.proj, Int8Layer)
+    with torch.no_grad():
+        assert _sqnr(m.double()(x.double()), q(x)) > 30
+
+
+def test_leaf_module_with_parameters_is_traced() -> None:
+    """A model's own parameter-holding leaf (HaloNet's relative position logits): its matmul is int8."""
+
+    class RelLogits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rel = nn.Parameter(torch.randn(8, 6))
+
+        def forward(self, q: torch.Tensor) -> torch.Tensor:
+            return F.interpolate((q @ self.rel).unfold(1, 2, 2).flatten(2), scale_factor=2.0)
+
+    m = nn.Sequential(nn.Linear(8, 8), RelLogits()).eval()
+    x = torch.randn(2, 4, 8)
+    qm = qt.prepare(m)
+    assert qt.float_ops(qm) == []  # unfold: data movement; interpolate: resampling, as pooling
+    assert isinstance(qm[1].matmul_0, QuantMatMul)
+    with fake_quant_disabled(qm), torch.no_grad():
+        torch.testing.assert_close(qm(x), m(x), atol=1e-5, rtol=1e-5)
+    q = qt.convert(qt.calibrate(qm, [x], progress=False))
+    assert isinstance(q[1].matmul_0, Int8MatMul)
+    with torch.no_grad():
+        assert _sqnr(m.double()(x.double()), q(x)) > 30
+
+
+def resize_if_needed(x: torch.Tensor) -> torch.Tensor:
+    """Control flow on the input's size, as timm's CrossViT ``scale_image`` (registered opaque to torch.fx)."""
+    return x if x.shape[-1] == 8 else F.interpolate(x, size=(8, 8))
+
+
+def test_zoo_notrace_function_is_a_leaf_of_the_trace(timm_mod) -> None:
+    """A helper timm marks opaque to torch.fx (its control flow inside) no longer stops the whole forward's trace:
+    the adds around it are int8 and the report names the helper."""
+    from timm.layers import _fx
+
+    _fx.register_notrace_function(resize_if_needed)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(resize_if_needed(x))
+            return y + y.flip(1)
+
+    m = Net().eval()
+    qm = qt.prepare(m)
+    assert [(f.where, f.op) for f in qt.float_ops(qm)] == [("<model>", "resize_if_needed"), ("<model>", "flip")]
+    assert type(qm.add_0).__name__ == "QuantAdd"
+    x = torch.randn(2, 3, 10, 10)
+    with fake_quant_disabled(qm), torch.no_grad():
+        torch.testing.assert_close(qm(x), m(x), atol=1e-5, rtol=1e-5)
+
+
+def test_forward_testing_a_none_default_is_not_traced_one_branch() -> None:
+    """DLA's ``forward(x, shortcut=None)`` with ``if shortcut is None: shortcut = x``: a trace would keep the
+    not-None branch only and break calls without the argument; the forward is kept and reported."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
+            if shortcut is None:
+                shortcut = x
+            return self.bn(self.conv(x)) + shortcut
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = Block(), Block()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x), x)
+
+    m = _bn_stats(Net(), (4, 4, 6, 6))
+    qm = qt.prepare(m)
+    assert {(f.where, f.op) for f in qt.float_ops(qm)} == {("a", "forward"), ("b", "forward")}
+    x = torch.randn(2, 4, 6, 6)
+    with fake_quant_disabled(qm), torch.no_grad():
+        torch.testing.assert_close(qm(x), m(x), atol=1e-5, rtol=1e-5)
