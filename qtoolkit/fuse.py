@@ -42,6 +42,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import operator
 
 import torch
 import torch.fx as fx
@@ -300,6 +301,13 @@ def _untraced_children(root: nn.Module, qualname: str, bn_conv: bool) -> list[st
     return names
 
 
+def _is_tensor_sub(node: fx.Node, data: set[fx.Node]) -> bool:
+    """``a - b`` of two activations (EfficientFormer's ``pool(x) - x``)."""
+    sub = (node.op == "call_function" and node.target in (operator.sub, torch.sub)) or (
+        node.op == "call_method" and node.target == "sub")
+    return sub and len(node.args) == 2 and not node.kwargs and all(a in data for a in node.args)
+
+
 def _tensor_product(node: fx.Node, data: set[fx.Node]) -> bool:
     """``a * b`` of two activations (a squeeze-excitation gate): lifted to :class:`Mul`, not data movement."""
     return node.target in _MUL_FUNCS | _MUL_METHODS and sum(a in data for a in node.args if isinstance(a, fx.Node)) == 2
@@ -426,6 +434,10 @@ def _fuse_graph(root: nn.Module, qualname: str, report: list[FloatOp], bn_conv: 
         )
         if node not in data:
             continue  # computed from shapes, parameters and constants only (a positional encoding): nothing to quantize
+        if _is_tensor_sub(node, data):  # a - b = a + (-b): the negation is exact, the add quantized as any add
+            with graph.inserting_before(node):
+                neg = graph.call_function(torch.neg, (node.args[1],))
+            node.args, is_add = (node.args[0], neg), True
         if not is_add and _lift_functional(root, graph, node, existing):
             changed = True
             continue

@@ -39,11 +39,11 @@ _BENIGN = {
     F.max_pool2d, F.avg_pool2d, F.dropout, torch.squeeze, torch.unsqueeze, torch.chunk, torch.split,
     torch.transpose, torch.permute, torch.narrow, torch.mean, F.adaptive_max_pool2d, operator.floordiv,
     torch._assert, operator.eq, torch.unbind, torch.roll, F.pad, F.adaptive_avg_pool1d, F.avg_pool1d,
-    F.unfold, F.interpolate, F.upsample,  # sliding windows (data movement); resampling (a fixed average, as pooling)
+    F.unfold, F.interpolate, F.upsample, torch.neg, operator.neg,  # sliding windows (data movement); resampling (a fixed average, as pooling)
 }
 _BENIGN_METHODS = {"size", "view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "dim", "permute",
                    "chunk", "split", "transpose", "t", "narrow", "mean", "expand", "unbind", "reshape_as", "view_as",
-                   "expand_as", "roll", "movedim", "unfold"}
+                   "expand_as", "roll", "movedim", "unfold", "neg"}
 
 
 @dataclass(frozen=True)

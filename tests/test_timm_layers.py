@@ -477,3 +477,26 @@ def test_forward_testing_a_none_default_is_not_traced_one_branch() -> None:
     x = torch.randn(2, 4, 6, 6)
     with fake_quant_disabled(qm), torch.no_grad():
         torch.testing.assert_close(qm(x), m(x), atol=1e-5, rtol=1e-5)
+
+
+def test_difference_of_activations_is_an_int8_add() -> None:
+    """EfficientFormer / PoolFormer's token mixer ``pool(x) - x``: an add of ``x`` and its exact negation."""
+
+    class Mixer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.pool = nn.Conv2d(3, 4, 3, padding=1), nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return self.pool(y) - y
+
+    m = Mixer().eval()
+    x = torch.randn(2, 3, 8, 8)
+    qm = qt.prepare(m)
+    assert qt.float_ops(qm) == [] and type(qm.add_0).__name__ == "QuantAdd"
+    with fake_quant_disabled(qm), torch.no_grad():
+        torch.testing.assert_close(qm(x), m(x), atol=1e-5, rtol=1e-5)
+    q = qt.convert(qt.calibrate(qm, [x], progress=False))
+    with torch.no_grad():
+        assert _sqnr(m.double()(x.double()), q(x)) > 25
