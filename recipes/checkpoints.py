@@ -50,6 +50,12 @@ TRAIN_COMMAND_RESNET20_FMNIST = (
     "--epochs 16 --out recipes/checkpoints --threads 1 --no-progress"
 )
 
+
+def _train_command(model: str, steps: int, epochs: int = 2, extra: str = "") -> str:
+    return (f"python -m recipes.train_fp32 --model {model} --epochs {epochs} --steps-per-epoch {steps}{extra} "
+            "--dataset fashion-mnist --out recipes/checkpoints --threads 1 --no-progress")
+
+
 #: Shipped FP32 checkpoints. ``path`` is relative to the repository root.
 #: ``sha256`` / ``test_top1`` come from ``recipes/checkpoints/train_<name>.json``
 #: written by the training run (``None`` until that run has finished and the entry
@@ -62,6 +68,23 @@ SHIPPED: dict[str, dict[str, Any]] = {
         "sha256": "47bc8243311b6cb033a5decc459d7882f48a9f9b92eade1b4892a7ed4a2df7e4",
         "test_top1": 94.18,
         "command": TRAIN_COMMAND_RESNET20_FMNIST,
+    },
+    # beyond ResNet: a few hundred steps each on a shared 2-core CPU (recipes/checkpoints/README.md)
+    "mobilenet_v2_fashion-mnist": {
+        "path": "recipes/checkpoints/mobilenet_v2_fashion-mnist.pt",
+        "model": "mobilenet_v2",
+        "dataset": "fashion-mnist",
+        "sha256": "aa83b340ce8103350a0f19a53b520d7f428db3791408da057078bb7dd4a1b632",
+        "test_top1": 79.22,
+        "command": _train_command("mobilenet_v2", 100),
+    },
+    "efficientnet_small_fashion-mnist": {
+        "path": "recipes/checkpoints/efficientnet_small_fashion-mnist.pt",
+        "model": "efficientnet_small",
+        "dataset": "fashion-mnist",
+        "sha256": "43d5fde2a9b4e2c5a494e807f066a53def4d889312d884ebe0182f7f2fc67aac",
+        "test_top1": 80.2,
+        "command": _train_command("efficientnet_small", 100),
     },
 }
 

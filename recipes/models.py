@@ -1,4 +1,10 @@
-"""CIFAR-style ResNets written the way users write them (plain ``nn.Module`` code).
+"""Recipe models for 28x28 (Fashion-MNIST) and 32x32 (CIFAR) inputs.
+
+CIFAR-style ResNets are written the way users write them (plain ``nn.Module`` code); the
+models beyond ResNet are torchvision's classes adapted to small inputs
+(:mod:`recipes.models_small`): ``mobilenet_v2`` (width 0.5), ``efficientnet_small``
+(EfficientNet-B0 blocks, width 0.5, depth 0.5: SiLU, squeeze-excitation) and ``vit_small``
+(6 layers, dim 128, patch 4).
 
 * ``resnet20`` / ``resnet32`` / ``resnet56``: He et al. 2016 (Sec. 4.2) CIFAR ResNets:
   a 3x3 stem conv with 16 channels, three stages of ``n`` BasicBlocks with 16/32/64
@@ -29,12 +35,17 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from recipes.models_small import efficientnet_small, mobilenet_v2, vit_small
+
 __all__ = [
     "MODELS",
     "BasicBlock",
     "CifarResNet",
     "ResNet18Cifar",
     "build_model",
+    "efficientnet_small",
+    "mobilenet_v2",
+    "vit_small",
     "resnet18_cifar",
     "resnet20",
     "resnet32",
@@ -200,11 +211,14 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet32": resnet32,
     "resnet56": resnet56,
     "resnet18_cifar": resnet18_cifar,
+    "mobilenet_v2": mobilenet_v2,
+    "efficientnet_small": efficientnet_small,
+    "vit_small": vit_small,
 }
 
 
 def build_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
-    """Build a model from :data:`MODELS` by name.
+    """Build a model from :data:`MODELS` by name (image size 28 for 1 channel, 32 for 3).
 
     Example:
         >>> build_model("resnet32", num_classes=10, in_channels=1).fc.in_features

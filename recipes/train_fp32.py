@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="dataset folder (None: ./data, then system paths such as /usr/share/datasets)")
     p.add_argument("--download", action="store_true", help="allow downloading with torchvision")
     p.add_argument("--max-batches", type=int, default=None, help="limit batches per epoch (smoke)")
+    p.add_argument("--steps-per-epoch", type=int, default=None,
+                   help="train on only this many (shuffled, different each epoch) batches per epoch; "
+                   "the test set stays whole")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"],
+                   help="sgd: momentum 0.9 Nesterov; adamw: betas (0.9, 0.999) (use e.g. --lr 2e-3 --wd 0.05)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (0: in-memory loader)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -183,16 +188,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.max_batches is not None and hasattr(train_loader, "max_batches"):
         train_loader.max_batches = args.max_batches
     steps_per_epoch = len(train_loader) if args.max_batches is None else min(len(train_loader), args.max_batches)
+    if args.steps_per_epoch is not None:
+        if args.steps_per_epoch < 1:
+            raise ValueError(f"--steps-per-epoch must be >= 1, got {args.steps_per_epoch}")
+        steps_per_epoch = min(steps_per_epoch, args.steps_per_epoch)
     total_steps = steps_per_epoch * args.epochs
 
     model = build_model(args.model, info.num_classes, info.in_channels)
     model = model.to(device, memory_format=torch.channels_last)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, momentum=0.9, nesterov=True,
-    )
+    groups = [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer: torch.optim.Optimizer
+    if args.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=args.lr)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True)
     if args.schedule == "onecycle":
         scheduler: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.OneCycleLR(
             # +1: OneCycleLR steps once in __init__; keeps the last step inside the schedule
