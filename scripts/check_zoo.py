@@ -193,7 +193,10 @@ def per_layer_steps(q: torch.nn.Module, batch: torch.Tensor) -> tuple[float, str
 
     mods = [m for m in q.modules() if isinstance(m, (Int8Layer, Int8Add)) and dispatch.supports_fast(m)]
     seen: dict = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, a: seen.setdefault(mod, a)) for m in mods]
+    def record(mod: torch.nn.Module, a: tuple) -> None:  # returns None: a module called twice keeps its inputs
+        seen.setdefault(mod, a)
+
+    hooks = [m.register_forward_pre_hook(record) for m in mods]
     qt.set_execution(q, "reference")
     q(batch)
     for h in hooks:
