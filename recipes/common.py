@@ -46,6 +46,7 @@ __all__ = [
     "PREPARED_FORMAT",
     "add_common_args",
     "agreement",
+    "build_user_model",
     "command_line",
     "env_info",
     "load_fp32",
@@ -79,7 +80,9 @@ def parse_list(text: str | None) -> list[str]:
 
 def add_common_args(p: Any, out_default: str) -> None:
     """Arguments every recipe takes: model/dataset/checkpoint/data/threads/seed/out/smoke."""
-    p.add_argument("--model", default="resnet20", help="architecture (recipes.models.MODELS)")
+    p.add_argument("--model", default="resnet20",
+                   help="architecture (recipes.models.MODELS), or your own class / factory as 'package.module:Name' "
+                   "(with --checkpoint; num_classes / in_channels passed when it takes them)")
     p.add_argument("--dataset", default="fashion-mnist", choices=sorted(DATASETS), help="dataset")
     p.add_argument("--checkpoint", default=None,
                    help="FP32 state_dict .pt (default: the shipped, sha256-verified <model>_<dataset> checkpoint)")
@@ -135,6 +138,8 @@ def command_line(module: str, argv: list[str] | None) -> str:
 def load_fp32(model: str, dataset: str, checkpoint: str | os.PathLike | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Build ``model`` for ``dataset`` and load FP32 weights (eval mode).
 
+    ``model`` is a name from :data:`recipes.models.MODELS` or a user class / factory
+    ``"package.module:Name"`` (:func:`build_user_model`; needs ``checkpoint``).
     ``checkpoint=None`` loads the shipped ``<model>_<dataset>`` checkpoint and checks
     its sha256 (:func:`recipes.checkpoints.load_shipped`). Returns the model and a
     description of what was loaded (path, sha256).
@@ -144,6 +149,14 @@ def load_fp32(model: str, dataset: str, checkpoint: str | os.PathLike | None = N
             ``python -m recipes.train_fp32``) or its sha256 is not pinned yet.
     """
     info = DATASETS[dataset]
+    if ":" in model:  # a user model class: "package.module:ClassOrFactory"
+        if checkpoint is None:
+            raise CheckpointError(f"--model {model}: a user model class needs its FP32 weights: pass --checkpoint PATH "
+                                  "(a state_dict .pt file)")
+        net = build_user_model(model, info.num_classes, info.in_channels)
+        load_checkpoint(net, checkpoint)
+        net.eval()
+        return net, {"path": str(checkpoint), "sha256": sha256_file(checkpoint), "shipped": None, "model_class": model}
     net = build_model(model, info.num_classes, info.in_channels)
     if checkpoint is None:
         name = f"{model}_{dataset}"
@@ -161,6 +174,36 @@ def load_fp32(model: str, dataset: str, checkpoint: str | os.PathLike | None = N
         desc = {"path": str(checkpoint), "sha256": sha256_file(checkpoint), "shipped": None}
     net.eval()
     return net, desc
+
+
+def build_user_model(spec: str, num_classes: int, in_channels: int) -> nn.Module:
+    """Instantiate ``"package.module:Name"`` (a class or factory importable from the working directory).
+
+    ``num_classes`` / ``in_channels`` are passed when its signature takes them (by those names).
+    Example: ``build_user_model("recipes.models:resnet20", 10, 1)``.
+    """
+    import importlib
+    import inspect
+
+    mod_name, _, attr = spec.partition(":")
+    if not mod_name or not attr:
+        raise ValueError(f"--model {spec!r}: a user model is written 'package.module:ClassName'")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        factory = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--model {spec!r}: cannot import {attr} from {mod_name} ({e}); run from the folder that "
+                         "holds the package, or add it to PYTHONPATH") from e
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    kwargs = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels)) if k in params}
+    net = factory(**kwargs)
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"--model {spec!r}: {attr}(...) returned a {type(net).__name__}, not a torch.nn.Module")
+    return net
 
 
 # ----------------------------------------------------------------------------- qconfigs

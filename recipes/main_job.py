@@ -13,12 +13,13 @@ Steps (each one is also a standalone recipe; the exact commands are recorded):
 2b. PTQ without training or labels (``--recon-method``, default QDrop, :func:`qtoolkit.reconstruct`, within
    ``--recon-time-budget`` seconds per model): W4A4 on all layers, W4A4 with mixed precision at 1.1x its weight
    bytes (:func:`qtoolkit.mixed_precision`), W4A8, and W4A4 / W2A4 with the stem and the classifier at W8A8;
-3. short QAT fine-tunes at W4A4, then W4A8 (``--qat-preset``), the stem and the classifier at
-   W8A8 (:mod:`recipes.qat`, ``--qat-epochs`` on ``--qat-train-fraction`` of the training set);
+3. QAT at W4A4 (``--qat-preset``), the stem and the classifier at W8A8, starting from the QDrop model of
+   step 2b (learned rounding and step sizes kept, BN folded; :mod:`recipes.qat` ``--init <that model>``),
+   ``--qat-epochs`` on ``--qat-train-fraction`` of the training set, with its training curve;
 4. the best W8A8 model converted to int8 and evaluated with reference and integer-only
    execution, plus argmax agreement with its fake-quant twin (``ptq --integer-check``);
 5. ``report/``: ``results.md``, ``results.json``, ``accuracy_vs_bits.png``,
-   ``activation_histograms.png`` (:mod:`recipes.report`).
+   ``activation_histograms.png``, ``qat_curves.png`` (:mod:`recipes.report`).
 
 For ``--dataset cifar10`` without ``--checkpoint`` an FP32 model is trained first with
 :mod:`recipes.train_fp32` (the estimated time is printed before it starts).
@@ -55,13 +56,14 @@ from recipes.report import build_report
 
 __all__ = ["build_parser", "main", "ensure_dataset", "estimate_fp32_training"]
 
-# Time budget of the default main job (issue 12: <= 15 min on 2 CPU cores). Measured on a 2-core Zen 3 (AVX2), 14.4
-# min in all: FP32 eval 10 s, PTQ sweep + int8 check 232 s (eleven 10k-image evaluations, the integer-only one 76 s),
-# reconstruction step 423 s, QAT 102 + 96 s. The two knobs here: QAT is 1 epoch on a quarter of Fashion-MNIST's
-# training set per preset (the PTQ init is already within 0.9 pt of FP32), the reconstruction 60 s per model (five
-# models). See report/results.md.
+# Time budget of the default main job (<= 15 min on 2 CPU cores). The QAT step (3) fine-tunes the W4A4 model that
+# step 2b reconstructed with QDrop (conv1 / fc at W8A8) for one epoch on the whole training set, in the BN-folded form
+# whose training step costs about an FP32 step (scripts/bench_core.py --only qat_step); W4A8 QAT is not run by
+# default (add it with --qat-preset w4a4,w4a8: it reconstructs its own start, ~+4 min).
 QAT_EPOCHS_DEFAULT = 1
-QAT_FRACTION_DEFAULT = 0.25
+QAT_FRACTION_DEFAULT = 1.0
+QAT_LR_DEFAULT = 0.0025
+QAT_EVAL_EVERY_DEFAULT = 160
 # PTQ reconstruction (step 2b): five models (W4A4 uniform and mixed precision, W4A8, W4A4 and W2A4 with the stem and
 # the classifier at W8A8), each reconstruction within this many seconds
 RECON_BUDGET_DEFAULT = 60.0
@@ -77,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="fashion-mnist", choices=sorted(DATASETS), help="dataset")
     p.add_argument("--data-dir", default=None, help="dataset folder (default: ./data, then /usr/share/datasets)")
     p.add_argument("--download", action="store_true", help="allow downloading the dataset with torchvision")
-    p.add_argument("--model", default="resnet20", choices=sorted(MODELS), help="architecture")
+    p.add_argument("--model", default="resnet20",
+                   help=f"architecture ({', '.join(sorted(MODELS))}) or your own 'package.module:Name' with --checkpoint")
     p.add_argument("--checkpoint", default=None,
                    help="FP32 checkpoint (default: the shipped one; cifar10: trained first with recipes.train_fp32)")
     p.add_argument("--fp32-epochs", type=int, default=15, help="epochs when an FP32 model has to be trained first")
@@ -88,10 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--presets", default="w8a8,w4a8", help="PTQ presets")
     p.add_argument("--calibrators", default="minmax,percentile,entropy,mse", help="PTQ calibrators")
     p.add_argument("--keep-8bit", default="conv1,fc", help="layers kept at W8A8 in the 4-bit PTQ presets and in QAT")
-    p.add_argument("--qat-preset", default="w4a4,w4a8", help="QAT preset(s), comma-separated, run in order")
+    p.add_argument("--qat-preset", default="w4a4", help="QAT preset(s), comma-separated, run in order (each starts "
+                   "from its reconstructed model of step 2b when there is one, e.g. w4a4; otherwise it reconstructs)")
     p.add_argument("--qat-epochs", type=int, default=QAT_EPOCHS_DEFAULT, help="QAT epochs")
     p.add_argument("--qat-train-fraction", type=float, default=QAT_FRACTION_DEFAULT, help="QAT training-set fraction")
-    p.add_argument("--qat-lr", type=float, default=0.0025, help="QAT learning rate")
+    p.add_argument("--qat-lr", type=float, default=QAT_LR_DEFAULT, help="QAT learning rate")
+    p.add_argument("--qat-eval-every", type=int, default=QAT_EVAL_EVERY_DEFAULT,
+                   help="test-set evaluations every this many QAT steps (points of the QAT curve; 0: epoch ends only)")
     p.add_argument("--qat-args", default="", help="extra arguments for recipes.qat, e.g. '--lsq --act-calibrator mse'")
     p.add_argument("--recon-method", default="qdrop", help="PTQ reconstruction method of step 2b (qtoolkit.reconstruct)")
     p.add_argument("--recon-calibrator", default="mse", help="activation calibrator before the reconstruction")
@@ -186,6 +192,17 @@ def _resolve_checkpoint(args: argparse.Namespace, commands: list[str]) -> tuple[
     return report["checkpoint"], True
 
 
+def _qat_start(recon_runs: list[dict[str, Any]], preset: str, args: argparse.Namespace) -> str:
+    """``--init`` of a QAT run: the saved reconstructed model of ``preset`` with the same kept layers (step 2b),
+    else ``reconstruct`` (the QAT recipe reconstructs it itself)."""
+    keep = parse_list(args.keep_8bit)
+    for run in recon_runs:
+        best = run.get("best", {}).get(preset)
+        if best and (run.get("keep_8bit") or []) == keep and Path(best["path"]).is_file():
+            return str(best["path"])
+    return "reconstruct"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the main job; returns the report dict (also written to ``--out``)."""
     args = build_parser().parse_args(argv)
@@ -198,6 +215,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps: dict[str, float] = {}
     commands: list[str] = []
 
+    if ":" in args.model and args.checkpoint is None:
+        raise SystemExit(f"main_job: --model {args.model} (your own class) needs --checkpoint with its FP32 weights")
     source = ensure_dataset(args.dataset, args.data_dir, args.download, not args.no_install)
     _log(f"dataset {args.dataset} from {source}; threads {torch.get_num_threads()}")
 
@@ -258,15 +277,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         steps["2b_ptq_reconstruction"] = time.perf_counter() - t0
         _log(f"step 2b PTQ reconstruction ({args.recon_method}) ({steps['2b_ptq_reconstruction']:.0f} s)")
 
-    # 3. QAT
+    # 3. QAT, each preset from its reconstructed (QDrop) model of step 2b when there is one
     qat: list[dict[str, Any]] = []
     qat_presets = [] if args.skip_qat else parse_list(args.qat_preset)
     for preset in qat_presets:
         t0 = time.perf_counter()
         out_dir = work / ("qat" if len(qat_presets) == 1 else f"qat_{preset}")
+        start = _qat_start(recon_runs, preset, args)
         qat_argv = common + ["--out", str(out_dir), "--preset", preset, "--keep-8bit", args.keep_8bit,
                              "--epochs", str(args.qat_epochs), "--train-fraction", str(args.qat_train_fraction),
-                             "--lr", str(args.qat_lr), "--fp32-top1", repr(fp32["top1"])] + args.qat_args.split()
+                             "--lr", str(args.qat_lr), "--fp32-top1", repr(fp32["top1"]), "--init", start,
+                             "--calib-batches", str(args.calib_batches)] \
+            + (["--eval-every", str(args.qat_eval_every)] if args.qat_eval_every else []) + args.qat_args.split()
         commands.append(command_line("recipes.qat", qat_argv))
         res_qat = qat_recipe.main(qat_argv)
         qat.append(res_qat)

@@ -1,20 +1,28 @@
 """Quantization-aware fine-tuning of an FP32 checkpoint (:class:`qtoolkit.qat.QATTrainer`).
 
-Recipe (the default):
+QAT starts where PTQ ends (the default, ``--init reconstruct --bn folded``):
 
-1. ``prepare(fp32, preset, qat=True)`` — BN stays live (folded-weight fake quant),
+1. ``prepare(fp32, preset)`` — the PTQ form, BN folded into the weights as it is converted;
    ``--keep-8bit`` layers (default the stem ``conv1`` and the classifier ``fc``) at W8A8;
-2. ``calibrate`` on ``--calib-batches`` training-split batches to initialize every
-   range (PTQ init; its test top-1 is recorded as ``init.top1``). With the default
-   ``--act-calibrator mse`` the activation ranges stay as calibrated and the weight
-   ranges keep tracking the (BN-folded) weights until ``--freeze-observers-epoch``;
-   ``--act-calibrator ema`` keeps moving-average activation ranges too; with ``--lsq``
-   every scale is a parameter learned from the calibrated start (LSQ).
-   (Short runs on a 90 % ResNet-20: MSE-fixed ranges beat EMA ranges and LSQ+MSE.);
-3. SGD (momentum 0.9, Nesterov) at ``--lr`` (<= 0.0025: torch.ao's QAT runs diverged
+2. ``calibrate`` on ``--calib-batches`` training-split batches, then ``reconstruct``
+   (``--recon-method``, default QDrop: learned rounding and activation step sizes, no labels);
+   ``--init calibrate`` stops after calibration; ``--init PATH`` loads a prepared model saved by
+   ``recipes.ptq`` / ``recipes.qat`` instead (its preset and kept layers are used). The start's
+   test top-1 is recorded as ``init.top1``;
+3. :func:`qtoolkit.qat.start_from_prepared`: observers off (the rounding and step sizes are kept;
+   the weights start on their learned codes), ``--lsq`` makes the weight and activation scales
+   parameters starting from their values;
+4. SGD (momentum 0.9, Nesterov) at ``--lr`` (<= 0.0025: torch.ao's QAT runs diverged
    at 0.01 with frozen BN/observers), cosine or one-cycle schedule per step;
    BN statistics frozen from ``--freeze-bn-epoch``; test-set evaluation after
-   every epoch; an atomic checkpoint after every epoch (``--resume`` continues it).
+   every epoch (and every ``--eval-every`` steps); an atomic checkpoint after every epoch (``--resume``
+   continues it); the training curve (loss / accuracy every 10 steps) in ``qat_results.json``.
+
+``--bn live --init calibrate`` is the classic form instead: ``prepare(..., qat=True)`` keeps BN live
+(batch statistics, folded-weight fake quantization), weight ranges keep tracking the weights until
+``--freeze-observers-epoch``, ``--act-calibrator ema`` keeps moving-average activation ranges.
+
+``--model package.module:Name --checkpoint PATH`` quantizes your own model class (see ``recipes.common``).
 
 ``--train-fraction`` trains on a fixed seeded subset of the training split (short runs).
 Under ``torchrun`` (``WORLD_SIZE > 1``) it runs DistributedDataParallel (gloo on CPU,
@@ -24,7 +32,9 @@ Writes ``qat_<preset>.pt`` (prepared ``state_dict`` + metadata, for
 ``recipes.evaluate --quantized``), ``qat_checkpoint.pt`` and ``qat_results.json`` / ``.md``.
 
 Example:
-    python -m recipes.qat --preset w4a4 --epochs 3 --lr 0.0025 --keep-8bit conv1,fc --out runs/qat
+    python -m recipes.qat --preset w4a4 --epochs 1 --keep-8bit conv1,fc --out runs/qat      # from QDrop
+    python -m recipes.qat --init runs/ptq/ptq_best_w4a4.pt --epochs 1 --out runs/qat        # from a saved PTQ model
+    python -m recipes.qat --init calibrate --bn live --preset w4a4 --epochs 3 --out runs/qat_live
     torchrun --nproc-per-node 2 -m recipes.qat --epochs 3 --threads 1      # DDP on CPU (gloo)
     python -m recipes.qat --checkpoint /tmp/quick.pt --max-batches 2 --epochs 1   # smoke
 """
@@ -42,13 +52,14 @@ import torch
 import torch.distributed as dist
 
 import qtoolkit as qt
-from qtoolkit.qat import QATConfig, QATTrainer
+from qtoolkit.qat import QATConfig, QATTrainer, start_from_prepared
 from recipes.common import (
     PERCENTILE_DEFAULT,
     add_common_args,
     command_line,
     env_info,
     load_fp32,
+    load_prepared,
     make_overrides,
     make_qconfig,
     parse_list,
@@ -86,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", default="cosine", choices=["cosine", "onecycle", "constant"], help="lr schedule (per step)")
     p.add_argument("--train-fraction", type=float, default=1.0, help="train on this fraction of the training split")
     p.add_argument("--freeze-observers-epoch", type=int, default=2,
-                   help="0-based epoch from which quantizer ranges are frozen (-1: never)")
+                   help="0-based epoch from which quantizer ranges are frozen (-1: never; --bn live only: a folded start "
+                   "keeps its ranges frozen from the first step)")
     p.add_argument("--freeze-bn-epoch", type=int, default=2, help="0-based epoch from which BN statistics are frozen (-1: never)")
     p.add_argument("--lsq", action="store_true", help="learn the quantizer scales (LSQ) instead of tracking ranges")
     p.add_argument("--act-calibrator", default="mse",
@@ -94,7 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "(weights keep tracking); ema (the preset's minmax in QAT) keeps moving-average ranges until "
                    "--freeze-observers-epoch")
     p.add_argument("--percentile", type=float, default=PERCENTILE_DEFAULT, help="for --act-calibrator percentile")
-    p.add_argument("--no-calibrate", action="store_true", help="skip the PTQ calibration init (ranges from the first batches)")
+    p.add_argument("--init", default="reconstruct",
+                   help="starting point: 'reconstruct' (calibrate, then qtoolkit.reconstruct with --recon-method: learned "
+                   "rounding and step sizes), 'calibrate' (calibration only), or the path of a prepared model saved by "
+                   "recipes.ptq / recipes.qat (e.g. runs/ptq/ptq_best_w4a4.pt; its preset and --keep-8bit are used)")
+    p.add_argument("--bn", default="folded", choices=["folded", "live"],
+                   help="folded: train the PTQ form (BN folded into the weights, as converted); live: prepare(qat=True), "
+                   "BN live with batch statistics (only with --init calibrate or a live-BN file)")
+    p.add_argument("--recon-method", default="qdrop", help="qtoolkit.reconstruct method(s) for --init reconstruct")
+    p.add_argument("--recon-iters", type=int, default=300, help="reconstruction steps per block (--init reconstruct)")
+    p.add_argument("--recon-time-budget", type=float, default=60.0, help="seconds for the reconstruction (--init reconstruct)")
+    p.add_argument("--bn-batches", type=int, default=50, help="batches for the BN re-estimation of a live-BN start")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="also evaluate every this many steps within an epoch (points of the QAT curve)")
+    p.add_argument("--no-calibrate", action="store_true", help="skip the PTQ calibration init (ranges from the first batches; "
+                   "--bn live --init calibrate only)")
     p.add_argument("--calib-batches", type=int, default=32, help="calibration batches for the init (training split)")
     p.add_argument("--calib-batch-size", type=int, default=64, help="calibration batch size")
     p.add_argument("--no-eval-init", action="store_true", help="skip evaluating the calibrated model before training")
@@ -140,7 +166,10 @@ def _markdown(res: dict[str, Any]) -> str:
         "(incl. the per-epoch test evaluation)",
     ]
     if res["init"].get("top1") is not None:
-        lines.append(f"- after calibration, before training: {res['init']['top1']:.2f}%")
+        i = res["init"]
+        lines.append(f"- start ({i.get('source', 'calibrate')}: {i['calibrator']}"
+                     + (f" + {i['method']}" if i.get("method") and i["method"] != "none" else "")
+                     + f", BN {i.get('bn', 'live')}), before training: {i['top1']:.2f}%")
     if res["smoke"]:
         lines.append("- SMOKE RUN (--max-batches)")
     lines += ["", ""]
@@ -172,9 +201,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
 
     fp32, ckpt = load_fp32(args.model, args.dataset, args.checkpoint)
-    kw = {"percentile": args.percentile, "lsq": args.lsq}
-    qc = make_qconfig(args.preset, args.act_calibrator, **kw)
-    qm = qt.prepare(fp32, qc, qat=True, overrides=make_overrides(keep8, args.act_calibrator, **kw))
+    init_file = args.init not in ("reconstruct", "calibrate")
+    file_meta: dict[str, Any] | None = None
+    if init_file:
+        qm, file_meta = load_prepared(args.init, fp32)
+        live = bool(file_meta.get("qat"))
+        args.preset = file_meta["preset"]
+        keep8 = list(file_meta.get("keep_8bit") or [])
+        args.act_calibrator = file_meta.get("calibrator") or args.act_calibrator
+        qc = make_qconfig(args.preset, args.act_calibrator)
+    else:
+        live = args.bn == "live"
+        if live and args.init == "reconstruct":
+            raise SystemExit("qat: --init reconstruct works on the BN-folded PTQ form; use --bn folded (the default), "
+                             "or --init calibrate with --bn live")
+        if args.no_calibrate and not live:
+            raise SystemExit("qat: --no-calibrate needs --bn live --init calibrate (a folded start trains with the ranges "
+                             "it was calibrated with)")
+        kw = {"percentile": args.percentile, "lsq": args.lsq and live}
+        qc = make_qconfig(args.preset, args.act_calibrator, **kw)
+        qm = qt.prepare(fp32, qc, qat=live, overrides=make_overrides(keep8, args.act_calibrator, **kw))
     qm.to(device)
     act_cal = next((fq.config.calibrator for _, fq in qt.quantizers(qm) if fq.role == "activation"), None)
 
@@ -200,31 +246,51 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.no_calibrate and not resume and any(fq.uses_histogram for _, fq in qt.quantizers(qm)):
         raise SystemExit(f"qat: --no-calibrate needs a range-tracking activation calibrator (--act-calibrator ema), "
                          f"not {args.act_calibrator!r}, whose range search runs only in calibrate()")
-    init: dict[str, Any] = {"calibrator": act_cal, "top1": None, "calibration_s": None}
+    init: dict[str, Any] = {"calibrator": act_cal, "top1": None, "calibration_s": None, "reconstruct_s": None,
+                            "method": None, "source": args.init, "bn": "live" if live else "folded"}
     previous = out / "qat_results.json"
     if resume and previous.is_file():  # keep the PTQ-init numbers of the run being resumed
         import json
 
         init = json.loads(previous.read_text()).get("init", init)
-    if not resume and not args.no_calibrate:
-        n_calib = args.calib_batches if args.max_batches is None else min(args.calib_batches, args.max_batches)
-        calib = get_calibration_loader(args.dataset, args.calib_batch_size, n_calib, args.data_dir, args.seed, args.download)
+    n_calib = args.calib_batches if args.max_batches is None else min(args.calib_batches, args.max_batches)
+    calib = get_calibration_loader(args.dataset, args.calib_batch_size, n_calib, args.data_dir, args.seed, args.download)
+    if resume:
+        # the structure (LSQ parameters) is rebuilt from the checkpoint's state before the trainer restores it
+        from qtoolkit.qat import read_checkpoint
+
+        qm.load_state_dict(read_checkpoint(ckpt_path)["model"], strict=True)
+        if not live:
+            start_from_prepared(qm, lsq=args.lsq)
+    elif init_file:
+        init["method"] = (file_meta or {}).get("method")
+        start_from_prepared(qm, lsq=args.lsq, data=calib if live else None, bn_batches=args.bn_batches)
+    elif not args.no_calibrate:
         t0 = time.perf_counter()
         qt.calibrate(qm, calib, progress=False)
         init["calibration_s"] = time.perf_counter() - t0
-        # keep tracking ranges while training: weights and moving-average activation ranges; with LSQ only
-        # the observe-only output quantizers (requantization ranges for convert); histogram-calibrated
-        # (percentile / entropy / mse) ranges stay as calibrated
-        for _, fq in qt.quantizers(qm):
-            if fq.uses_histogram or (args.lsq and fq.role != "output"):
-                continue
-            fq.enable_observer(True)
-        if not args.no_eval_init and rank == 0:
-            full = test_loader if world == 1 else TensorBatchLoader(test_full, args.batch_size, shuffle=False)
-            preds, labels, _ = predict(qm, full, max_batches=eval_batches, desc="QAT init", progress=progress)
-            init["top1"] = top1(preds, labels)
-            print(f"[qat] calibrated init ({act_cal}) top-1 {init['top1']:.2f}% "
-                  f"(calibration {init['calibration_s']:.1f} s)", flush=True)
+        if live:
+            # keep tracking ranges while training: weights and moving-average activation ranges; with LSQ only
+            # the observe-only output quantizers (requantization ranges for convert); histogram-calibrated
+            # (percentile / entropy / mse) ranges stay as calibrated
+            for _, fq in qt.quantizers(qm):
+                if fq.uses_histogram or (args.lsq and fq.role != "output"):
+                    continue
+                fq.enable_observer(True)
+        else:
+            if args.init == "reconstruct":
+                t0 = time.perf_counter()
+                qt.reconstruct(qm, calib, args.recon_method, iters=args.recon_iters, time_budget_s=args.recon_time_budget,
+                               seed=args.seed, progress=progress)
+                init["reconstruct_s"] = time.perf_counter() - t0
+                init["method"] = args.recon_method
+            start_from_prepared(qm, lsq=args.lsq)
+    if not resume and not args.no_eval_init and rank == 0:
+        full = test_loader if world == 1 else TensorBatchLoader(test_full, args.batch_size, shuffle=False)
+        preds, labels, _ = predict(qm, full, max_batches=eval_batches, desc="QAT init", progress=progress)
+        init["top1"] = top1(preds, labels)
+        print(f"[qat] start ({init['source']}, {act_cal}{' + ' + init['method'] if init['method'] else ''}, BN "
+              f"{init['bn']}) top-1 {init['top1']:.2f}%", flush=True)
     qm.train()
 
     decay = [p for name, p in qm.named_parameters() if p.ndim > 1]
@@ -252,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(qm, device_ids=[device.index or 0] if device.type == "cuda" else None)
     cfg = QATConfig(
-        epochs=args.epochs,
+        epochs=args.epochs, eval_every_batches=args.eval_every,
         freeze_observers_epoch=None if args.freeze_observers_epoch < 0 else args.freeze_observers_epoch,
         freeze_bn_epoch=None if args.freeze_bn_epoch < 0 else args.freeze_bn_epoch,
         max_batches_per_epoch=args.max_batches, max_eval_batches=eval_batches,
@@ -277,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         top = 100.0 * final if final is not None else float("nan")
         meta = {"model": args.model, "dataset": args.dataset, "preset": args.preset, "calibrator": args.act_calibrator,
                 "percentile": args.percentile, "per_tensor_weights": False, "lsq": args.lsq, "keep_8bit": keep8,
-                "qat": True, "top1": top}
+                "qat": live, "top1": top, "method": f"{init.get('method') or 'none'}+qat"}
         saved = save_prepared(out / f"qat_{args.preset}.pt", qm, meta)
         try:
             size = state_dict_bytes(qt.convert(qm))
@@ -298,6 +364,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "steps_per_epoch": steps,
             "init": init,
             "history": history,
+            "curve": trainer.curve,
             "epochs_done": len(history),
             "top1": top,
             "fp32_top1": args.fp32_top1,

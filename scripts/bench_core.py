@@ -12,7 +12,9 @@ and PASS/MISS against the target:
 (d) torch.ao's ``HistogramObserver`` (forward per batch, ``calculate_qparams``) on
     the same batches, as a peer;
 (e) ``qtoolkit.calibrate`` of the shipped ResNet-20 (W8A8, each activation calibrator, 2,048 Fashion-MNIST
-    training images in 32 batches of 64) vs a plain FP32 forward over the same batches (≤ 1.5×).
+    training images in 32 batches of 64) vs a plain FP32 forward over the same batches (≤ 1.5×);
+(f) a QAT training step (W8A8, W4A4 with conv1/fc at W8A8, each with and without LSQ) vs the FP32 training
+    step on ResNet-20 and ResNet-18 CIFAR, all variants round-robin in one run (≤ 1.1×; memory ≤ 1.3×).
 
 Timings: ``torch.set_num_threads(2)``, warm-up, then the median of ``--repeats``
 (≥ 10) runs; the two sides of a comparison are timed interleaved (A, B, A, B, …)
@@ -316,13 +318,128 @@ def bench_model_calibration() -> None:
             "FP32 forward, same batches", b, r, 1.5, busy=busy)
 
 
+def _saved_bytes(step) -> int:
+    """Bytes of the distinct tensors autograd keeps for the backward pass of one step (activation memory, the
+    part of a training step's peak memory that fake quantization can grow; weights and optimizer state are alike)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            key = t.untyped_storage().data_ptr()
+            seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+        except (RuntimeError, NotImplementedError):  # pragma: no cover - sparse / meta tensors
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(seen.values())
+
+
+def bench_qat_step() -> None:
+    """One SGD training step (forward, loss, backward, optimizer) of QAT variants vs the FP32 model's step, all
+    timed round-robin in one run (ratio per round, median): ResNet-20 (batch 128 of 1x28x28, the shipped
+    Fashion-MNIST weights) and ResNet-18 CIFAR (batch ``--r18-batch`` of 3x32x32, random weights).
+
+    QAT rows: the PTQ form (BN folded, the form that is converted) after ``qtoolkit.calibrate`` and
+    ``qtoolkit.qat.start_from_prepared`` (observers off, optional LSQ): what ``recipes.qat`` trains. ``live BN``
+    rows: ``prepare(..., qat=True)`` after calibration with the observers off (BN in training mode; shown for
+    comparison). Memory: bytes saved for the backward pass (CPU), peak allocated bytes on CUDA."""
+    import qtoolkit as qt
+    from qtoolkit.qat import start_from_prepared
+    from recipes.common import load_fp32, make_overrides, make_qconfig
+    from recipes.models import resnet18_cifar
+
+    dev = torch.device(ARGS.device)
+    r20, _ = load_fp32("resnet20", "fashion-mnist")
+    g = torch.Generator().manual_seed(3)
+    models = [("ResNet-20", r20, (128, 1, 28, 28)), ("ResNet-18 CIFAR", resnet18_cifar(10, 3), (ARGS.r18_batch, 3, 32, 32))]
+    wanted = {"r20": "ResNet-20", "r18": "ResNet-18 CIFAR"}
+    models = [m for m in models if m[0] in {wanted[k] for k in ARGS.qat_models.split(",") if k}]
+    for mname, fp32, shape in models:
+        print(f"  qat_step: {mname}, batch {shape[0]}: preparing the variants", file=sys.stderr, flush=True)
+        fp32 = fp32.to(dev).eval()
+        x = torch.randn(*shape, generator=g).to(dev)
+        y = torch.randint(0, 10, (shape[0],), generator=g).to(dev)
+        calib = [torch.randn(32, *shape[1:], generator=g).to(dev) for _ in range(2)]
+
+        def make(preset: str, lsq: bool, live: bool, fp32: torch.nn.Module = fp32,
+                 calib: list[torch.Tensor] = calib) -> torch.nn.Module:
+            over = make_overrides(["conv1", "fc"], "mse") if preset == "w4a4" else {}
+            qm = qt.prepare(fp32, make_qconfig(preset, "mse"), qat=live, overrides=over)
+            qt.calibrate(qm, calib, progress=False)
+            return start_from_prepared(qm, lsq=lsq)
+
+        variants: dict[str, torch.nn.Module] = {"FP32": __import__("copy").deepcopy(fp32).train()}
+        for preset in ("w8a8", "w4a4"):
+            for lsq in (False, True):
+                variants[f"QAT {preset.upper()}{' + LSQ' if lsq else ''}"] = make(preset, lsq, False)
+            variants[f"QAT {preset.upper()}, live BN"] = make(preset, False, True)
+
+        def stepper(m: torch.nn.Module, x: torch.Tensor = x, y: torch.Tensor = y):
+            opt = torch.optim.SGD(m.parameters(), lr=1e-5, momentum=0.9)
+
+            def one_step() -> None:
+                opt.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(m(x), y).backward()
+                opt.step()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+            return one_step
+
+        steps = {k: stepper(m) for k, m in variants.items()}
+        mem = {}
+        for k, f in steps.items():
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                f()
+                mem[k] = torch.cuda.max_memory_allocated()
+            else:
+                mem[k] = _saved_bytes(f)
+        for f in steps.values():  # warm-up
+            for _ in range(2):
+                f()
+        busy = wait_idle()
+        load = os.getloadavg()[0]
+        times: dict[str, list[float]] = {k: [] for k in steps}
+        cpu: dict[str, list[float]] = {k: [] for k in steps}  # process CPU time: less sensitive to other processes
+        for _ in range(ARGS.step_repeats):
+            for k, f in steps.items():
+                c0 = time.process_time()
+                times[k].append(_time(f))
+                cpu[k].append(time.process_time() - c0)
+        fp = times["FP32"]
+        for k in steps:
+            if k == "FP32":
+                continue
+            ratio = statistics.median([a / b for a, b in zip(times[k], fp)])
+            cpu_ratio = statistics.median([a / b for a, b in zip(cpu[k], cpu["FP32"])])
+            target = None if "live BN" in k else 1.1
+            row(f"{mname} train step, {k} (memory {mem[k] / mem['FP32']:.2f}x FP32, CPU-time ratio {cpu_ratio:.2f}x)",
+                statistics.median(times[k]), f"FP32 step (load avg {load:.1f})", statistics.median(fp), ratio, target,
+                busy=busy)
+            QAT_ROWS.append({"model": mname, "variant": k, "batch": shape[0], "ms": statistics.median(times[k]),
+                             "fp32_ms": statistics.median(fp), "ratio": ratio, "cpu_time_ratio": cpu_ratio,
+                             "memory_ratio": mem[k] / mem["FP32"],
+                             "memory_kind": "cuda peak allocated" if dev.type == "cuda" else "saved for backward",
+                             "load_avg_1min": load, "others_busy_cpus": busy, "target": target})
+
+
+QAT_ROWS: list[dict] = []
+
+
 def main() -> None:
     global ARGS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=15, help="timed runs per measurement (>= 10)")
     ap.add_argument("--wait-idle", type=float, default=0.0, help="wait up to S s per row for an idle CPU")
     ap.add_argument("--only", default="", help="comma-separated groups to run: fake_quant, observers, calibrators, "
-                                              "calibration (default: all)")
+                                              "calibration, qat_step (default: all)")
+    ap.add_argument("--step-repeats", type=int, default=10, help="timed rounds of the QAT-step group")
+    ap.add_argument("--r18-batch", type=int, default=32, help="ResNet-18 CIFAR batch of the QAT-step group")
+    ap.add_argument("--qat-models", default="r20,r18", help="models of the QAT-step group: r20, r18")
+    ap.add_argument("--device", default="cpu", help="device of the QAT-step group (cpu / cuda)")
+    ap.add_argument("--json", default=None, help="also write the QAT-step rows to this JSON file")
     ARGS = ap.parse_args()
     ARGS.repeats = max(10, ARGS.repeats)
     torch.set_num_threads(2)
@@ -332,7 +449,7 @@ def main() -> None:
     print(f"median of {ARGS.repeats} interleaved runs after warm-up; 'others busy' = CPUs used by other processes "
           "just before the row (0 = idle box)\n")
     groups = {"fake_quant": bench_fake_quant, "observers": bench_observers, "calibrators": bench_calibrators,
-              "calibration": bench_model_calibration}
+              "calibration": bench_model_calibration, "qat_step": bench_qat_step}
     only = [g for g in ARGS.only.split(",") if g] or list(groups)
     for g in only:
         if g not in groups:
@@ -342,6 +459,18 @@ def main() -> None:
     print("|---|---:|---|---:|---:|---|---:|")
     for r in ROWS:
         print("| " + " | ".join(r) + " |")
+    if ARGS.json and QAT_ROWS:
+        import json
+
+        cpu = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+        except OSError:  # pragma: no cover
+            pass
+        Path(ARGS.json).write_text(json.dumps({
+            "command": "python scripts/bench_core.py " + " ".join(sys.argv[1:]), "cpu": cpu,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": QAT_ROWS}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

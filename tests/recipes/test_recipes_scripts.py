@@ -112,7 +112,7 @@ def test_qat_resume_and_reload(tiny_fashion: Path, tiny_ckpt: Path, tmp_path: Pa
     out = tmp_path / "qat"
     args = _common(tiny_fashion, tiny_ckpt) + ["--out", str(out), "--train-batch-size", "8", "--calib-batch-size", "8",
                                                "--freeze-observers-epoch", "1", "--freeze-bn-epoch", "1",
-                                               "--act-calibrator", "ema"]
+                                               "--act-calibrator", "ema", "--init", "calibrate", "--bn", "live"]
     first = qat.main(args + ["--epochs", "1"])
     assert first["epochs_done"] == 1 and first["init"]["top1"] is not None
     assert (out / "qat_checkpoint.pt").is_file() and (out / "qat_w4a4.pt").is_file()
@@ -137,11 +137,46 @@ def test_qat_resume_and_reload(tiny_fashion: Path, tiny_ckpt: Path, tmp_path: Pa
 def test_qat_lsq_converts(tiny_fashion: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
     res = qat.main(_common(tiny_fashion, tiny_ckpt) + [
         "--out", str(tmp_path / "qat"), "--train-batch-size", "8", "--calib-batch-size", "8", "--epochs", "1",
-        "--lsq", "--act-calibrator", "percentile", "--no-eval-init", "--lr", "0.05"])
-    assert res["args"]["lsq"] and res["act_calibrator"] == "percentile"
+        "--lsq", "--act-calibrator", "percentile", "--no-eval-init", "--lr", "0.05", "--init", "calibrate"])
+    assert res["args"]["lsq"] and res["act_calibrator"] == "percentile" and res["init"]["bn"] == "folded"
     assert res["size_bytes"] is not None  # learned scales stay positive, so the model converts
     sd = torch.load(tmp_path / "qat" / "qat_w4a4.pt", weights_only=True)["state_dict"]
     assert all((v > 0).all() for k, v in sd.items() if k.endswith("_quantizer.scale"))
+    # the saved LSQ model reloads (scales as parameters) and reproduces the final evaluation
+    fp32, _ = load_fp32("resnet20", "fashion-mnist", tiny_ckpt)
+    qm, meta = load_prepared(tmp_path / "qat" / "qat_w4a4.pt", fp32)
+    assert meta["lsq"] and not meta["qat"]
+    test = ptq.test_loader("fashion-mnist", 8, str(tiny_fashion), False)
+    preds, labels, _ = predict(qm, test, max_batches=2, progress=False)
+    assert top1(preds, labels) == pytest.approx(res["top1"])
+
+
+def test_qat_starts_from_a_saved_reconstructed_model(tiny_fashion: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
+    ptq_res = ptq.main(_common(tiny_fashion, tiny_ckpt) + [
+        "--out", str(tmp_path / "ptq"), "--presets", "w4a4", "--calibrators", "mse", "--calib-batch-size", "8",
+        "--keep-8bit", "conv1,fc", "--method", "adaround", "--recon-iters", "2", "--hist-layers", ""])
+    saved = ptq_res["best"]["w4a4"]["path"]
+    res = qat.main(_common(tiny_fashion, tiny_ckpt) + [
+        "--out", str(tmp_path / "qat"), "--train-batch-size", "8", "--epochs", "1", "--init", saved,
+        "--preset", "w8a8", "--keep-8bit", ""])  # the file's preset and kept layers win
+    assert res["keep_8bit"] == ["conv1", "fc"] and res["weight_bits"] == 4
+    assert res["init"]["method"] == "adaround" and res["init"]["bn"] == "folded"
+    assert res["init"]["top1"] == pytest.approx(ptq_res["best"]["w4a4"]["top1"])  # the very model PTQ evaluated
+    assert res["curve"] == [] or all("step" in c for c in res["curve"])
+
+
+def test_qat_user_model_class_and_checkpoint(tiny_fashion: Path, tmp_path: Path) -> None:
+    from tests.recipes.peer_model import PeerNet
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "peer.pt"
+    torch.save(PeerNet().state_dict(), ckpt)
+    res = qat.main(_common(tiny_fashion, ckpt) + [
+        "--model", "tests.recipes.peer_model:PeerNet", "--out", str(tmp_path / "qat"), "--train-batch-size", "8",
+        "--calib-batch-size", "8", "--epochs", "1", "--init", "calibrate", "--keep-8bit", "conv1,fc"])
+    assert res["checkpoint"]["model_class"] == "tests.recipes.peer_model:PeerNet" and res["epochs_done"] == 1
+    with pytest.raises(Exception, match="needs its FP32 weights"):
+        load_fp32("tests.recipes.peer_model:PeerNet", "fashion-mnist", None)
 
 
 def test_main_job_smoke(tiny_fashion: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
@@ -149,13 +184,17 @@ def test_main_job_smoke(tiny_fashion: Path, tiny_ckpt: Path, tmp_path: Path) -> 
     res = main_job.main(["--data-dir", str(tiny_fashion), "--checkpoint", str(tiny_ckpt), "--threads", "1",
                          "--max-batches", "2", "--no-progress", "--out", str(out), "--work-dir", str(tmp_path / "work"),
                          "--calibrators", "minmax,percentile", "--qat-epochs", "1", "--no-install",
-                         "--qat-args=--act-calibrator=percentile", "--recon-iters", "3"])
+                         "--qat-args=--lsq --train-batch-size 8", "--recon-iters", "3", "--qat-eval-every", "1"])
     data = json.loads((out / "results.json").read_text())
     assert {"meta", "fp32", "rows", "checks", "plots", "ptq", "qat"} <= set(data)
     methods = [r["method"] for r in data["rows"]]
-    assert methods[0] == "FP32" and "PTQ minmax" in methods and "QAT" in methods
+    assert methods[0] == "FP32" and "PTQ minmax" in methods and "QAT + LSQ from PTQ mse + qdrop" in methods
     assert "int8 converted (integer)" in methods and "int8 converted (reference)" in methods
-    assert "PTQ percentile (QAT init)" in methods  # --qat-args reached recipes.qat
+    # QAT starts from the reconstructed W4A4 model (conv1/fc at W8A8) of step 2b: the same top-1 at its start
+    start = next(r for r in data["rows"] if r["method"] == "PTQ mse + qdrop (QAT start)")
+    keep8_qdrop = [r for r in data["rows"] if r["method"] == "PTQ mse + qdrop" and r["bits"] == "W4A4"
+                   and r["notes"] == "conv1, fc at W8A8"]
+    assert len(keep8_qdrop) == 1 and start["top1"] == pytest.approx(keep8_qdrop[0]["top1"])
     # step 2b: reconstruction rows (uniform, mixed precision, W4A8, and the stem/classifier-at-8-bit runs)
     assert methods.count("PTQ mse + qdrop") == 4 and "PTQ mse + qdrop (mixed precision)" in methods
     bars = [c["bar"] for c in data["checks"]]
@@ -166,23 +205,23 @@ def test_main_job_smoke(tiny_fashion: Path, tiny_ckpt: Path, tmp_path: Path) -> 
         assert {"bits", "top1", "drop_pt", "size_bytes", "time_s"} <= set(r)
     assert {r["bits"] for r in data["rows"]} >= {"FP32", "W8A8", "W4A8", "W4A4"}
     assert data["meta"]["smoke"] and data["meta"]["wall_time_s"] > 0
-    assert any("W4A4 QAT drop" in c["bar"] for c in data["checks"])
-    assert any("W4A8 QAT reported" in c["bar"] for c in data["checks"])  # default --qat-preset w4a4,w4a8
-    assert [r["bits"] for r in data["rows"] if r["method"] == "QAT"] == ["W4A4", "W4A8"]
-    assert (out / "results.md").read_text().count("## QAT per epoch") == 2
+    assert any("QAT drop <= 0.1 pt after <= 1 epoch" in c["bar"] for c in data["checks"])
+    assert any("QAT >= the model it starts from (PTQ mse + qdrop)" in c["bar"] for c in data["checks"])
+    assert [r["bits"] for r in data["rows"] if r["method"].startswith("QAT")] == ["W4A4"]  # default --qat-preset
+    assert (out / "results.md").read_text().count("## QAT per epoch") == 1
+    assert any("eval_acc" in c for c in data["qat"][0]["curve"])  # --qat-eval-every reached recipes.qat
     md = (out / "results.md").read_text()
     assert "SMOKE RUN" in md and "| method | bits | top-1 (%)" in md and "## Accuracy bars" in md
-    for png in ("accuracy_vs_bits.png", "activation_histograms.png"):
+    for png in ("accuracy_vs_bits.png", "activation_histograms.png", "qat_curves.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
-    assert res["plots"].keys() == {"accuracy_vs_bits", "activation_histograms", "sensitivity_w4a4_mse"}
+    assert res["plots"].keys() == {"accuracy_vs_bits", "activation_histograms", "sensitivity_w4a4_mse", "qat_curves"}
     assert (out / "sensitivity_w4a4_mse.png").read_bytes()[:8] == PNG_MAGIC
 
     # the report can be rebuilt from the saved JSON files
     work = tmp_path / "work"
     again = report.main(["--fp32", str(work / "eval" / "eval_results.json"), "--ptq", str(work / "ptq" / "ptq_results.json"),
                          *[str(work / f"ptq_qdrop_{n}" / "ptq_results.json") for n in ("w4a4_all", "w4a8_all", "keep8")],
-                         "--qat", str(work / "qat_w4a4" / "qat_results.json"),
-                         "--qat", str(work / "qat_w4a8" / "qat_results.json"), "--out", str(tmp_path / "report2")])
+                         "--qat", str(work / "qat" / "qat_results.json"), "--out", str(tmp_path / "report2")])
     assert [r["top1"] for r in again["rows"]] == [r["top1"] for r in data["rows"]]
 
 
