@@ -9,7 +9,8 @@ Usage::
 Per model (``check_zoo.build``: random weights, BN statistics from data, 10 classes; ``--size`` inputs, 224 for the
 models that need it), ``prepare("w8a8")``, ``calibrate`` on 2 batches of 4, then ``qt.deploy`` to each engine with
 its default settings and ``verify=`` 4 fresh images: the row says faithful (every site within its allowed steps),
-the end-to-end relative L2 against the fake-quant model, or the error ``deploy`` raised.  The JSON is rewritten
+the number of sites compared, the end-to-end relative L2 against the fake-quant model, what the engine adapter
+rewrote in the graph (``notes``: the same values), or the error ``deploy`` raised.  The JSON is rewritten
 after every row.
 """
 
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import qtoolkit as qt  # noqa: E402
 from qtoolkit.kernels.cpuinfo import cpu_report  # noqa: E402
 
-NEEDS_224 = {"alexnet", "inception_v3", "maxvit_t", "vit_b_32", "vit_b_16", "swin_t", "swin_v2_t"}
+NEEDS_224 = {"inception_v3", "maxvit_t", "vit_b_32", "vit_b_16", "swin_t", "swin_v2_t"}  # fixed-size position tables / windows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
                                verify=torch.randn(4, 3, size, size, generator=gen), strict=False)  # fmt: skip
                 v = dm.report.verification
                 row.update(target=dm.report.target, faithful=bool(v.faithful), rel_l2=round(float(v.rel_l2), 5),
-                           first_divergent=None if v.first_divergent is None else str(v.first_divergent.site))  # fmt: skip
+                           first_divergent=None if v.first_divergent is None else str(v.first_divergent.site),
+                           sites=len(v.sites), notes=dm.report.notes)  # fmt: skip
             except Exception as e:  # noqa: BLE001
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             row["seconds"] = round(time.perf_counter() - t0, 1)

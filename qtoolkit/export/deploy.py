@@ -85,6 +85,7 @@ class DeployReport:
         u8s8_saturates: the probe's answer for this engine and CPU (None when not probed).
         export: the :class:`~qtoolkit.export.onnx.OnnxExportReport` (None after :func:`load_deployed`).
         verification: the :class:`~qtoolkit.export.engine_verify.EngineVerifyReport` (None when not verified).
+        notes: what the engine class changed in the exported graph before compiling it (the same values).
     """
 
     engine: str
@@ -96,11 +97,13 @@ class DeployReport:
     u8s8_saturates: bool | None = None
     export: Any = None
     verification: EngineVerifyReport | None = None
+    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [
             f"engine {self.engine}: settings {self.settings} (defaults {self.defaults}; overridden {self.overrides or 'none'})",
             f"weights: target={self.target!r} ({self.target_reason})",
+            *(f"graph: {n}" for n in self.notes),
         ]
         lines.append(str(self.verification) if self.verification is not None else "not verified")
         return "\n".join(lines)
@@ -305,7 +308,7 @@ def deploy(
         export = export_onnx(model, inputs, path, opset=opset, dynamic_batch=True, target=target)
         proto = onnx.load(os.fspath(path))
     runner = eng.compile(proto, merged)
-    report = DeployReport(engine, merged, defaults, overrides, target, reason, saturates, export)
+    report = DeployReport(engine, merged, defaults, overrides, target, reason, saturates, export, notes=list(runner.notes))
     if verify is not False and verify is not None:
         data = [inputs if len(inputs) > 1 else inputs[0]] if verify is True else verify
         report.verification = verify_engine(eng, merged, proto, runner, model, data, num_batches=num_batches, sites=sites)

@@ -142,10 +142,15 @@ def _site_nodes(proto: Any, model: nn.Module) -> list[tuple[str, str, str, int]]
     for node in proto.graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    consts = set(inits) | {n.output[0] for n in proto.graph.node if n.op_type == "Constant"}
     found = []
     for node in proto.graph.node:
         if node.op_type != "QuantizeLinear" or len(node.input) < 3 or node.input[1] not in inits or node.output[0] in outputs:
             continue
+        src = producer.get(node.input[0])
+        if node.input[0] in consts or (src is not None and src.op_type == "Clip" and src.input[0] in consts):
+            continue  # a constant's codes (e.g. a position bias): computed once at export, nothing for the engine to compute
         dqs = consumers.get(node.output[0], [])
         users = [u for dq in dqs for u in consumers.get(dq.output[0], [])]
         if users and all(u.op_type in _FUSED_INTO for u in users):
@@ -196,7 +201,9 @@ def cut_at_sites(proto: Any, sites: list[tuple[str, str, str, int]], ranks: dict
             if name in renames:
                 node.input[i] = renames[name]
     for _, out, site, dtype in sites:
-        shape = ["batch"] + [None] * (ranks[site] - 1)
+        # every dimension unnamed: a site's leading dimension is not always the batch (attention windows: batch ×
+        # windows), and ONNX Runtime's optimizer treats equally named dimensions as equal (a wrong Reshape otherwise)
+        shape = [None] * ranks[site]
         g.input.append(onnx.helper.make_tensor_value_info(out + _IN_SUFFIX, dtype, shape))
         g.output.append(onnx.helper.make_tensor_value_info(out, dtype, shape))
     return cut

@@ -46,12 +46,15 @@ class EngineRunner:
         input_names / output_names: the graph's, in order.
         native: the engine's own object (``openvino.CompiledModel`` / ``onnxruntime.InferenceSession``).
         source: what was compiled (``openvino.Model`` or the ONNX bytes), for :meth:`save`.
+        notes: what the engine class changed in the graph before compiling (same values; e.g. folded constants).
     """
 
-    def __init__(self, run: Any, input_names: list[str], output_names: list[str], native: Any, source: Any) -> None:
+    def __init__(self, run: Any, input_names: list[str], output_names: list[str], native: Any, source: Any,
+                 notes: list[str] | None = None) -> None:  # fmt: skip
         self._run = run
         self.input_names, self.output_names = input_names, output_names
         self.native, self.source = native, source
+        self.notes = list(notes or [])
 
     def __call__(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         if len(arrays) != len(self.input_names):
@@ -60,6 +63,24 @@ class EngineRunner:
 
 
 # --------------------------------------------------------------------------- OpenVINO
+def _port_names(compiled_ports: Sequence[Any], model_ports: Sequence[Any], graph_names: Sequence[str] | None) -> list[str]:
+    """One name per compiled input/output port, the one the graph gave it.
+
+    OpenVINO's compiled ports keep the model's port order but can carry several tensor names: when it moves a
+    ``Transpose`` / ``Reshape`` across a quantization node, the output port also takes the moved op's name, and
+    ``get_any_name()`` may then return that one (seen with OpenVINO 2026.4 on ConvNeXt, DenseNet, ViT, Swin V2).
+    So the name is the ONNX graph's own name for that position when it is among the port's names, else a name the
+    port had before compilation, else any."""
+    names = []
+    for i, port in enumerate(compiled_ports):
+        have = port.get_names()
+        before = sorted(model_ports[i].get_names()) if i < len(model_ports) else []
+        want = [graph_names[i]] if graph_names is not None and i < len(graph_names) else []
+        pick = next((n for n in [*want, *before] if n in have), None)
+        names.append(pick if pick is not None else port.get_any_name())
+    return names
+
+
 class OpenVINOEngine:
     """OpenVINO CPU plugin (the ONNX file is read by OpenVINO's ONNX frontend, then compiled)."""
 
@@ -90,6 +111,22 @@ class OpenVINOEngine:
     @classmethod
     def compile(cls, model: Any, settings: dict[str, Any]) -> EngineRunner:
         ov = cls.import_module()
+        notes = []
+        if not isinstance(model, (bytes, ov.Model)):  # an ONNX ModelProto: constants' Q/DQ folded (see fold_constant_qdq)
+            from qtoolkit.export.graph_passes import fold_constant_qdq, hoist_quantize_above_movement
+
+            folded_model = type(model)()
+            folded_model.CopyFrom(model)
+            folded = fold_constant_qdq(folded_model)
+            hoisted = hoist_quantize_above_movement(folded_model)
+            if folded or hoisted:
+                model = folded_model
+            if folded:
+                notes.append(f"{len(folded)} quantize-dequantize pair(s) of constants folded into float constants of the same "
+                             f"values (OpenVINO's AddTransformation cannot compile them; first: {folded[0]})")
+            if hoisted:
+                notes.append(f"{hoisted} per-tensor QuantizeLinear(s) moved above Reshape/Transpose ops (the same codes; OpenVINO "
+                             "computes conv → reshape → transpose → quantize wrong)")
         ov_model = cls.read(model)
         try:
             compiled = ov.Core().compile_model(ov_model, "CPU", dict(settings))
@@ -102,9 +139,10 @@ class OpenVINOEngine:
             request.infer(list(arrays), share_inputs=True)
             return [np.array(request.get_output_tensor(i).data, copy=True) for i in range(n_out)]
 
-        ins = [p.get_any_name() for p in compiled.inputs]
-        outs = [p.get_any_name() for p in compiled.outputs]
-        return EngineRunner(run, ins, outs, compiled, ov_model)
+        onnx_io = (None, None) if isinstance(model, (bytes, ov.Model)) else ([i.name for i in model.graph.input], [o.name for o in model.graph.output])
+        ins = _port_names(compiled.inputs, ov_model.inputs, onnx_io[0])
+        outs = _port_names(compiled.outputs, ov_model.outputs, onnx_io[1])
+        return EngineRunner(run, ins, outs, compiled, ov_model, notes)
 
     @classmethod
     def save(cls, runner: EngineRunner, directory: Path) -> list[Path]:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from qtoolkit.export.errors import ExportError
+from qtoolkit.export.float_twins import ExportAdaptiveAvgPool2d
 from qtoolkit.export.qdq import _activation_site, _container_dtype, _DQFn, _StaticSite
 from qtoolkit.fake_quant import FakeQuantize
 from qtoolkit.layer_kinds import get_layer_kind
@@ -279,6 +280,8 @@ def _build_twin(model: nn.Module, opset: int, bias_mode: str, weight_dtype: str,
         if isinstance(child, (QuantActivation, QuantNorm)):
             report.quantized_ops.append(name)
             return _ExportActivation(child, name, opset)
+        if type(child) is nn.AdaptiveAvgPool2d:  # float; exportable at every input size (float_twins)
+            return ExportAdaptiveAvgPool2d(child)
         return None
 
     root = twin_of(model, "<model>")
