@@ -86,6 +86,14 @@ SHIPPED: dict[str, dict[str, Any]] = {
         "test_top1": 80.2,
         "command": _train_command("efficientnet_small", 100),
     },
+    "vit_small_fashion-mnist": {
+        "path": "recipes/checkpoints/vit_small_fashion-mnist.pt",
+        "model": "vit_small",
+        "dataset": "fashion-mnist",
+        "sha256": "d0f541e9524c592af4b4095f99190179aaf8ca9dd86eb4ba8a0b7ba71121fafc",
+        "test_top1": 49.75,
+        "command": _train_command("vit_small", 60, extra=" --optimizer adamw --lr 2e-3 --wd 0.05"),
+    },
 }
 
 
