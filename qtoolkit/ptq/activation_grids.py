@@ -1,0 +1,135 @@
+"""Which tensors a low-bit preset rounds to its low bit width, found by kind rather than by layer name.
+
+A ``w4a4`` preset read literally rounds *every* activation quantizer to 4 bits, including the ones of
+elementwise ops that are no operand of any weight layer: the input and output of an activation lookup
+table (SiLU, sigmoid, GELU, hardswish, ...) and the operands of an elementwise ``mul`` (a squeeze-excitation
+gate times its features).  On SE/SiLU networks (EfficientNet, MobileNetV3) that collapses the model: a SiLU
+table's input is the pre-activation (long negative tail), 16 codes over it leave the curve's knee with one
+or two codes, and the sigmoid gate's 4-bit input moves the gate of every channel by up to 0.15 at once.
+
+What an integer engine multiplies at low precision are the operands of convolutions, linear layers and
+matmuls; an elementwise table with 256 entries instead of 16, or a ``uint8 × uint8`` product, costs nothing
+measurable.  :func:`elementwise_overrides` gives ``prepare`` overrides that keep those elementwise sites on
+an 8-bit grid while every weight layer's (and matmul's) inputs keep the preset's bits, and
+:func:`first_last_overrides` the usual stem / classifier exception, both found from the model itself.
+
+Example::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> import qtoolkit as qt
+    >>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.SiLU(), nn.Conv2d(8, 4, 3)).eval()
+    >>> ov = elementwise_overrides(m, "w4a4")
+    >>> sorted(ov), ov["1"].activation.spec.bits
+    (['1'], 8)
+    >>> qm = qt.prepare(m, "w4a4", overrides=ov)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from qtoolkit.config import QConfig, get_qconfig
+from qtoolkit.nn.quant_layer import QuantLayer
+from qtoolkit.nn.quant_ops import QuantActivation, QuantMul
+
+__all__ = ["ELEMENTWISE_KINDS", "elementwise_overrides", "first_last_overrides"]
+
+#: site kinds :func:`elementwise_overrides` can keep at a higher precision
+ELEMENTWISE_KINDS: dict[str, type[nn.Module]] = {"activation": QuantActivation, "mul": QuantMul}
+
+
+def _prepared(model: nn.Module, qconfig: QConfig, overrides: Mapping[Any, Any] | None) -> nn.Module:
+    from qtoolkit.prepare import prepare
+
+    return prepare(model, qconfig, overrides=dict(overrides or {}))
+
+
+def elementwise_overrides(
+    model: nn.Module,
+    qconfig: str | QConfig,
+    *,
+    bits: int = 8,
+    kinds: Sequence[str] = ("activation", "mul"),
+    overrides: Mapping[Any, Any] | None = None,
+) -> dict[str, QConfig]:
+    """``prepare`` overrides keeping activation tables and elementwise products at ``bits``-bit grids.
+
+    Args:
+        model: the float model (not modified; a prepared copy is inspected).
+        qconfig: the low-bit preset the model will be prepared with.
+        bits: activation bits of those sites (8: a 256-entry table, a ``uint8`` product).
+        kinds: which elementwise sites (:data:`ELEMENTWISE_KINDS`): ``"activation"`` (lookup-table
+            activations: SiLU, sigmoid, GELU, ...) and/or ``"mul"``.
+        overrides: the user's own overrides; sites they already name keep them.
+
+    Returns:
+        ``{qualified name: QConfig}`` for every such site whose activation bits are below ``bits`` (empty
+        for a model without them, e.g. ReLU networks, whose ReLUs are fused into the convolutions).
+
+    Raises:
+        ValueError: an unknown kind, ``bits`` outside 2..16, or a preset without activation quantizers.
+
+    Example::
+
+        >>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Sigmoid()).eval()
+        >>> list(elementwise_overrides(m, "w4a4"))
+        ['1']
+    """
+    unknown = [k for k in kinds if k not in ELEMENTWISE_KINDS]
+    if unknown:
+        raise ValueError(f"elementwise_overrides: unknown kinds {unknown}; choose from {tuple(ELEMENTWISE_KINDS)}")
+    if not 2 <= int(bits) <= 16:
+        raise ValueError(f"elementwise_overrides: bits must be in 2..16, got {bits}")
+    qc = get_qconfig(qconfig)
+    if qc.activation is None or qc.mode != "static":
+        raise ValueError(f"elementwise_overrides: needs a static preset with activation quantizers, got mode {qc.mode!r}")
+    types = tuple(ELEMENTWISE_KINDS[k] for k in kinds)
+    qm = _prepared(model, qc, overrides)
+    out: dict[str, QConfig] = {}
+    user = dict(overrides or {})
+    for name, m in qm.named_modules():
+        if not isinstance(m, types) or name in user:
+            continue
+        mqc: QConfig = m.qconfig
+        if mqc.activation is not None and mqc.activation.spec.bits < bits:
+            out[name] = mqc.with_bits(activation_bits=int(bits))
+    return out
+
+
+def first_last_overrides(
+    model: nn.Module,
+    qconfig: str | QConfig,
+    example: Any,
+    *,
+    high: str | QConfig = "w8a8",
+    overrides: Mapping[Any, Any] | None = None,
+) -> dict[str, QConfig]:
+    """``prepare`` overrides putting the first and the last quantized layer to run (stem, classifier) at ``high``.
+
+    The order is the one of a forward pass on ``example`` (one batch), so it holds for any module
+    registration order.  ``high`` keeps the activation calibrator of ``qconfig``.
+
+    Example::
+
+        >>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+        >>> sorted(first_last_overrides(m, "w4a4", torch.randn(1, 3, 8, 8)))  # doctest: +SKIP
+        ['0', '2']
+    """
+    from qtoolkit.ptq.sites import probe
+
+    qc = get_qconfig(qconfig)
+    hi = get_qconfig(high)
+    if qc.activation is not None and hi.activation is not None:
+        hi = hi.with_activation_calibrator(qc.activation.calibrator, **qc.activation.options)
+    from qtoolkit.toggles import disable_fake_quant, disable_observers
+
+    qm = disable_observers(disable_fake_quant(_prepared(model, qc, overrides)))  # a throw-away copy, run float
+    order = probe(qm, example).order
+    if not order:
+        raise ValueError("first_last_overrides: the model ran no quantized layer on `example`")
+    layers = {n for n, m in qm.named_modules() if isinstance(m, QuantLayer)}
+    return {name: hi for name in dict.fromkeys([order[0], order[-1]]) if name in layers}
