@@ -214,21 +214,27 @@ def _check_float_input(x: Tensor, who: str) -> None:
         )
 
 
-def _fq_codes_forward(x: Tensor, s: Tensor, zf: Tensor | None, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
+def _fq_codes_forward(
+    x: Tensor, s: Tensor, zf: Tensor | None, qmin: int, qmax: int, want_mask: bool = True
+) -> tuple[Tensor, Tensor | None]:
     """Shared forward of the STE and LSQ functions: ``(x̂, outside)``.
 
     ``x̂ = (clamp(round_half_even(x · (1/s)) + z, qmin, qmax) − z) · s`` in float32 with two
     full-size temporaries, in place where possible; ``outside`` (bool) marks the elements whose
     unclamped code left ``[qmin, qmax]`` (``clamp(c) != c``; also true for NaN). ``zf=None`` means a
-    zero point known to be 0 (two passes fewer).
+    zero point known to be 0 (two passes fewer); ``want_mask=False`` (no gradient to carry) clamps in place
+    and returns no mask.
     """
     codes = torch.mul(x.float(), 1.0 / s)
     codes.round_()
     if zf is not None:
         codes.add_(zf)
-    out = torch.clamp(codes, qmin, qmax)
-    outside = out != codes
-    del codes
+    if want_mask:
+        out = torch.clamp(codes, qmin, qmax)
+        outside: Tensor | None = out != codes
+        del codes
+    else:
+        out, outside = codes.clamp_(qmin, qmax), None
     if zf is not None:
         out.sub_(zf)
     out.mul_(s)
@@ -275,7 +281,7 @@ def _fake_quantize_impl(x: Tensor, s: Tensor, z: Tensor, qmin: int, qmax: int, a
         return torch.fake_quantize_per_channel_affine(x, sd.reshape(-1), zi.reshape(-1), axis % x.dim(), qmin, qmax)
     if not (torch.is_grad_enabled() and x.requires_grad):
         # no gradient to carry: the forward's arithmetic without keeping the mask
-        return _fq_codes_forward(x, s.detach().float(), _zf_or_none(z.detach()), qmin, qmax)[0].to(x.dtype)
+        return _fq_codes_forward(x, s.detach().float(), _zf_or_none(z.detach()), qmin, qmax, want_mask=False)[0].to(x.dtype)
     return _FakeQuantSTE.apply(x, s.detach(), z.detach(), qmin, qmax)
 
 
