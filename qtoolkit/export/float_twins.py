@@ -49,7 +49,9 @@ class ExportAdaptiveAvgPool2d(nn.Module):
         self.output_size = (size, size) if isinstance(size, int) else tuple(size)
 
     def forward(self, x: Tensor) -> Tensor:
-        h, w = int(x.shape[-2]), int(x.shape[-1])
+        with warnings.catch_warnings():  # the map size is fixed by the example input (only the batch is dynamic)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            h, w = int(x.shape[-2]), int(x.shape[-1])
         oh, ow = (h if self.output_size[0] is None else self.output_size[0]), (w if self.output_size[1] is None else self.output_size[1])
         if h % oh == 0 and w % ow == 0:
             return F.adaptive_avg_pool2d(x, (oh, ow))
