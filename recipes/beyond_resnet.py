@@ -119,7 +119,7 @@ class _Ctx:
         acc, _, _ = self.evaluate(qm, label)
         rec: dict[str, Any] = {"ptq_top1": acc, "ptq_drop": self.fp32_top1 - acc, "calibration_s": calib_s,
                                "overrides": sorted(overrides)}
-        print(f"[beyond] {self.name} {label}: PTQ {acc:.2f} ({self.fp32_top1 - acc:+.2f} pt)", flush=True)
+        print(f"[beyond] {self.name} {label}: PTQ {acc:.2f} ({acc - self.fp32_top1:+.2f} pt)", flush=True)
         if recon:
             t0 = time.perf_counter()
             qt.reconstruct(qm, self.calib, "qdrop", iters=self.args.recon_iters, time_budget_s=self.args.recon_time,
@@ -127,7 +127,7 @@ class _Ctx:
             rec["reconstruct_s"] = time.perf_counter() - t0
             acc, _, _ = self.evaluate(qm, label + "+qdrop")
             rec.update(qdrop_top1=acc, qdrop_drop=self.fp32_top1 - acc)
-            print(f"[beyond] {self.name} {label}: + QDrop {acc:.2f} ({self.fp32_top1 - acc:+.2f} pt, "
+            print(f"[beyond] {self.name} {label}: + QDrop {acc:.2f} ({acc - self.fp32_top1:+.2f} pt, "
                   f"{rec['reconstruct_s']:.0f} s)", flush=True)
         rec["weight_bytes"] = qt.weight_bytes(qm)
         rec["_model"] = qm
@@ -174,7 +174,7 @@ def run_model(args: argparse.Namespace, name: str, calib: Any, test: Any, out: P
             qm = qt.calibrate(qt.prepare(fp32, qc), calib, progress=False)
             acc, preds, _ = ctx.evaluate(qm, f"w8a8/{cal}")
             res["w8a8"][cal] = {"top1": acc, "drop": ctx.fp32_top1 - acc}
-            print(f"[beyond] {name} W8A8 {cal}: {acc:.2f} ({ctx.fp32_top1 - acc:+.2f} pt)", flush=True)
+            print(f"[beyond] {name} W8A8 {cal}: {acc:.2f} ({acc - ctx.fp32_top1:+.2f} pt)", flush=True)
             if best is None or acc > best[0]:
                 best = (acc, cal, qm, preds)
         if best is not None and "convert" not in skip:
