@@ -176,6 +176,15 @@ def calibrate(
         ValueError: ``data`` yielded no batch, or a batch holds NaN/Inf (the
             message names the layer). The quantizers' state is then restored to
             what it was before the call.
+
+    Example::
+
+        >>> import torch, qtoolkit as qt
+        >>> _ = torch.manual_seed(0)
+        >>> qm = qt.prepare(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()), "w8a8")
+        >>> qm = qt.calibrate(qm, [torch.randn(2, 3, 8, 8) for _ in range(4)], progress=False)
+        >>> qt.uncalibrated_sites(qm)
+        []
     """
     fqs = list(quantizers(model))
     if not fqs:

@@ -55,7 +55,15 @@ __all__ = ["convert", "set_execution", "uncalibrated_sites"]
 
 
 def uncalibrated_sites(model: nn.Module) -> list[str]:
-    """Names of activation quantizers that have no range yet."""
+    """Names of activation quantizers that have no range yet.
+
+    Example::
+
+        >>> import torch, qtoolkit as qt
+        >>> qm = qt.prepare(torch.nn.Sequential(torch.nn.Linear(4, 2)), "w8a8")
+        >>> qt.uncalibrated_sites(qm)
+        ['0.input_quantizer', '0.output_quantizer']
+    """
     out = []
     for name, m in model.named_modules():
         if isinstance(m, _PREPARED):
@@ -103,6 +111,19 @@ def convert(
 
     Raises:
         RuntimeError: no activation quantizer was calibrated at all (``calibrate`` forgotten; listed).
+
+    Example::
+
+        >>> import torch, qtoolkit as qt
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).eval()
+        >>> qm = qt.calibrate(qt.prepare(model, "w8a8"), [torch.randn(2, 3, 8, 8)], progress=False)
+        >>> int8 = qt.convert(qm)
+        >>> int8[0].weight_q.dtype
+        torch.int8
+        >>> x = torch.randn(1, 3, 8, 8)
+        >>> bool((int8(x) - qm(x)).abs().max() < 0.05)   # the fake-quant model it was converted from
+        True
     """
     if not any(isinstance(m, _PREPARED) for m in model.modules()):
         raise ValueError("convert: the model has no prepared layers; call qtoolkit.prepare (and calibrate) first")

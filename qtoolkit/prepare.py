@@ -127,7 +127,20 @@ def _check_overrides(overrides: Mapping, skip: Iterable[str]) -> None:
 
 
 def float_ops(model: nn.Module) -> list[FloatOp]:
-    """What ``prepare`` left in float, and why."""
+    """What ``prepare`` left in float, and why.
+
+    Example::
+
+        >>> import torch, qtoolkit as qt
+        >>> class Net(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc = torch.nn.Linear(4, 4)
+        ...     def forward(self, x):
+        ...         return torch.softmax(self.fc(x), -1)
+        >>> [op.op for op in qt.float_ops(qt.prepare(Net(), "w8a8"))]
+        ['softmax']
+    """
     return list(getattr(model, _REPORT_ATTR, []))
 
 
