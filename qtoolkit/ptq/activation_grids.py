@@ -27,16 +27,18 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from qtoolkit.config import QConfig, get_qconfig
 from qtoolkit.nn.quant_layer import QuantLayer
 from qtoolkit.nn.quant_ops import QuantActivation, QuantMul
 
-__all__ = ["ELEMENTWISE_KINDS", "elementwise_overrides", "first_last_overrides"]
+__all__ = ["ELEMENTWISE_KINDS", "elementwise_overrides", "first_last_overrides", "tighten_activation_grids"]
 
 #: site kinds :func:`elementwise_overrides` can keep at a higher precision
 ELEMENTWISE_KINDS: dict[str, type[nn.Module]] = {"activation": QuantActivation, "mul": QuantMul}
@@ -133,3 +135,49 @@ def first_last_overrides(
         raise ValueError("first_last_overrides: the model ran no quantized layer on `example`")
     layers = {n for n, m in qm.named_modules() if isinstance(m, QuantLayer)}
     return {name: hi for name in dict.fromkeys([order[0], order[-1]]) if name in layers}
+
+
+@torch.no_grad()
+def tighten_activation_grids(model: nn.Module, *, min_gain: float = 1.05) -> list[str]:
+    """Shrink calibrated per-tensor activation grids to the range the data actually covered (0 kept exact).
+
+    A calibrator may place an asymmetric grid's ends beyond the observed data — e.g. an MSE search that
+    returns ``[-2.66, 3.99]`` for SiLU outputs in ``[-0.278, 6.44]``: 6 of 16 codes of a 4-bit grid lie below
+    the smallest value ever seen.  Each grid whose step would shrink by at least ``min_gain`` is refitted to
+    ``[max(lo, min(data_min, 0)), min(hi, max(data_max, 0))]``, with scale and zero point recomputed from that
+    range.  Quantizers observing the same tensor see the same data and get the same grid (ties are kept).
+    Call it after :func:`qtoolkit.calibrate`, before reconstruction or ``convert``.
+
+    Returns:
+        the names of the quantizers changed.
+
+    Example::
+
+        >>> qm = qt.calibrate(qt.prepare(m, "w4a4"), data)  # doctest: +SKIP
+        >>> tighten_activation_grids(qm)  # doctest: +SKIP
+        ['1.output_quantizer', '2.input_quantizer']
+    """
+    from qtoolkit.fake_quant import FakeQuantize
+
+    changed = []
+    for name, fq in model.named_modules():
+        if not isinstance(fq, FakeQuantize) or fq.role not in ("activation", "output") or fq.spec.axis is not None:
+            continue
+        obs = getattr(fq, "observer", None)
+        dmin, dmax = getattr(obs, "min_val", None), getattr(obs, "max_val", None)
+        if not fq.is_calibrated or dmin is None or dmax is None or fq.scale.numel() != 1:
+            continue
+        dmin, dmax = float(dmin), float(dmax)
+        if not (math.isfinite(dmin) and math.isfinite(dmax)):
+            continue
+        s, z = float(fq.scale), int(fq.zero_point)
+        lo, hi = (fq.qmin - z) * s, (fq.qmax - z) * s
+        new_lo, new_hi = max(lo, min(dmin, 0.0)), min(hi, max(dmax, 0.0))
+        s_new = (new_hi - new_lo) / (fq.qmax - fq.qmin)
+        if s_new <= 0 or s / s_new < min_gain:
+            continue
+        z_new = int(min(max(fq.qmin - round(new_lo / s_new), fq.qmin), fq.qmax))
+        fq._load_qparams(torch.tensor(s_new, dtype=fq.scale.dtype).reshape(fq.scale.shape),
+                         torch.tensor(z_new, dtype=fq.zero_point.dtype).reshape(fq.zero_point.shape))
+        changed.append(name)
+    return changed

@@ -62,3 +62,37 @@ def test_first_last_follow_the_forward_order():
     ov = first_last_overrides(m, "w4a4", torch.randn(2, 3, 8, 8))
     assert sorted(ov) == ["head", "stem"]
     assert all(q.weight.spec.bits == 8 and q.activation.spec.bits == 8 for q in ov.values())
+
+
+def test_tighten_grids_drops_codes_below_the_data_and_lowers_the_error():
+    """SiLU outputs (>= -0.278) on a 4-bit grid: no code below the smallest value seen is kept, 0 stays exact,
+    and the rounding error against float64 goes down."""
+    from qtoolkit.ptq.activation_grids import tighten_activation_grids
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 1), nn.SiLU(), nn.Conv2d(8, 4, 1)).eval()
+    g = torch.Generator().manual_seed(1)
+    data = [3 * torch.randn(32, 3, 6, 6, generator=g) for _ in range(2)]
+    qm = qt.calibrate(qt.prepare(m, "w4a4"), data, progress=False)
+    fq = qm[2].input_quantizer
+    with torch.no_grad():
+        t = torch.cat([nn.functional.silu(m[0](x)) for x in data]).double()
+    # a grid reaching far below the data (what an asymmetric search can return for SiLU outputs)
+    hi = float(t.max())
+    s = (hi + 3.0) / 15
+    fq._load_qparams(torch.tensor(s).reshape(fq.scale.shape), torch.tensor(round(3.0 / s)).reshape(fq.zero_point.shape))
+    fq.observer.min_val.fill_(float(t.min()))
+    fq.observer.max_val.fill_(hi)
+
+    def err():
+        sc, z = float(fq.scale), int(fq.zero_point)
+        q = torch.clamp(torch.round(t / sc) + z, fq.qmin, fq.qmax)
+        return float(((q - z) * sc - t).pow(2).mean())
+
+    before = err()
+    changed = tighten_activation_grids(qm)
+    assert "2.input_quantizer" in changed
+    sc, z = float(fq.scale), int(fq.zero_point)
+    assert (fq.qmin - z) * sc >= float(t.min()) - sc and (fq.qmin - z) * sc <= 0.0
+    assert fq.qmin <= z <= fq.qmax  # real 0 is a code
+    assert err() < 0.85 * before
