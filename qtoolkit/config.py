@@ -11,6 +11,12 @@ Example::
     >>> qc = get_qconfig("w4a8")
     >>> qc.weight.spec.bits, qc.activation.spec.bits
     (4, 8)
+
+``PRESETS`` maps each preset name to its :class:`QConfig`::
+
+    >>> from qtoolkit.config import PRESETS
+    >>> "w8a8" in PRESETS and PRESETS["w8a8"].weight.spec.bits
+    8
 """
 
 from __future__ import annotations

@@ -189,6 +189,16 @@ class DeployedModel:
         report: the :class:`DeployReport` (settings, weight form, verification).
         input_names / output_names: the graph's.
         native: the engine's compiled object (``openvino.CompiledModel`` / ``onnxruntime.InferenceSession``).
+
+    Example::
+
+        >>> import torch, qtoolkit as qt
+        >>> _ = torch.manual_seed(0)
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).eval()
+        >>> qm = qt.calibrate(qt.prepare(net, "w8a8"), [torch.randn(2, 3, 8, 8)], progress=False)
+        >>> dm = qt.deploy(qm, torch.randn(2, 3, 8, 8), engine="onnxruntime")
+        >>> isinstance(dm, DeployedModel), tuple(dm(torch.randn(5, 3, 8, 8)).shape)
+        (True, (5, 8, 6, 6))
     """
 
     def __init__(self, engine: str, runner: Any, report: DeployReport) -> None:

@@ -182,6 +182,17 @@ def export_onnx(
             an op the exporter cannot express, a converted model — the message names
             the site. Nothing is written to ``path`` on failure.
         ImportError: ``onnx`` is not installed (``pip install 'qtoolkit[export]'``).
+
+    Example::
+
+        >>> import os, tempfile, torch, qtoolkit as qt
+        >>> _ = torch.manual_seed(0)
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).eval()
+        >>> qm = qt.calibrate(qt.prepare(net, "w8a8"), [torch.randn(2, 3, 8, 8)], progress=False)
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.onnx")
+        >>> rep = export_onnx(qm, torch.randn(1, 3, 8, 8), path)
+        >>> os.path.exists(path)
+        True
     """
     onnx = _import_onnx()
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:

@@ -139,6 +139,18 @@ def reconstruct(
         ValueError: not a prepared / calibrated PTQ model, no data, unknown method (checked before anything
             changes).  Any exception raised half-way (a unit's forward failing, KeyboardInterrupt) restores the
             model's state as it was before the call, then propagates.
+
+    Example::
+
+        >>> import torch, qtoolkit as qt
+        >>> _ = torch.manual_seed(0)
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3)).eval()
+        >>> data = [torch.randn(8, 3, 12, 12) for _ in range(2)]
+        >>> qm = qt.calibrate(qt.prepare(net, "w4a8"), data, progress=False)
+        >>> qm = reconstruct(qm, data, "adaround", iters=20, progress=False)
+        >>> w = qm[0].weight_quantizer
+        >>> bool(torch.equal(w(qm[0].weight), qm[0].weight))   # weights now sit on their learned codes
+        True
     """
     steps = parse_methods(method)
     _check_model(model)

@@ -53,6 +53,13 @@ def weight_bytes(model: nn.Module, qconfig: str | QConfig | None = None,
     """Weight storage of the quantized layers in bytes (``numel · bits / 8``; int4 is packed two per byte).
 
     ``model`` is a prepared model, or a float model with ``qconfig`` (and ``overrides``) to prepare it with.
+
+    Example::
+
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(16, 4))
+        >>> weight_bytes(net, "w8a8"), weight_bytes(net, "w4a4")
+        (64.0, 32.0)
     """
     if qconfig is not None:
         model = prepare(model, qconfig, overrides=dict(overrides or {}))
@@ -64,7 +71,18 @@ def weight_bytes(model: nn.Module, qconfig: str | QConfig | None = None,
 
 @dataclass
 class MixedPrecisionResult:
-    """The chosen layers and what was measured."""
+    """The chosen layers and what was measured (returned by :func:`mixed_precision`).
+
+    Example::
+
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3)).eval()
+        >>> data = [torch.randn(4, 3, 12, 12) for _ in range(2)]
+        >>> res = mixed_precision(net, data, size_budget=1.5 * weight_bytes(net, "w4a4"), progress=False)
+        >>> isinstance(res, MixedPrecisionResult), res.weight_bytes <= 1.5 * res.low_weight_bytes
+        (True, True)
+    """
 
     overrides: dict[str, QConfig]
     high_layers: list[str]
@@ -135,6 +153,16 @@ def mixed_precision(
 
     Raises:
         ValueError: neither or both budgets, or a size budget below the all-low size.
+
+    Example::
+
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3)).eval()
+        >>> data = [torch.randn(4, 3, 12, 12) for _ in range(2)]
+        >>> res = mixed_precision(net, data, size_budget=1.5 * weight_bytes(net, "w4a4"), progress=False)
+        >>> sorted(res.overrides) == sorted(res.high_layers), res.weight_bytes <= 1.5 * res.low_weight_bytes
+        (True, True)
     """
     if (size_budget is None) == (metric_target is None):
         raise ValueError("mixed_precision: give exactly one of size_budget (bytes) or metric_target")

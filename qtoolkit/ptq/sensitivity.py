@@ -108,7 +108,17 @@ class SiteSensitivity:
 
 @dataclass
 class SensitivityReport:
-    """Rows in forward-registration order plus the all-float and all-quantized metrics."""
+    """Rows in forward-registration order plus the all-float and all-quantized metrics.
+
+    Example::
+
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3)).eval()
+        >>> rep = sensitivity(net, [torch.randn(4, 3, 12, 12)], qconfig="w4a4", progress=False)
+        >>> rep.float_metric > rep.quantized_metric, len(rep.ranked()) == len(rep.rows) > 0
+        (True, True)
+    """
 
     metric: str
     float_metric: float
@@ -211,6 +221,15 @@ def sensitivity(
     Returns:
         a :class:`SensitivityReport` (``.table()``, ``.ranked()``, ``.plot(path)``).  The model's
         fake-quantization flags are restored.
+
+    Example::
+
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3)).eval()
+        >>> rep = sensitivity(net, [torch.randn(4, 3, 12, 12)], qconfig="w4a4", progress=False)
+        >>> rep.ranked()[0].quantize_one <= rep.ranked()[-1].quantize_one
+        True
     """
     for mo in modes:
         if mo not in MODES:
