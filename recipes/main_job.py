@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from qtoolkit.kernels.cpuinfo import cpu_report
 from recipes import evaluate as evaluate_recipe
 from recipes import ptq as ptq_recipe
 from recipes import qat as qat_recipe
@@ -307,6 +308,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "wall_time_s": wall,
         "threads": torch.get_num_threads(),
         "host": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+        "cpu": cpu_report(),
         "smoke": args.max_batches is not None,
         "steps_s": steps,
         "commands": [command_line("recipes.main_job", argv)] + commands,

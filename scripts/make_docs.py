@@ -57,7 +57,7 @@ def section(path: Path, root: Path = ROOT) -> str:
 # ---------------------------------------------------------------------------------------------- main job report
 
 MAIN_JOB_JSON = Path("docs") / "main_job_report" / "results.json"
-MAIN_JOB_CPU = "a 2-core AMD EPYC (Zen 3: AVX2, no AVX-512, no VNNI)"  # the report records no CPU model; see docs/results.md
+MAIN_JOB_CPU = "a 2-core AMD EPYC (Zen 3: AVX2, no AVX-512, no VNNI)"  # for reports that record no ``meta.cpu``
 
 
 def _size(n: int) -> str:
@@ -68,7 +68,7 @@ def _results_rows(rows: list[dict], headline: bool) -> str:
     out = ["| method | bits | top-1 (%) | drop vs FP32 (pt) | model size | time | notes |", "|---|---|---:|---:|---:|---|---|"]
     for r in rows:
         if headline and not (
-            r["method"] in ("FP32", "QAT", "int8 converted (fast)")
+            r["method"] in ("FP32", "QAT", "int8 converted (fast)") or r["method"].startswith("QAT")
             or r["method"].startswith("PTQ mse + qdrop")
             or "best of preset" in r.get("notes", "")
         ):
@@ -85,8 +85,9 @@ def results_block(root: Path, kind: str) -> str:
     data = json.loads((root / MAIN_JOB_JSON).read_text())
     meta = data["meta"]
     env = meta.get("env", {})
+    cpu = ", ".join(p.strip() for p in meta["cpu"].split(";")[:2]) if meta.get("cpu") else MAIN_JOB_CPU
     head = (f"`bash scripts/main.sh --no-progress --threads {meta['threads']}` ({MAIN_JOB_JSON.as_posix()}; "
-            f"{meta['model']} on {meta['dataset'].split(' (')[0]}, {meta['started_utc']}, {MAIN_JOB_CPU}, "
+            f"{meta['model']} on {meta['dataset'].split(' (')[0]}, {meta['started_utc']}, {cpu}, "
             f"{meta['threads']} threads, torch {env.get('torch', '?')}; wall time {meta['wall_time_s'] / 60:.1f} min after set-up)")  # fmt: skip
     if kind == "bars":
         lines = ["| bar | measured | status |", "|---|---|---|"]
