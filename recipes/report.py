@@ -50,6 +50,21 @@ CALIBRATOR_COLORS = {"minmax": "tab:blue", "percentile": "tab:orange", "entropy"
 BITS_ORDER = ["W8A8", "W4A8", "W4A4"]
 
 
+def _method_style(name: str) -> str:
+    """Line style and marker per method, so rows sharing a calibrator's colour stay apart: plain PTQ solid
+    circles, reconstruction dashed squares, its QAT start dotted triangles, mixed precision dash-dot diamonds,
+    QAT stars."""
+    if not name.startswith("PTQ"):
+        return "-*"
+    if "QAT" in name:
+        return ":^"
+    if "mixed" in name:
+        return "-.D"
+    if "+" in name:
+        return "--s"
+    return "-o"
+
+
 def md_table(headers: list[str], rows: list[list[Any]]) -> list[str]:
     """Markdown table lines. Example: ``md_table(["a"], [[1]])`` -> ``['| a |', '|---|', '| 1 |']``."""
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -312,7 +327,7 @@ def plot_accuracy_vs_bits(rows: list[dict[str, Any]], path: str | Path, title: s
         order = [b for b in BITS_ORDER if b in pts]
         cal = name.split()[1] if name.startswith("PTQ") else None
         color = CALIBRATOR_COLORS.get(cal or "", "black")
-        style = "-o" if name.startswith("PTQ") else "-*"
+        style = _method_style(name)
         ax.plot([xs[b] for b in order], [pts[b] for b in order], style, color=color, label=name,
                 markersize=10 if style == "-*" else 6)
     if fp32 is not None:
