@@ -271,14 +271,6 @@ class _FakeQuantSTE(torch.autograd.Function):
 
 def _fake_quantize_impl(x: Tensor, s: Tensor, z: Tensor, qmin: int, qmax: int, axis: int | None) -> Tensor:
     """Dispatch of :func:`fake_quantize` after the checks (``s``/``z`` already broadcastable)."""
-    if x.device.type != "cpu" and x.dtype == torch.float32:
-        # accelerators: torch's fused kernel (one launch forward with the mask, one backward; tensor
-        # qparams, so no host synchronization). On CPU these ATen kernels are slower than the
-        # arithmetic below (measured in scripts/bench_core.py).
-        sd, zi = s.detach().float(), z.detach().to(torch.int32)
-        if axis is None:
-            return torch.fake_quantize_per_tensor_affine(x, sd.reshape(()), zi.reshape(()), qmin, qmax)
-        return torch.fake_quantize_per_channel_affine(x, sd.reshape(-1), zi.reshape(-1), axis % x.dim(), qmin, qmax)
     if not (torch.is_grad_enabled() and x.requires_grad):
         # no gradient to carry: the forward's arithmetic without keeping the mask
         return _fq_codes_forward(x, s.detach().float(), _zf_or_none(z.detach()), qmin, qmax, want_mask=False)[0].to(x.dtype)
@@ -315,9 +307,8 @@ def fake_quantize(
     Bit-identical to torch's own per-tensor / per-channel fake-quantize reference ops
     (the oracles in ``tests/test_numerics.py``, beside float64 references) for the same
     qparams. Computes in float32 and returns ``x``'s dtype (float32, bfloat16 or float16).
-    On CPU: five full-size passes forward (two more with a non-zero zero point), one
-    backward; on accelerators torch's fused kernels (float32). A NaN input gives NaN on
-    CPU and the ``qmin`` value in torch's fused kernels.
+    The same arithmetic on every device: five full-size passes forward (two more with a
+    non-zero zero point), one backward. A NaN input gives NaN.
 
     Example::
 

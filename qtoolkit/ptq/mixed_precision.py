@@ -75,13 +75,10 @@ class MixedPrecisionResult:
 
     Example::
 
-        >>> import torch
-        >>> _ = torch.manual_seed(0)
-        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3)).eval()
-        >>> data = [torch.randn(4, 3, 12, 12) for _ in range(2)]
-        >>> res = mixed_precision(net, data, size_budget=1.5 * weight_bytes(net, "w4a4"), progress=False)
-        >>> isinstance(res, MixedPrecisionResult), res.weight_bytes <= 1.5 * res.low_weight_bytes
-        (True, True)
+        >>> res = MixedPrecisionResult({}, ["0"], 48.0, 32.0, 64.0, 30.1, 25.0, 31.0, "output SQNR (dB)",
+        ...                            [{"layer": "0", "params": 64, "gain": 5.1, "extra_bytes": 16.0, "high": True}])
+        >>> print(res.table().splitlines()[-1])
+        | 0 | 64 | +5.100 | 16 | yes |
     """
 
     overrides: dict[str, QConfig]

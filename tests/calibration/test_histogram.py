@@ -8,20 +8,10 @@ import torch
 
 from qtoolkit.calibration import HistogramObserver
 from qtoolkit.spec import QuantSpec
+from tests.calibration.observer_data import I8_SYM_NARROW, U8_ASYM
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-U8_ASYM = QuantSpec(8, signed=False, symmetric=False)
-I8_SYM_NARROW = QuantSpec(8, signed=True, symmetric=True, narrow_range=True)
-
-
-def batches(n: int = 5, shape=(8, 16, 6, 6), seed: int = 0, relu: bool = False) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        x = torch.randn(shape, generator=g) * (1 + 0.5 * i) + 0.3 * (i - 2)
-        out.append(x.relu() if relu else x)
-    return out
 
 
 @pytest.mark.parametrize("kind", ["signed", "relu", "negative"])
