@@ -476,7 +476,7 @@ def _fuse_graph(root: nn.Module, qualname: str, report: list[FloatOp], bn_conv: 
     if not changed:
         return root
     graph.lint()
-    gm = fx.GraphModule(root, graph, class_name=type(root).__name__)
+    gm = _rewritten_class(type(root))(root, graph, class_name=type(root).__name__)
     called_after = set(_target_counts(graph))
     # keep the module tree: re-attach every direct child that is still used (or was
     # never called from forward), drop the ones the fusion absorbed
@@ -492,9 +492,59 @@ def _fuse_graph(root: nn.Module, qualname: str, report: list[FloatOp], bn_conv: 
     for bname, b in root._buffers.items():
         if bname not in gm._buffers and b is not None:
             gm.register_buffer(bname, b)
+    # a buffer the model keeps out of its state_dict stays out of it (whether or not the graph reads it)
+    gm._non_persistent_buffers_set = {b for b in gm._buffers if b in root._non_persistent_buffers_set}
+    _keep_plain_attributes(root.__dict__, gm)
     gm.train(root.training)
     gm.qtoolkit_original_class = type(root).__qualname__  # type: ignore[attr-defined]
     return gm
+
+
+def _keep_plain_attributes(source: dict, gm: nn.Module) -> None:
+    """Give ``gm`` every instance attribute of ``source`` (a module's ``__dict__``) it lacks: the plain values model code
+    reads from the module (``self.attn.resolution``, ``self.num_heads``, a cache dict) and its methods use."""
+    for k, v in source.items():
+        if k not in gm.__dict__ and k != "forward":
+            gm.__dict__[k] = v
+
+
+class _RewrittenModule(fx.GraphModule):
+    """Base of the class a container's rewritten forward gets (:func:`_rewritten_class`): a deep copy keeps the
+    original's class name and plain attributes (``fx.GraphModule``'s own copy keeps only what its graph reads)."""
+
+    def _deepcopy_init(self):  # type: ignore[no-untyped-def]
+        name = type(self).__name__
+
+        def init(res: fx.GraphModule, fake: nn.Module, graph: fx.Graph) -> None:
+            fx.GraphModule.__init__(res, fake, graph, class_name=name)
+            _keep_plain_attributes(fake.__dict__, res)
+
+        return init
+
+
+class _ModuleInit(nn.Module):
+    """Stands between ``fx.GraphModule`` and the original class in a rewritten container's MRO: ``GraphModule``'s
+    ``super().__init__()`` initializes an ``nn.Module``, never calls the original constructor."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        nn.Module.__init__(self)
+
+
+_REWRITTEN_CLASSES: dict[type, type] = {}
+
+
+def _rewritten_class(orig: type) -> type[fx.GraphModule]:
+    """The ``fx.GraphModule`` class for a rewritten instance of ``orig``: a subclass of both, so the model's code
+    keeps working on it: its methods (``self.rel_pos.get_bias()``), properties and class attributes resolve through
+    the original class (``isinstance`` holds too), while ``forward`` is the rewritten graph's. Its ``__module__`` is
+    this one's: duck typing by defining package (:mod:`qtoolkit.layer_kinds`) does not take it for the original."""
+    if issubclass(orig, fx.GraphModule):
+        return fx.GraphModule
+    cls = _REWRITTEN_CLASSES.get(orig)
+    if cls is None:
+        cls = type(orig.__name__, (_RewrittenModule, _ModuleInit, orig), {"__module__": __name__, "__qualname__": orig.__name__})
+        _REWRITTEN_CLASSES[orig] = cls
+    return cls
 
 
 _LEAVES = (FusedLayer, Add, Cat, Mul, MatMul, Einsum, Activation, ScaledDotProductAttention, nn.MultiheadAttention)  # attention: swapped whole by prepare

@@ -40,6 +40,7 @@ from qtoolkit.kernels import dispatch
 from qtoolkit.kernels.params import LayerParams
 from qtoolkit.kernels.qtensor import QuantizedActivation
 from qtoolkit.layer_kinds import LayerKind, get_layer_kind
+from qtoolkit.nn.float_attrs import FLOAT_ATTRS, keep_float_attributes
 from qtoolkit.nn.fused import apply_activation
 from qtoolkit.nn.quant_layer import QuantLayer
 from qtoolkit.numerics import (
@@ -120,6 +121,7 @@ class Int8Layer(nn.Module):
             self.register_buffer("multiplier_m0", torch.zeros(n, dtype=torch.int64))
             self.register_buffer("multiplier_shift", torch.zeros(n, dtype=torch.int64))
             self.register_buffer("bias_int32", torch.zeros(n, dtype=torch.int32))
+        keep_float_attributes(self, {k: getattr(q, k) for k in getattr(q, FLOAT_ATTRS, ())})
 
     # ---------------------------------------------------------------- build
     @classmethod

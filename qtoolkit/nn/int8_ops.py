@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from qtoolkit.inference import inference_only
 from qtoolkit.kernels import onednn
 from qtoolkit.kernels.qtensor import QuantizedActivation
+from qtoolkit.nn.float_attrs import FLOAT_ATTRS, keep_float_attributes
 from qtoolkit.nn.quant_ops import QuantActivation, QuantCat, QuantEinsum, QuantMatMul, QuantMul, QuantNorm, _QuantBinary
 from qtoolkit.numerics import HALF_DTYPES, dequantize, fake_quantize, quantize, quantize_multiplier, requantize
 
@@ -362,6 +363,7 @@ class Int8Norm(nn.Module):
         self.name = "int8_norm"
         self.execution = "reference"
         _register_qparams(self, ("input", "output"))
+        keep_float_attributes(self, {k: getattr(q, k) for k in getattr(q, FLOAT_ATTRS, ())})
 
     @classmethod
     @torch.no_grad()

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from qtoolkit.config import QConfig
 from qtoolkit.fake_quant import FakeQuantize
 from qtoolkit.layer_kinds import LayerKind, get_layer_kind, kind_of
+from qtoolkit.nn.float_attrs import float_attributes, keep_float_attributes
 from qtoolkit.nn.fused import ACTIVATIONS, apply_activation
 from qtoolkit.numerics import HALF_DTYPES
 
@@ -115,6 +116,7 @@ class QuantLayer(nn.Module):
         elif qconfig.mode == "dynamic":
             assert qconfig.activation is not None
             self.input_quantizer = FakeQuantize(qconfig.activation, role="dynamic")
+        keep_float_attributes(self, float_attributes(layer))  # what model code may read (``self.conv.eps``)
 
     # ---------------------------------------------------------------- helpers
     @property

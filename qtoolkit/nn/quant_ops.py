@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from qtoolkit.config import QConfig
 from qtoolkit.fake_quant import FakeQuantize
+from qtoolkit.nn.float_attrs import float_attributes, keep_float_attributes
 from qtoolkit.nn.fused import LUT_ACTIVATIONS
 from qtoolkit.numerics import HALF_DTYPES
 
@@ -198,6 +199,7 @@ class QuantNorm(nn.Module):
         self.qconfig = qconfig
         self.input_quantizer = FakeQuantize(qconfig.activation, role="activation")  # type: ignore[arg-type]
         self.output_quantizer = FakeQuantize(qconfig.activation, role="activation")  # type: ignore[arg-type]
+        keep_float_attributes(self, float_attributes(norm))  # ``normalized_shape``, ``eps``, ...
 
     def forward(self, x: Tensor) -> Tensor:
         return _between_quantizers(self.norm, x, self.input_quantizer, self.output_quantizer)
