@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -378,6 +380,17 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def command_line(argv: list[str]) -> str:
+    """The command that reproduces this run (the oneDNN ISA cap, if set, in front)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return (f"ONEDNN_MAX_CPU_ISA={cap} " if cap else "") + shlex.join([".venv/bin/python", "scripts/check_zoo.py", *argv])
+
+
+def header(args: argparse.Namespace, command: str) -> dict:
+    """The JSON file's header: the CPU, the source and the command that produced it."""
+    return {"cpu": cpu_report(), "source": args.source, "command": command, "threads": args.threads}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", choices=("torchvision", "timm"), default="torchvision")
@@ -398,6 +411,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--speed", action="store_true", help="add FP32 / converted forward time on one batch (median of 5)")
     p.add_argument("--table-from", default=None, help="only print the Markdown table of a --json file")
     args = p.parse_args(argv)
+    command = command_line(sys.argv[1:] if argv is None else argv)
     if args.table_from:
         saved = json.loads(Path(args.table_from).read_text())
         print(saved["cpu"] + "\n")
@@ -424,12 +438,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row = {"model": name.split(":")[-1], "error": f"{type(e).__name__}: {e}"[:200]}
         if args.source == "timm":
             add_bars(row, counterparts)
+        row["command"] = command  # rows of several runs may be merged into one file: each names its own
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.json:  # after every row: a long run that is stopped keeps what it measured
-            Path(args.json).write_text(json.dumps({"cpu": cpu_report(), "source": args.source, "rows": rows}, indent=1))
+            Path(args.json).write_text(json.dumps(header(args, command) | {"rows": rows}, indent=1))
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu_report(), "source": args.source, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps(header(args, command) | {"rows": rows}, indent=1))
     print("\n" + markdown_table(rows))
     return rows
 

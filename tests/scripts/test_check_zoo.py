@@ -63,5 +63,9 @@ def test_check_zoo_timm_subset(tmp_path):
         assert r["meets"]["converts"] and r["meets"]["only_norm_softmax_movement_float"] and r["meets"]["int8_flops_95"]
     assert rows[0]["torchvision_counterpart"] == "efficientnet_b0" and rows[0]["torchvision_fakequant_vs_fp32_sqnr_db"] == 30.0
     assert rows[0]["meets"]["within_3db_of_torchvision"] == (rows[0]["fakequant_vs_fp32_sqnr_db"] >= 27.0)
-    assert json.loads(out.read_text())["source"] == "timm"
+    saved = json.loads(out.read_text())
+    assert saved["source"] == "timm" and saved["threads"] == 1
+    # the command that reproduces the run, in the header and in every row (rows of several runs may be merged)
+    assert saved["command"].startswith(".venv/bin/python scripts/check_zoo.py --source timm --models efficientnet:")
+    assert saved["command"].endswith(f"--json {out}") and all(r["command"] == saved["command"] for r in saved["rows"])
     assert zoo.allowed_float("LayerNorm2d") and zoo.allowed_float("softmax") and not zoo.allowed_float("add")
