@@ -328,7 +328,13 @@ class _Builder:
         else:
             xq = f"{var}_in"
             self.lines.append(f"{xq} = _codes_in({k}, {self.obj(src)})")
-        if st.strategy == "direct" and st.kind == "conv2d" and not st.float_out:
+        if st.ext is not None and st.kind == "conv2d" and not st.float_out:  # the extension's cached primitive (see dispatch._ext_kernel)
+            self.lines.append(f"{var} = {self.const(st.ext.run)}({xq})")
+            if st.need_clamp:
+                self.lines.append(f"{var} = {var}.clamp_({st.clamp_lo}, {st.clamp_hi})")
+            elif st.out_dtype == torch.int8 and not st.out_xor:
+                self.lines.append(f"{var} = {var}.view(_u8)")
+        elif st.strategy == "direct" and st.kind == "conv2d" and not st.float_out:
             op = self.const(onednn.op("qconv_pointwise"))
             bias = "None" if st.k_bias is None else self.const(st.k_bias)
             self.lines.append(  # scales folded into the weight scales and bias (see _LayerState.k_w_scale)

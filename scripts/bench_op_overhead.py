@@ -11,7 +11,8 @@ re-executes itself once with ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_
 ``scripts/bench_int8.py``):
 
 1. **One small conv, per call** (16→16 channels, 3×3, padding 1, a 1×16×8×8 uint8 input, so the
-   arithmetic is negligible): ``torch.ops.onednn.qconv_pointwise.default`` (what qtoolkit calls),
+   arithmetic is negligible): qtoolkit's oneDNN extension (``qtoolkit.kernels.dnnl_ext``, what converted
+   layers call where it is built), ``torch.ops.onednn.qconv_pointwise.default`` (what they call otherwise),
    the same op through its overload packet (``torch.ops.onednn.qconv_pointwise(...)``), with a
    non-zero input zero point, and torch.ao's ``quantized::conv2d`` on a quint8 tensor (the peer;
    its packed weights keep their oneDNN primitive, the ``onednn`` op builds it on every call).
@@ -43,8 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_int8  # noqa: E402
 
 import qtoolkit as qt  # noqa: E402
-from qtoolkit.kernels import onednn  # noqa: E402
+from qtoolkit.kernels import dnnl_ext, onednn  # noqa: E402
 from qtoolkit.kernels.cpuinfo import cpu_report  # noqa: E402
+from qtoolkit.kernels.dispatch import _LayerState  # noqa: E402
+from qtoolkit.kernels.fast_state import _get_state  # noqa: E402
 from recipes.models import resnet20  # noqa: E402
 
 
@@ -76,6 +79,11 @@ def small_conv_rows() -> list[tuple[str, float]]:
             packet = torch.ops.onednn.qconv_pointwise
             rows.append(("torch.ops.onednn.qconv_pointwise(...) (overload resolution)",
                          median_us(lambda packet=packet, args=args: packet(*args), 3000, 300)))  # fmt: skip
+        if dnnl_ext.load() is not None:
+            k = dnnl_ext.QConv(w, ws * 0.01 / 0.05, None, stride=1, padding=1, dilation=1, groups=1, x_zp=zp, out_zp=0,
+                               out_dtype=torch.uint8)  # fmt: skip
+            rows.append((f"qtoolkit.kernels.dnnl_ext.QConv.run (cached primitive), input zero point {zp}",
+                         median_us(lambda k=k: k.run(x), 3000, 300)))  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import torch.ao.nn.quantized as nnq
@@ -100,6 +108,14 @@ def conversion_rows() -> list[tuple[str, float]]:
     ]
 
 
+def _recorder(fn: Callable, calls: list) -> Callable:
+    def rec(*a: object) -> object:
+        calls.append((fn, a))
+        return fn(*a)
+
+    return rec
+
+
 def resnet20_rows(batch: int = 64, preset: str = "w8a8") -> list[tuple[str, float]]:
     torch.manual_seed(0)
     model = bench_int8._randomize_bn(resnet20(num_classes=10))
@@ -121,11 +137,18 @@ def resnet20_rows(batch: int = 64, preset: str = "w8a8") -> list[tuple[str, floa
 
     with torch.inference_mode():
         fast(x)
+        exts = [st.ext for st in map(_get_state, fast.modules()) if isinstance(st, _LayerState) and st.ext is not None]
+        for k in exts:  # the extension's calls (bound into the program when it is built)
+            k.run = _recorder(k.run, calls)
+        fast.forward.program = None  # rebuilt on the next call, with the recorders bound
         onednn.op = recording  # type: ignore[assignment]
         try:
             fast(x)
         finally:
             onednn.op = real_op  # type: ignore[assignment]
+            for k in exts:
+                k.run = k._k.run
+            fast.forward.program = None
 
         def replay() -> None:
             for fn, a in calls:
@@ -145,10 +168,10 @@ def resnet20_rows(batch: int = 64, preset: str = "w8a8") -> list[tuple[str, floa
     f, r, a = (statistics.median(v) for v in zip(*rows))
     return [
         ("qtoolkit fast forward", f),
-        (f"its {len(calls)} oneDNN calls replayed", r),
+        (f"its {len(calls)} int8 kernel calls replayed ({dnnl_ext.status().split(' (')[0]} for conv/linear)", r),
         ("everything else (difference)", f - r),
         ("torch.ao int8 forward (peer)", a),
-        ("profiler: qtoolkit conv ops (onednn::qconv_pointwise)", ours_ops.get("conv", 0.0)),
+        ("profiler: qtoolkit conv ops (onednn::qconv_pointwise; 0 when the extension runs them)", ours_ops.get("conv", 0.0)),
         ("profiler: torch.ao conv ops (quantized::conv2d*)", ao_ops.get("conv", 0.0)),
         ("profiler: qtoolkit add ops (onednn::qlinear_pointwise minus the fc)", ours_ops.get("add", 0.0)),
         ("profiler: torch.ao add ops (quantized::add_relu)", ao_ops.get("add", 0.0)),

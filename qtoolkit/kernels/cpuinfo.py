@@ -15,7 +15,7 @@ import platform
 
 import torch
 
-from qtoolkit.kernels import onednn
+from qtoolkit.kernels import dnnl_ext, onednn
 
 __all__ = ["cpu_report"]
 
@@ -46,5 +46,6 @@ def cpu_report() -> str:
     return (
         f"CPU: {model}; flags: {' '.join(isa) or '(none of avx2/avx512f/vnni/amx)'}; "
         f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}; oneDNN int8 ops: "
-        f"{'yes' if onednn.is_available() else 'no'}; u8s8 saturates (probed): {sat}; torch {torch.__version__}"
+        f"{'yes' if onednn.is_available() else 'no'}; u8s8 saturates (probed): {sat}; conv kernel: {dnnl_ext.status()}; "
+        f"torch {torch.__version__}"
     )

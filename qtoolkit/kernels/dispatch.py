@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qtoolkit.kernels import onednn
+from qtoolkit.kernels import dnnl_ext, onednn
 from qtoolkit.kernels.fast_add import (
     _accumulator,
     _add_state,
@@ -150,6 +150,10 @@ class _LayerState:
     out_xor: bool = False
     k_out_zp: int = 0
     by_shape: dict = field(default_factory=dict)  # kernel input shape -> weight packed for it (see packed_for)
+    # static direct conv, no residual: the layer's call on qtoolkit's oneDNN extension (primitive cached per input
+    # shape; :mod:`qtoolkit.kernels.dnnl_ext`), or None where the torch op runs it (``ext_note`` says why)
+    ext: Any = None
+    ext_note: str = ""
 
 
 #: distinct input shapes a layer keeps a packed weight for (oldest dropped first)
@@ -313,13 +317,45 @@ def _layer_state(p: LayerParams) -> Any:
         k_w_scale = k.to(torch.float32)
         if bias64 is not None:
             k_bias = (bias64.double() / (1.0 if float_out else out_scale)).to(torch.float32)
-    return _LayerState(
+    st = _LayerState(
         p.kind, p.mode, packed, w_scale, torch.zeros(w_scale.numel(), dtype=torch.long), bias,
         stride, padding, dilation, groups, shift, qmin, qmax, x_scale, x_zp, p.act_symmetric,
         p.act_qmin, p.act_qmax, out_scale, out_zp, post_op, lo, hi, need_clamp, out_dtype, relu6, float_out,
         "split" if split else "direct", pad, None if w_sum is None else w_sum.to(torch.float32), repack,
         k_w_scale=k_w_scale, k_bias=k_bias, out_xor=out_xor, k_out_zp=k_out_zp,
     )  # fmt: skip
+    if static and not split:
+        st.ext, st.ext_note = _ext_kernel(st, w, qmax, wmax, kernel_class, bias64)
+    return st
+
+
+def _ext_kernel(st: _LayerState, w: Tensor, qmax: int, wmax: int, kernel_class: str, bias64: Optional[Tensor]) -> tuple[Any, str]:
+    """The layer's static call on qtoolkit's oneDNN extension (same integer result, primitive cached), or why not."""
+    if dnnl_ext.load() is None:
+        return None, dnnl_ext.status()
+    if 2 * qmax * wmax > 32767 and dnnl_ext.saturates(kernel_class):
+        return None, f"the extension's {kernel_class} kernel saturates int16 on this CPU for this layer's codes"
+    os_ = st.k_w_scale.double()
+    if not bool(torch.isfinite(os_).all()) or bool((os_ == 0).any()):
+        return None, "a zero or non-finite weight scale"
+    bias = None
+    if bias64 is not None:  # accumulator units: y = os * (acc + b / (s_x * s_w))
+        bias = bias64.double() / (1.0 if st.float_out else st.out_scale) / os_
+    out = dict(x_zp=st.x_zp, out_zp=0 if st.float_out else st.k_out_zp,
+               out_dtype=torch.float32 if st.float_out else st.out_dtype, relu=st.post_op == "relu")  # fmt: skip
+    try:
+        if st.kind == "conv2d":
+            k: Any = dnnl_ext.QConv(w, os_.float(), bias, stride=st.stride, padding=st.padding, dilation=st.dilation,
+                                    groups=st.groups, **out)  # fmt: skip
+            kh, kw = w.shape[2:]
+            side = max(8, (kh - 1) * st.dilation[0] + 1, (kw - 1) * st.dilation[1] + 1)
+            impl = k.impl(1, side, side)
+        else:
+            k = dnnl_ext.QLinear(w, os_.float(), bias, **out)
+            impl = k.impl(1)
+    except RuntimeError as e:
+        return None, f"the oneDNN extension cannot run this layer: {str(e).splitlines()[0]}"
+    return k, f"qtoolkit oneDNN extension ({impl})"
 
 
 # ------------------------------------------------------------------------------------------- layers
@@ -391,6 +427,8 @@ def _run_layer(st: _LayerState, xq: Tensor, x_scale: float, x_zp: int, residual:
     if st.kind == "conv2d":
         if xq.dim() != 4:
             raise ValueError(f"conv2d expects a 4-D input, got {tuple(xq.shape)}")
+        if residual is None and st.ext is not None:  # static: the call the extension was built for
+            return st.ext.run(xq)
         if residual is None:
             return onednn.op("qconv_pointwise")(
                 xq, x_scale, x_zp, packed_for(st, xq), w_scale, st.w_zp, bias, st.stride, st.padding, st.dilation,
@@ -405,6 +443,9 @@ def _run_layer(st: _LayerState, xq: Tensor, x_scale: float, x_zp: int, residual:
     lead = xq.shape[:-1]
     if xq.dim() != 2:  # the GEMM takes [M, K]: fold the leading dims (e.g. ConvNeXt's Linear on NHWC)
         xq = xq.reshape(-1, xq.shape[-1])
+    if residual is None and st.ext is not None:  # static: the call the extension was built for
+        y = st.ext.run(xq)
+        return y if len(lead) == 1 else y.reshape(*lead, y.shape[-1])
     y = onednn.op("qlinear_pointwise")(
         xq, x_scale, x_zp, packed_for(st, xq), w_scale, st.w_zp, bias, out_scale, out_zp, out_dtype, post_op, [], "none"
     )

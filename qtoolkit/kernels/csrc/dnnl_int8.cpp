@@ -1,0 +1,357 @@
+// qtoolkit's int8 convolution and linear on oneDNN's C++ API with the primitive built once per input shape.
+//
+// torch's onednn::qconv_pointwise builds a oneDNN primitive descriptor on every call (tens of microseconds per
+// convolution: most of a small convolution's time at batch 1).  A QConv object holds everything a layer's call
+// needs that does not depend on the input -- int8 weights, per-channel output scales, bias in accumulator units,
+// zero points, post-ops -- and keeps, per input shape, the primitive, the weights reordered into the layout that
+// primitive wants, and the argument map.  A call sets two data pointers and executes.
+//
+// Numerics (oneDNN 2.x int8 convolution):
+//   acc = sum(q_x * q_w)  [int32, exact]; with the source zero point: sum((q_x - z_x) * q_w)
+//   y   = os[oc] * (float(acc) + b[oc])                         (b in accumulator units)
+//   y   = y + sum_scale * (old_dst - sum_zp)                     (optional sum post-op)
+//   y   = relu(y)                                               (optional)
+//   out = saturate(round_half_even(y + z_out))                  (u8 / s8), or y (f32)
+//
+// Built by qtoolkit/kernels/dnnl_ext.py with torch.utils.cpp_extension against the system oneDNN (libdnnl).
+#include <torch/extension.h>
+
+#include <oneapi/dnnl/dnnl.hpp>
+
+#include <list>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace {
+
+using dnnl::memory;
+using tag = dnnl::memory::format_tag;
+using dt = dnnl::memory::data_type;
+
+dnnl::engine& cpu_engine() {
+  static dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+  return eng;
+}
+
+dnnl::stream& cpu_stream() {
+  thread_local dnnl::stream s(cpu_engine());
+  return s;
+}
+
+dt dtype_of(int64_t kind) {
+  switch (kind) {
+    case 0: return dt::f32;
+    case 1: return dt::u8;
+    case 2: return dt::s8;
+    default: TORCH_CHECK(false, "qtoolkit dnnl: out_kind must be 0 (f32), 1 (u8) or 2 (s8), got ", kind);
+  }
+}
+
+at::ScalarType scalar_of(int64_t kind) {
+  switch (kind) {
+    case 0: return at::kFloat;
+    case 1: return at::kByte;
+    default: return at::kChar;
+  }
+}
+
+bool is_reference(const char* impl) {
+  std::string s(impl);
+  return s.rfind("ref", 0) == 0 || s.find(":ref") != std::string::npos || s.find("ref:") != std::string::npos;
+}
+
+constexpr size_t kMaxShapes = 8;
+
+struct ConvEntry {
+  dnnl::convolution_forward prim;
+  memory src, dst, wei, bias;
+  std::unordered_map<int, memory> args;
+  int64_t oh = 0, ow = 0;
+  std::string impl;
+};
+
+class QConv {
+ public:
+  QConv(torch::Tensor w, torch::Tensor out_scales, c10::optional<torch::Tensor> bias, std::vector<int64_t> stride,
+        std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups, int64_t x_zp, int64_t out_zp,
+        int64_t out_kind, bool relu, bool has_sum, double sum_scale, int64_t sum_zp)
+      : stride_(std::move(stride)), padding_(std::move(padding)), dilation_(std::move(dilation)), groups_(groups),
+        x_zp_(x_zp), out_zp_(out_zp), out_kind_(out_kind), relu_(relu), has_sum_(has_sum), sum_scale_(sum_scale),
+        sum_zp_(sum_zp) {
+    TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 4, "qtoolkit dnnl: conv weight must be 4-D int8");
+    TORCH_CHECK(stride_.size() == 2 && padding_.size() == 2 && dilation_.size() == 2, "qtoolkit dnnl: 2-D geometry");
+    TORCH_CHECK(groups_ >= 1 && w.size(0) % groups_ == 0, "qtoolkit dnnl: bad groups");
+    dtype_of(out_kind_);
+    w_ = w.contiguous();
+    oc_ = w_.size(0);
+    icg_ = w_.size(1);
+    kh_ = w_.size(2);
+    kw_ = w_.size(3);
+    os_ = out_scales.to(at::kFloat).contiguous().reshape({-1});
+    TORCH_CHECK(os_.numel() == 1 || os_.numel() == oc_, "qtoolkit dnnl: out_scales must have 1 or OC elements");
+    if (bias.has_value() && bias->defined()) {
+      bias_ = bias->to(at::kFloat).contiguous().reshape({-1});
+      TORCH_CHECK(bias_.numel() == oc_, "qtoolkit dnnl: bias must have OC elements");
+    }
+    std::vector<float> scales(os_.data_ptr<float>(), os_.data_ptr<float>() + os_.numel());
+    if (!scales.empty()) attr_.set_output_scales(scales.size() > 1 ? 2 : 0, scales);
+    if (x_zp_ != 0) attr_.set_zero_points(DNNL_ARG_SRC, 0, {static_cast<int32_t>(x_zp_)});
+    if (out_zp_ != 0) attr_.set_zero_points(DNNL_ARG_DST, 0, {static_cast<int32_t>(out_zp_)});
+    dnnl::post_ops po;
+    if (has_sum_) po.append_sum(static_cast<float>(sum_scale_), static_cast<int32_t>(sum_zp_), dtype_of(out_kind_));
+    if (relu_) po.append_eltwise(1.f, dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    attr_.set_post_ops(po);
+  }
+
+  // x: [N, C, H, W] uint8 in channels_last memory; acc (sum post-op): [N, OC, OH, OW] of the output dtype,
+  // channels_last, written in place and returned.
+  torch::Tensor run(const torch::Tensor& x_in, const c10::optional<torch::Tensor>& acc) {
+    TORCH_CHECK(x_in.scalar_type() == at::kByte && x_in.dim() == 4, "qtoolkit dnnl: conv input must be 4-D uint8");
+    TORCH_CHECK(x_in.device().is_cpu(), "qtoolkit dnnl: conv input must be on the CPU");
+    TORCH_CHECK(x_in.size(1) == icg_ * groups_, "qtoolkit dnnl: conv input has ", x_in.size(1), " channels, expected ",
+                icg_ * groups_);
+    const torch::Tensor x = x_in.is_contiguous(at::MemoryFormat::ChannelsLast)
+                                ? x_in
+                                : x_in.contiguous(at::MemoryFormat::ChannelsLast);
+    ConvEntry& e = entry(x.size(0), x.size(2), x.size(3));
+    torch::Tensor y;
+    if (has_sum_) {
+      TORCH_CHECK(acc.has_value() && acc->defined(), "qtoolkit dnnl: this conv has a sum post-op: pass acc");
+      y = *acc;
+      TORCH_CHECK(y.scalar_type() == scalar_of(out_kind_) && y.dim() == 4 && y.size(0) == x.size(0) &&
+                      y.size(1) == oc_ && y.size(2) == e.oh && y.size(3) == e.ow &&
+                      y.is_contiguous(at::MemoryFormat::ChannelsLast),
+                  "qtoolkit dnnl: acc must be a channels_last [N, OC, OH, OW] tensor of the output dtype");
+    } else {
+      y = torch::empty({x.size(0), oc_, e.oh, e.ow},
+                       torch::TensorOptions().dtype(scalar_of(out_kind_)).memory_format(at::MemoryFormat::ChannelsLast));
+    }
+    e.src.set_data_handle(x.data_ptr());
+    e.dst.set_data_handle(y.data_ptr());
+    e.prim.execute(cpu_stream(), e.args);
+    return y;
+  }
+
+  std::string impl(int64_t n, int64_t h, int64_t w) { return entry(n, h, w).impl; }
+
+  int64_t cached_shapes() const { return static_cast<int64_t>(cache_.size()); }
+
+ private:
+  ConvEntry& entry(int64_t n, int64_t h, int64_t w) {
+    const std::vector<int64_t> key{n, h, w};
+    if (!last_key_.empty() && last_key_ == key) return *last_;
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = cache_.begin(); it != cache_.end(); ++it) {
+      if (it->first == key) {
+        last_key_ = key;
+        last_ = &it->second;
+        return it->second;
+      }
+    }
+    if (cache_.size() >= kMaxShapes) cache_.pop_front();
+    cache_.emplace_back(key, make(n, h, w));
+    last_key_ = key;
+    last_ = &cache_.back().second;
+    return *last_;
+  }
+
+  ConvEntry make(int64_t n, int64_t h, int64_t w) {
+    auto& eng = cpu_engine();
+    const int64_t kdh = (kh_ - 1) * dilation_[0] + 1, kdw = (kw_ - 1) * dilation_[1] + 1;
+    const int64_t oh = (h + 2 * padding_[0] - kdh) / stride_[0] + 1;
+    const int64_t ow = (w + 2 * padding_[1] - kdw) / stride_[1] + 1;
+    TORCH_CHECK(oh > 0 && ow > 0, "qtoolkit dnnl: input ", h, "x", w, " is smaller than the kernel");
+    const dt odt = dtype_of(out_kind_);
+    memory::desc src_md({n, icg_ * groups_, h, w}, dt::u8, tag::nhwc);
+    memory::desc dst_md({n, oc_, oh, ow}, odt, tag::nhwc);
+    memory::dims wdims = groups_ > 1 ? memory::dims{groups_, oc_ / groups_, icg_, kh_, kw_}
+                                     : memory::dims{oc_, icg_, kh_, kw_};
+    memory::desc wei_any(wdims, dt::s8, tag::any);
+    memory::desc wei_user(wdims, dt::s8, groups_ > 1 ? tag::goihw : tag::oihw);
+    memory::desc bias_md = bias_.defined() ? memory::desc({oc_}, dt::f32, tag::x) : memory::desc();
+    const memory::dims strides{stride_[0], stride_[1]};
+    const memory::dims dil{dilation_[0] - 1, dilation_[1] - 1};
+    const memory::dims pad{padding_[0], padding_[1]};
+    dnnl::convolution_forward::desc d(dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct, src_md,
+                                      wei_any, bias_md, dst_md, strides, dil, pad, pad);
+    dnnl::convolution_forward::primitive_desc pd(d, attr_, eng);
+    ConvEntry e;
+    e.impl = pd.impl_info_str();
+    TORCH_CHECK(!is_reference(e.impl.c_str()), "qtoolkit dnnl: oneDNN has only its reference implementation (",
+                e.impl, ") for this convolution here");
+    e.prim = dnnl::convolution_forward(pd);
+    e.oh = oh;
+    e.ow = ow;
+    memory wu(wei_user, eng, w_.data_ptr());
+    e.wei = memory(pd.weights_desc(), eng);
+    dnnl::reorder(wu, e.wei).execute(cpu_stream(), wu, e.wei);
+    cpu_stream().wait();
+    e.src = memory(src_md, eng, DNNL_MEMORY_NONE);
+    e.dst = memory(pd.dst_desc(), eng, DNNL_MEMORY_NONE);
+    e.args = {{DNNL_ARG_SRC, e.src}, {DNNL_ARG_WEIGHTS, e.wei}, {DNNL_ARG_DST, e.dst}};
+    if (bias_.defined()) {
+      e.bias = memory(bias_md, eng, bias_.data_ptr());
+      e.args.insert({DNNL_ARG_BIAS, e.bias});
+    }
+    if (pd.scratchpad_desc().get_size() > 0) e.args.insert({DNNL_ARG_SCRATCHPAD, memory(pd.scratchpad_desc(), eng)});
+    return e;
+  }
+
+  torch::Tensor w_, os_, bias_;
+  std::vector<int64_t> stride_, padding_, dilation_;
+  int64_t groups_, x_zp_, out_zp_, out_kind_;
+  bool relu_, has_sum_;
+  double sum_scale_;
+  int64_t sum_zp_;
+  int64_t oc_ = 0, icg_ = 0, kh_ = 0, kw_ = 0;
+  dnnl::primitive_attr attr_;
+  std::mutex mu_;
+  std::list<std::pair<std::vector<int64_t>, ConvEntry>> cache_;
+  std::vector<int64_t> last_key_;
+  ConvEntry* last_ = nullptr;
+};
+
+struct LinearEntry {
+  dnnl::matmul prim;
+  memory src, dst, wei, bias;
+  std::unordered_map<int, memory> args;
+  std::string impl;
+};
+
+// int8 Linear as oneDNN matmul: [M, K] uint8 x [K, N] int8 -> [M, N]; the same numerics as QConv.
+class QLinear {
+ public:
+  QLinear(torch::Tensor w, torch::Tensor out_scales, c10::optional<torch::Tensor> bias, int64_t x_zp, int64_t out_zp,
+          int64_t out_kind, bool relu, bool has_sum, double sum_scale, int64_t sum_zp)
+      : x_zp_(x_zp), out_zp_(out_zp), out_kind_(out_kind), has_sum_(has_sum) {
+    TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2, "qtoolkit dnnl: linear weight must be 2-D int8");
+    dtype_of(out_kind_);
+    w_ = w.contiguous();
+    n_ = w_.size(0);
+    k_ = w_.size(1);
+    os_ = out_scales.to(at::kFloat).contiguous().reshape({-1});
+    TORCH_CHECK(os_.numel() == 1 || os_.numel() == n_, "qtoolkit dnnl: out_scales must have 1 or OUT elements");
+    if (bias.has_value() && bias->defined()) {
+      bias_ = bias->to(at::kFloat).contiguous().reshape({-1});
+      TORCH_CHECK(bias_.numel() == n_, "qtoolkit dnnl: bias must have OUT elements");
+    }
+    std::vector<float> scales(os_.data_ptr<float>(), os_.data_ptr<float>() + os_.numel());
+    attr_.set_output_scales(scales.size() > 1 ? 2 : 0, scales);
+    if (x_zp_ != 0) attr_.set_zero_points(DNNL_ARG_SRC, 0, {static_cast<int32_t>(x_zp_)});
+    if (out_zp_ != 0) attr_.set_zero_points(DNNL_ARG_DST, 0, {static_cast<int32_t>(out_zp_)});
+    dnnl::post_ops po;
+    if (has_sum) po.append_sum(static_cast<float>(sum_scale), static_cast<int32_t>(sum_zp), dtype_of(out_kind_));
+    if (relu) po.append_eltwise(1.f, dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    attr_.set_post_ops(po);
+  }
+
+  // x: [M, K] uint8 (contiguous); acc (sum post-op): [M, N] of the output dtype, written in place and returned.
+  torch::Tensor run(const torch::Tensor& x_in, const c10::optional<torch::Tensor>& acc) {
+    TORCH_CHECK(x_in.scalar_type() == at::kByte && x_in.dim() == 2, "qtoolkit dnnl: linear input must be 2-D uint8");
+    TORCH_CHECK(x_in.device().is_cpu(), "qtoolkit dnnl: linear input must be on the CPU");
+    TORCH_CHECK(x_in.size(1) == k_, "qtoolkit dnnl: linear input has ", x_in.size(1), " features, expected ", k_);
+    const torch::Tensor x = x_in.is_contiguous() ? x_in : x_in.contiguous();
+    const int64_t m = x.size(0);
+    TORCH_CHECK(m > 0, "qtoolkit dnnl: empty linear input");
+    LinearEntry& e = entry(m);
+    torch::Tensor y;
+    if (has_sum_) {
+      TORCH_CHECK(acc.has_value() && acc->defined(), "qtoolkit dnnl: this linear has a sum post-op: pass acc");
+      y = *acc;
+      TORCH_CHECK(y.scalar_type() == scalar_of(out_kind_) && y.dim() == 2 && y.size(0) == m && y.size(1) == n_ &&
+                      y.is_contiguous(),
+                  "qtoolkit dnnl: acc must be a contiguous [M, OUT] tensor of the output dtype");
+    } else {
+      y = torch::empty({m, n_}, torch::TensorOptions().dtype(scalar_of(out_kind_)));
+    }
+    e.src.set_data_handle(x.data_ptr());
+    e.dst.set_data_handle(y.data_ptr());
+    e.prim.execute(cpu_stream(), e.args);
+    return y;
+  }
+
+  std::string impl(int64_t m) { return entry(m).impl; }
+
+ private:
+  LinearEntry& entry(int64_t m) {
+    if (last_m_ == m && last_ != nullptr) return *last_;
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& kv : cache_) {
+      if (kv.first == m) {
+        last_m_ = m;
+        last_ = &kv.second;
+        return kv.second;
+      }
+    }
+    if (cache_.size() >= kMaxShapes) cache_.pop_front();
+    cache_.emplace_back(m, make(m));
+    last_m_ = m;
+    last_ = &cache_.back().second;
+    return *last_;
+  }
+
+  LinearEntry make(int64_t m) {
+    auto& eng = cpu_engine();
+    memory::desc src_md({m, k_}, dt::u8, tag::ab);
+    memory::desc dst_md({m, n_}, dtype_of(out_kind_), tag::ab);
+    memory::desc wei_any({k_, n_}, dt::s8, tag::any);
+    memory::desc wei_user({k_, n_}, dt::s8, tag::ba);  // torch's [OUT, IN] row-major is [IN, OUT] column-major
+    memory::desc bias_md = bias_.defined() ? memory::desc({1, n_}, dt::f32, tag::ab) : memory::desc();
+    dnnl::matmul::desc d(src_md, wei_any, bias_md, dst_md);
+    dnnl::matmul::primitive_desc pd(d, attr_, eng);
+    LinearEntry e;
+    e.impl = pd.impl_info_str();
+    TORCH_CHECK(!is_reference(e.impl.c_str()), "qtoolkit dnnl: oneDNN has only its reference implementation (",
+                e.impl, ") for this matmul here");
+    e.prim = dnnl::matmul(pd);
+    memory wu(wei_user, eng, w_.data_ptr());
+    e.wei = memory(pd.weights_desc(), eng);
+    dnnl::reorder(wu, e.wei).execute(cpu_stream(), wu, e.wei);
+    cpu_stream().wait();
+    e.src = memory(src_md, eng, DNNL_MEMORY_NONE);
+    e.dst = memory(pd.dst_desc(), eng, DNNL_MEMORY_NONE);
+    e.args = {{DNNL_ARG_SRC, e.src}, {DNNL_ARG_WEIGHTS, e.wei}, {DNNL_ARG_DST, e.dst}};
+    if (bias_.defined()) {
+      e.bias = memory(bias_md, eng, bias_.data_ptr());
+      e.args.insert({DNNL_ARG_BIAS, e.bias});
+    }
+    if (pd.scratchpad_desc().get_size() > 0) e.args.insert({DNNL_ARG_SCRATCHPAD, memory(pd.scratchpad_desc(), eng)});
+    return e;
+  }
+
+  torch::Tensor w_, os_, bias_;
+  int64_t x_zp_, out_zp_, out_kind_;
+  bool has_sum_;
+  int64_t n_ = 0, k_ = 0;
+  dnnl::primitive_attr attr_;
+  std::mutex mu_;
+  std::list<std::pair<int64_t, LinearEntry>> cache_;
+  int64_t last_m_ = -1;
+  LinearEntry* last_ = nullptr;
+};
+
+std::string version() {
+  const dnnl_version_t* v = dnnl_version();
+  return std::to_string(v->major) + "." + std::to_string(v->minor) + "." + std::to_string(v->patch);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "qtoolkit int8 convolution on oneDNN with cached primitives";
+  m.def("version", &version);
+  pybind11::class_<QConv>(m, "QConv")
+      .def(pybind11::init<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, std::vector<int64_t>,
+                          std::vector<int64_t>, std::vector<int64_t>, int64_t, int64_t, int64_t, int64_t, bool, bool,
+                          double, int64_t>())
+      .def("run", &QConv::run, pybind11::arg("x"), pybind11::arg("acc") = pybind11::none())
+      .def("impl", &QConv::impl)
+      .def("cached_shapes", &QConv::cached_shapes);
+  pybind11::class_<QLinear>(m, "QLinear")
+      .def(pybind11::init<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t, int64_t, int64_t, bool,
+                          bool, double, int64_t>())
+      .def("run", &QLinear::run, pybind11::arg("x"), pybind11::arg("acc") = pybind11::none())
+      .def("impl", &QLinear::impl);
+}
