@@ -24,10 +24,139 @@ from torch import Tensor, nn
 
 from qtoolkit.calibrator_registry import get_calibrator
 from qtoolkit.config import QuantizerConfig
-from qtoolkit.numerics import compute_qparams, fake_quantize, fake_quantize_lsq, fake_quantize_trusted
+from qtoolkit.numerics import (
+    _broadcast_shape,
+    _check_float_input,
+    _fq_codes_forward,
+    _zf_or_none,
+    compute_qparams,
+    fake_quantize,
+    fake_quantize_trusted,
+    lsq_grad_scale,
+)
 from qtoolkit.observers import ObserverBase, make_observer
 
-__all__ = ["FakeQuantize"]
+__all__ = ["FakeQuantize", "fake_quantize_lsq_lowmem"]
+
+
+class _STEFromInput(torch.autograd.Function):
+    """Straight-through fake quantization that keeps its input, not a mask, for the backward pass.
+
+    For a tensor that stays resident anyway (a weight parameter), saving it costs nothing, while a mask
+    is a new 1-byte-per-element tensor; the backward recomputes which codes were clamped
+    (``round_half_even(x · (1/s)) + z`` outside ``[qmin, qmax]``, or NaN) and zeroes their gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax):  # type: ignore[override]
+        s = scale.detach().float()
+        zf = _zf_or_none(zero_point)
+        out, _ = _fq_codes_forward(x, s, zf, qmin, qmax, want_mask=False)
+        ctx.save_for_backward(x, s, zf if zf is not None else s.new_zeros(()))
+        ctx.qmin, ctx.qmax, ctx.has_z = qmin, qmax, zf is not None
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, s, zf = ctx.saved_tensors
+        c = torch.mul(x.float(), 1.0 / s).round_()
+        if ctx.has_z:
+            c.add_(zf)
+        outside = torch.clamp(c, ctx.qmin, ctx.qmax) != c  # also true for NaN, as in the forward's mask
+        return grad.masked_fill(outside, 0), None, None, None, None
+
+
+class _LSQRecompute(torch.autograd.Function):
+    """LSQ fake quantization that keeps only its input for the backward pass.
+
+    Forward: ``x̂ = (clamp(round_half_even(x · (1/s)) + z, qmin, qmax) − z) · s`` in place (no mask).
+    Backward recomputes ``v = x · (1/s)`` and ``c = clamp(round(v), qmin − z, qmax − z)`` (``= code − z``;
+    ``z`` is integer-valued, so this equals the forward's clamp of ``round(v) + z`` less ``z``) and gives
+
+    * ``∂L/∂x = g`` where ``round(v) + z`` lies in ``[qmin, qmax]``, 0 outside (STE);
+    * ``∂L/∂s = grad_factor · Σ g · (c − v · inside)`` (LSQ: ``round(v) − v`` inside, ``qmin − z`` below,
+      ``qmax − z`` above), summed over the elements of each scale.
+
+    Saved for backward: ``x`` (shared with whatever else keeps it, e.g. a preceding ReLU or the weight
+    parameter) and the scale; nothing full-size of its own.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, grad_factor, reduce_dims):  # type: ignore[override]
+        s = scale.detach().float()
+        zf = _zf_or_none(zero_point)
+        out, _ = _fq_codes_forward(x, s, zf, qmin, qmax, want_mask=False)
+        ctx.save_for_backward(x, s, zf if zf is not None else s.new_zeros(()))
+        ctx.qmin, ctx.qmax, ctx.has_z = qmin, qmax, zf is not None
+        ctx.grad_factor, ctx.reduce_dims, ctx.scale_shape = grad_factor, reduce_dims, scale.shape
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, s, zf = ctx.saved_tensors
+        v = torch.mul(x.float(), 1.0 / s)
+        c = torch.round(v)
+        if ctx.has_z:
+            lo, hi = ctx.qmin - zf, ctx.qmax - zf
+            cc = torch.maximum(torch.minimum(c, hi), lo)
+        else:
+            cc = torch.clamp(c, ctx.qmin, ctx.qmax)
+        outside = cc != c  # also true for NaN
+        del c
+        grad_x = grad.masked_fill(outside, 0)
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            g = grad.float()
+            gx = grad_x.float()
+            if ctx.reduce_dims is None:
+                ds = torch.dot(g.reshape(-1), cc.reshape(-1)) - torch.dot(gx.reshape(-1), v.reshape(-1))
+            else:
+                ds = (g * cc).sum(dim=ctx.reduce_dims, keepdim=True) - (gx * v).sum(dim=ctx.reduce_dims, keepdim=True)
+            grad_s = (ds * ctx.grad_factor).reshape(ctx.scale_shape)
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_s, None, None, None, None, None
+
+
+def fake_quantize_lsq_lowmem(
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    qmin: int,
+    qmax: int,
+    axis: int | None = None,
+    grad_factor: float | None = None,
+) -> Tensor:
+    """LSQ fake quantization (:func:`qtoolkit.numerics.fake_quantize_lsq`'s forward and gradients) that saves
+    only ``x`` for the backward pass and recomputes the codes there.
+
+    ``scale`` (one value, or one per channel along ``axis``) may require grad; its gradient is scaled by
+    ``grad_factor`` (default ``1/sqrt(N·qmax)``, N = elements per scale). ``zero_point`` holds integer
+    values inside ``[qmin, qmax]`` (as :func:`~qtoolkit.numerics.compute_qparams` gives). The forward is
+    four in-place passes over ``x`` (six with a non-zero zero point) and keeps no mask; the
+    backward recomputes ``x · (1/s)``, its rounding and clamp, then one masked pass and two
+    reductions. Used by :class:`FakeQuantize` for learnable scales.
+
+    Example::
+
+        >>> s = torch.tensor(0.1, requires_grad=True)
+        >>> x = torch.tensor([0.04, 0.26, 2.0], requires_grad=True)
+        >>> y = fake_quantize_lsq_lowmem(x, s, torch.tensor(0), -8, 7, grad_factor=1.0)
+        >>> y.sum().backward(); y.detach(), x.grad, s.grad
+        (tensor([0.0000, 0.3000, 0.7000]), tensor([1., 1., 0.]), tensor(7.))
+    """
+    _check_float_input(x, "fake_quantize_lsq_lowmem")
+    shape = _broadcast_shape(x, axis)
+    z = torch.as_tensor(zero_point, device=x.device).detach()
+    if shape is None:
+        s_b, z_b, reduce_dims = scale.reshape(()), z.reshape(()), None
+        per_scale = x.numel()
+    else:
+        s_b, z_b = scale.reshape(shape), z.reshape(shape)
+        ax = axis % x.dim()  # type: ignore[operator]
+        reduce_dims = tuple(d for d in range(x.dim()) if d != ax)
+        per_scale = x.numel() // max(x.shape[ax], 1)
+    if grad_factor is None:
+        grad_factor = lsq_grad_scale(per_scale, qmax)
+    return _LSQRecompute.apply(x, s_b, z_b, qmin, qmax, grad_factor, reduce_dims)
 
 
 class FakeQuantize(nn.Module):
@@ -206,7 +335,13 @@ class FakeQuantize(nn.Module):
                 "qtoolkit.calibrate(model, data) first (or enable the observer)"
             )
         if self.config.learnable:
-            return fake_quantize_lsq(x, self.scale, self.zero_point, self.qmin, self.qmax, self.spec.axis)
+            return fake_quantize_lsq_lowmem(x, self.scale, self.zero_point, self.qmin, self.qmax, self.spec.axis)
+        if self.role == "weight" and x.is_leaf and x.requires_grad and torch.is_grad_enabled():
+            # a weight parameter stays resident: keep it (free) instead of a new 1-byte mask; the clamp is recomputed in backward
+            shape = None if self.spec.axis is None else _broadcast_shape(x, self.spec.axis)
+            s = self.scale.reshape(()) if shape is None else self.scale.reshape(shape)
+            z = self.zero_point.reshape(()) if shape is None else self.zero_point.reshape(shape)
+            return _STEFromInput.apply(x, s.detach(), z.detach(), self.qmin, self.qmax)
         return fake_quantize_trusted(x, self.scale, self.zero_point, self.qmin, self.qmax, self.spec.axis)
 
     # ------------------------------------------------------------ state dict

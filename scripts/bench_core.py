@@ -318,15 +318,18 @@ def bench_model_calibration() -> None:
             "FP32 forward, same batches", b, r, 1.5, busy=busy)
 
 
-def _saved_bytes(step) -> int:
+def _saved_bytes(step, params: list[torch.nn.Parameter] | None = None) -> int:
     """Bytes of the distinct tensors autograd keeps for the backward pass of one step (activation memory, the
-    part of a training step's peak memory that fake quantization can grow; weights and optimizer state are alike)."""
+    part of a training step's peak memory that fake quantization can grow). Storages of ``params`` are left out:
+    a parameter saved by reference (a weight quantizer that keeps its input) costs no memory."""
+    skip = {p.untyped_storage().data_ptr() for p in params or []}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         try:
             key = t.untyped_storage().data_ptr()
-            seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+            if key not in skip:
+                seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
         except (RuntimeError, NotImplementedError):  # pragma: no cover - sparse / meta tensors
             pass
         return t
@@ -334,6 +337,15 @@ def _saved_bytes(step) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         step()
     return sum(seen.values())
+
+
+def _step_memory(step, model: torch.nn.Module) -> tuple[int, int]:
+    """CPU estimate of a training step's peak memory: parameters, their gradients and SGD momentum (3 x parameter
+    bytes) plus the non-parameter tensors saved for backward; and the saved bytes alone. (On CUDA the bench reads
+    ``torch.cuda.max_memory_allocated``, which counts the same parts.)"""
+    params = list(model.parameters())
+    saved = _saved_bytes(step, params)
+    return 3 * sum(p.numel() * p.element_size() for p in params) + saved, saved
 
 
 def bench_qat_step() -> None:
@@ -344,7 +356,8 @@ def bench_qat_step() -> None:
     QAT rows: the PTQ form (BN folded, the form that is converted) after ``qtoolkit.calibrate`` and
     ``qtoolkit.qat.start_from_prepared`` (observers off, optional LSQ): what ``recipes.qat`` trains. ``live BN``
     rows: ``prepare(..., qat=True)`` after calibration with the observers off (BN in training mode; shown for
-    comparison). Memory: bytes saved for the backward pass (CPU), peak allocated bytes on CUDA."""
+    comparison). Memory: on CPU parameters + gradients + momentum + the non-parameter tensors saved for the backward
+    pass (``_step_memory``; the saved bytes alone are in the JSON as ``saved_ratio``), peak allocated bytes on CUDA."""
     import qtoolkit as qt
     from qtoolkit.qat import start_from_prepared
     from recipes.common import load_fp32, make_overrides, make_qconfig
@@ -388,14 +401,14 @@ def bench_qat_step() -> None:
             return one_step
 
         steps = {k: stepper(m) for k, m in variants.items()}
-        mem = {}
+        mem, saved = {}, {}
         for k, f in steps.items():
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
                 f()
                 mem[k] = torch.cuda.max_memory_allocated()
             else:
-                mem[k] = _saved_bytes(f)
+                mem[k], saved[k] = _step_memory(f, variants[k])
         for f in steps.values():  # warm-up
             for _ in range(2):
                 f()
@@ -421,7 +434,9 @@ def bench_qat_step() -> None:
             QAT_ROWS.append({"model": mname, "variant": k, "batch": shape[0], "ms": statistics.median(times[k]),
                              "fp32_ms": statistics.median(fp), "ratio": ratio, "cpu_time_ratio": cpu_ratio,
                              "memory_ratio": mem[k] / mem["FP32"],
-                             "memory_kind": "cuda peak allocated" if dev.type == "cuda" else "saved for backward",
+                             "saved_ratio": saved[k] / saved["FP32"] if saved else None,
+                             "memory_kind": "cuda peak allocated" if dev.type == "cuda"
+                             else "parameters x 3 (weights, gradients, momentum) + non-parameter tensors saved for backward",
                              "load_avg_1min": load, "others_busy_cpus": busy, "target": target})
 
 
