@@ -12,7 +12,9 @@ QAT starts where PTQ ends (the default, ``--init reconstruct --bn folded``):
 3. :func:`qtoolkit.qat.start_from_prepared`: observers off (the rounding and step sizes are kept;
    the weights start on their learned codes), ``--lsq`` makes the weight and activation scales
    parameters starting from their values;
-4. SGD (momentum 0.9, Nesterov) at ``--lr`` (<= 0.0025: torch.ao's QAT runs diverged
+4. the loss: cross-entropy on the labels, or with ``--distill W`` a blend with the distillation loss from the
+   FP32 model's logits (``W = 1``: labels unused; :func:`qtoolkit.qat.distillation_loss`);
+   SGD (momentum 0.9, Nesterov) at ``--lr`` (<= 0.0025: torch.ao's QAT runs diverged
    at 0.01 with frozen BN/observers), cosine or one-cycle schedule per step;
    BN statistics frozen from ``--freeze-bn-epoch``; test-set evaluation after
    every epoch (and every ``--eval-every`` steps); an atomic checkpoint after every epoch (``--resume``
@@ -127,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-max-batches", type=int, default=None,
                    help="evaluate on at most this many test batches (quick comparisons; default: the whole test set)")
     p.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm")
+    p.add_argument("--distill", type=float, default=0.0,
+                   help="weight of the distillation loss from the FP32 model's logits (0: cross-entropy on the labels "
+                   "only; 1: distillation only, labels unused)")
+    p.add_argument("--distill-temperature", type=float, default=1.0, help="softmax temperature of the distillation loss")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint-path if it exists")
     p.add_argument("--checkpoint-path", default=None, help="QAT checkpoint (default: <out>/qat_checkpoint.pt)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -148,6 +154,15 @@ def _dist_setup(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def _loss_words(a: dict[str, Any]) -> str:
+    """The training loss in words, from the recorded arguments."""
+    w = a.get("distill") or 0.0
+    if w <= 0:
+        return "cross-entropy on the labels"
+    kd = f"distillation from the FP32 model's logits (temperature {a.get('distill_temperature', 1.0)})"
+    return kd + (", labels unused" if w >= 1 else f" x {w} + cross-entropy x {1 - w:g}")
+
+
 def _markdown(res: dict[str, Any]) -> str:
     from recipes.report import fmt_bytes, md_table
 
@@ -160,6 +175,7 @@ def _markdown(res: dict[str, Any]) -> str:
         f"- kept at W8A8: {', '.join(res['keep_8bit']) or 'none'}; activation calibrator: {res['act_calibrator']}",
         f"- training subset: {res['train_samples']} samples ({100 * a['train_fraction']:.0f}% of the training split), "
         f"{res['steps_per_epoch']} steps/epoch x {a['epochs']} epochs, batch {a['train_batch_size']} x {res['world_size']} rank(s)",
+        f"- loss: {_loss_words(a)}; weight decay {a['wd']}",
         f"- lr {a['lr']} ({a['schedule']}), freeze observers at epoch {a['freeze_observers_epoch']}, BN at {a['freeze_bn_epoch']}",
         f"- final fake-quant top-1: **{res['top1']:.2f}%**" + (f" (drop {res['drop_pt']:+.2f} pt)" if res["drop_pt"] is not None else "")
         + f", converted size {fmt_bytes(res['size_bytes'])}, training time {res['train_time_s']:.0f} s "
@@ -323,9 +339,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         freeze_bn_epoch=None if args.freeze_bn_epoch < 0 else args.freeze_bn_epoch,
         max_batches_per_epoch=args.max_batches, max_eval_batches=eval_batches,
         grad_clip=args.grad_clip, device=device, progress=progress,
+        distill_weight=args.distill, distill_temperature=args.distill_temperature,
     )
+    teacher = fp32 if args.distill > 0 else None
     trainer = QATTrainer(model, train_loader, opt, config=cfg, scheduler=sched, scheduler_step="batch",
-                         eval_loader=test_loader, checkpoint_path=ckpt_path, resume=resume)
+                         eval_loader=test_loader, checkpoint_path=ckpt_path, resume=resume,
+                         teacher=teacher)
     if resume:
         train_loader.epoch = trainer.epoch  # TensorBatchLoader's data order is seeded per epoch
         if rank == 0:

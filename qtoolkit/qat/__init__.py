@@ -51,7 +51,7 @@ from qtoolkit.qat.config import QATConfig
 from qtoolkit.qat.distributed import sync_quantizers, unwrap_model
 from qtoolkit.qat.evaluation import evaluate_top1
 from qtoolkit.qat.from_prepared import has_live_bn, is_ptq_form, reestimate_bn, start_from_prepared
-from qtoolkit.qat.trainer import QATTrainer, fit_qat
+from qtoolkit.qat.trainer import QATTrainer, distillation_loss, fit_qat
 
-__all__ = ["QATConfig", "QATTrainer", "fit_qat", "sync_quantizers", "evaluate_top1", "unwrap_model", "read_checkpoint",
+__all__ = ["QATConfig", "QATTrainer", "fit_qat", "distillation_loss", "sync_quantizers", "evaluate_top1", "unwrap_model", "read_checkpoint",
            "payload_checksum", "start_from_prepared", "reestimate_bn", "has_live_bn", "is_ptq_form"]

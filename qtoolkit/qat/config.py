@@ -34,6 +34,9 @@ class QATConfig:
             with the GPU).
         eval_every_batches: also evaluate every this many batches within an epoch
             (points of ``QATTrainer.curve``); ``None``: only after each epoch.
+        distill_weight: with a ``teacher`` passed to ``QATTrainer``: the share of the
+            distillation loss (``1 - distill_weight`` goes to ``loss_fn``; 1: labels unused).
+        distill_temperature: softmax temperature of the distillation loss.
 
     Example::
 
@@ -51,6 +54,8 @@ class QATConfig:
     progress: bool = True
     log_interval: int = 10
     eval_every_batches: int | None = None
+    distill_weight: float = 1.0
+    distill_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         def _nonneg(name: str, value: Any, allow_none: bool = True, positive: bool = False) -> None:
@@ -67,6 +72,12 @@ class QATConfig:
         _nonneg("max_eval_batches", self.max_eval_batches, positive=True)
         _nonneg("log_interval", self.log_interval, allow_none=False, positive=True)
         _nonneg("eval_every_batches", self.eval_every_batches, positive=True)
+        if isinstance(self.distill_weight, bool) or not (isinstance(self.distill_weight, (int, float))
+                                                         and 0.0 <= self.distill_weight <= 1.0):
+            raise ValueError(f"QATConfig.distill_weight must be a number in [0, 1], got {self.distill_weight!r}")
+        if isinstance(self.distill_temperature, bool) or not (isinstance(self.distill_temperature, (int, float))
+                                                              and self.distill_temperature > 0):
+            raise ValueError(f"QATConfig.distill_temperature must be a number > 0, got {self.distill_temperature!r}")
         if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
             raise ValueError(f"QATConfig.grad_clip must be a positive number or None, got {self.grad_clip!r}")
 

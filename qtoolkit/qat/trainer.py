@@ -32,7 +32,7 @@ from qtoolkit.qat.distributed import _agree, _comm_device, _dist_on, _rank, _wor
 from qtoolkit.qat.evaluation import _batch_target, _n_correct, evaluate_top1
 from qtoolkit.toggles import disable_observers, freeze_bn, observers_disabled, quantizers
 
-__all__ = ["QATTrainer", "fit_qat"]
+__all__ = ["QATTrainer", "fit_qat", "distillation_loss"]
 
 logger = logging.getLogger("qtoolkit.qat")
 
@@ -73,6 +73,26 @@ def _check_qat_model(module: nn.Module) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def distillation_loss(logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Knowledge-distillation loss ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, averaged over the batch.
+
+    ``logits`` (student, ``[N, C]`` or ``[N, C, ...]`` with classes on dim 1) carry the gradient; ``teacher_logits``
+    are treated as constants. ``T²`` keeps the gradient's size independent of ``T`` (Hinton et al. 2015).
+
+    Example::
+
+        >>> s = torch.tensor([[2.0, 0.0]], requires_grad=True)
+        >>> float(distillation_loss(s, torch.tensor([[2.0, 0.0]])))
+        0.0
+    """
+    if temperature <= 0:
+        raise ValueError(f"distillation_loss: temperature must be > 0, got {temperature}")
+    log_p = torch.log_softmax(logits.float() / temperature, dim=1)
+    log_q = torch.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
+    kl = (log_q.exp() * (log_q - log_p)).sum(dim=1)
+    return kl.mean() * (temperature * temperature)
+
+
 class QATTrainer:
     """Fine-tune a QAT-prepared model with the observer / BN freeze schedule.
 
@@ -91,6 +111,11 @@ class QATTrainer:
         scheduler_step: ``"epoch"`` (``scheduler.step()`` after each epoch) or
             ``"batch"`` (after each optimizer step).
         loss_fn: ``loss_fn(output, target)``; default ``nn.CrossEntropyLoss()``.
+        teacher: optional float model to distil from (knowledge distillation, Hinton et al. 2015):
+            each step it runs on the same input without gradients (in eval mode) and the loss becomes
+            ``(1 − w) · loss_fn(output, target) + w · T² · KL(softmax(teacher/T) ‖ softmax(output/T))``
+            with ``w = config.distill_weight`` and ``T = config.distill_temperature`` (``w = 1``: the
+            labels are not used). Typically the FP32 model the quantized one was prepared from.
         eval_loader: evaluate top-1 after each epoch with :func:`evaluate_top1`
             (each rank its shard; counts summed over ranks).
         eval_fn: instead of ``eval_loader``: ``eval_fn(model) -> float``, called
@@ -145,18 +170,19 @@ class QATTrainer:
         eval_fn: Callable[[nn.Module], float] | None = None,
         checkpoint_path: str | os.PathLike[str] | None = None,
         resume: bool = False,
+        teacher: nn.Module | None = None,
     ) -> None:
         error: BaseException | None = None
         try:
             self._setup(model, train_loader, optimizer, config, scheduler, scheduler_step, loss_fn,
-                        eval_loader, eval_fn, checkpoint_path, resume)
+                        eval_loader, eval_fn, checkpoint_path, resume, teacher)
         except (ValueError, TypeError, OSError, RuntimeError) as e:
             error = e
         _agree(error, "QATTrainer setup")
 
     # ------------------------------------------------------------------ setup
     def _setup(self, model, train_loader, optimizer, config, scheduler, scheduler_step, loss_fn,
-               eval_loader, eval_fn, checkpoint_path, resume) -> None:
+               eval_loader, eval_fn, checkpoint_path, resume, teacher=None) -> None:
         config = QATConfig() if config is None else config
         if not isinstance(config, QATConfig):
             raise TypeError(f"QATTrainer: config must be a QATConfig, got {type(config).__name__}")
@@ -164,6 +190,8 @@ class QATTrainer:
             raise ValueError(f"QATTrainer: scheduler_step must be one of {_SCHEDULER_STEPS}, got {scheduler_step!r}")
         if eval_loader is not None and eval_fn is not None:
             raise ValueError("QATTrainer: pass eval_loader or eval_fn, not both")
+        if teacher is not None and not isinstance(teacher, nn.Module):
+            raise TypeError(f"QATTrainer: teacher must be an nn.Module (the float model to distil from), got {type(teacher).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"QATTrainer: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         module = unwrap_model(model)
@@ -197,6 +225,14 @@ class QATTrainer:
         else:
             device = model_device(module)
 
+        if teacher is not None:
+            if teacher is module or {id(p) for p in teacher.parameters()} & {id(p) for p in module.parameters()}:
+                raise ValueError("QATTrainer: the teacher shares parameters with the model being trained; pass the float "
+                                 "model (qtoolkit.prepare returns a copy, so the original float model works)")
+            teacher.to(device).eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+        self.teacher = teacher
         self.model = model
         self.module = module
         self.train_loader = train_loader
@@ -291,6 +327,21 @@ class QATTrainer:
                 break
             yield batch
 
+    def _loss(self, out: Any, y: Any, x: Any) -> Tensor:
+        """``loss_fn(out, y)``, blended with the distillation loss when there is a teacher."""
+        if self.teacher is None:
+            return self.loss_fn(out, y)
+        w, t = self.config.distill_weight, self.config.distill_temperature
+        with torch.no_grad():
+            target = call_model(self.teacher, x)
+        if not (isinstance(out, Tensor) and isinstance(target, Tensor) and out.shape == target.shape):
+            raise ValueError(
+                "QATTrainer: distillation needs the model and the teacher to return logits of the same shape, got "
+                f"{getattr(out, 'shape', type(out).__name__)} and {getattr(target, 'shape', type(target).__name__)}"
+            )
+        kd = distillation_loss(out, target, t)
+        return kd if w == 1.0 else (1.0 - w) * self.loss_fn(out, y) + w * kd
+
     def train_one_epoch(self, epoch: int) -> dict[str, Any]:
         """Train one epoch (schedule applied first); returns loss/accuracy averaged over ranks."""
         self.apply_schedule(epoch)
@@ -315,7 +366,7 @@ class QATTrainer:
                 x, y = to_device(batch_input(batch), dev), to_device(_batch_target(batch), dev)
                 self.optimizer.zero_grad(set_to_none=True)
                 out = call_model(self.model, x)
-                loss = self.loss_fn(out, y)
+                loss = self._loss(out, y, x)
                 loss.backward()
                 if self.config.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
