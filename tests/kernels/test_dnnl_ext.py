@@ -128,6 +128,22 @@ def test_qconv_sum_post_op_in_place():
 
 
 @needs_ext
+def test_qconv_concurrent_calls_from_threads():
+    """run() releases the GIL: threads calling one layer with several shapes at once get exact results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    x, w, os_, b = _case(5, 16, 16, 1, 3, 12, 3, 127)
+    q = dnnl_ext.QConv(w, os_.float(), b.float(), stride=1, padding=1, dilation=1, groups=1, x_zp=3, out_zp=9,
+                       out_dtype=torch.uint8, relu=True)  # fmt: skip
+    inputs = [x[: 1 + i % 2, :, : 6 + i % 5].contiguous(memory_format=CL) for i in range(40)]
+    want = [_kernel_formula(_acc64(xi, w, 3, 1, 1, 1, 1), os_, b, 9, 0, 255, True) for xi in inputs]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(q.run, inputs))
+    assert all(torch.equal(g.double(), t) for g, t in zip(got, want))
+    assert q._k.cached_shapes() <= 8
+
+
+@needs_ext
 def test_qconv_bad_input_names_the_problem():
     q = dnnl_ext.QConv(torch.ones(4, 8, 3, 3, dtype=torch.int8), torch.ones(4), None, stride=1, padding=1, dilation=1,
                        groups=1, x_zp=0, out_zp=0, out_dtype=torch.uint8)  # fmt: skip

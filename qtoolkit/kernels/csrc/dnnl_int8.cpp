@@ -18,7 +18,9 @@
 
 #include <oneapi/dnnl/dnnl.hpp>
 
+#include <array>
 #include <list>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -65,6 +67,7 @@ bool is_reference(const char* impl) {
 constexpr size_t kMaxShapes = 8;
 
 struct ConvEntry {
+  std::mutex mu;  // one call at a time per entry: the memory objects and scratchpad are shared
   dnnl::convolution_forward prim;
   memory src, dst, wei, bias;
   std::unordered_map<int, memory> args;
@@ -115,7 +118,8 @@ class QConv {
     const torch::Tensor x = x_in.is_contiguous(at::MemoryFormat::ChannelsLast)
                                 ? x_in
                                 : x_in.contiguous(at::MemoryFormat::ChannelsLast);
-    ConvEntry& e = entry(x.size(0), x.size(2), x.size(3));
+    const std::shared_ptr<ConvEntry> ep = entry(x.size(0), x.size(2), x.size(3));
+    ConvEntry& e = *ep;
     torch::Tensor y;
     if (has_sum_) {
       TORCH_CHECK(acc.has_value() && acc->defined(), "qtoolkit dnnl: this conv has a sum post-op: pass acc");
@@ -128,36 +132,35 @@ class QConv {
       y = torch::empty({x.size(0), oc_, e.oh, e.ow},
                        torch::TensorOptions().dtype(scalar_of(out_kind_)).memory_format(at::MemoryFormat::ChannelsLast));
     }
+    std::lock_guard<std::mutex> lock(e.mu);
     e.src.set_data_handle(x.data_ptr());
     e.dst.set_data_handle(y.data_ptr());
     e.prim.execute(cpu_stream(), e.args);
     return y;
   }
 
-  std::string impl(int64_t n, int64_t h, int64_t w) { return entry(n, h, w).impl; }
+  std::string impl(int64_t n, int64_t h, int64_t w) { return entry(n, h, w)->impl; }
 
-  int64_t cached_shapes() const { return static_cast<int64_t>(cache_.size()); }
-
- private:
-  ConvEntry& entry(int64_t n, int64_t h, int64_t w) {
-    const std::vector<int64_t> key{n, h, w};
-    if (!last_key_.empty() && last_key_ == key) return *last_;
+  int64_t cached_shapes() {
     std::lock_guard<std::mutex> lock(mu_);
-    for (auto it = cache_.begin(); it != cache_.end(); ++it) {
-      if (it->first == key) {
-        last_key_ = key;
-        last_ = &it->second;
-        return it->second;
-      }
-    }
-    if (cache_.size() >= kMaxShapes) cache_.pop_front();
-    cache_.emplace_back(key, make(n, h, w));
-    last_key_ = key;
-    last_ = &cache_.back().second;
-    return *last_;
+    return static_cast<int64_t>(cache_.size());
   }
 
-  ConvEntry make(int64_t n, int64_t h, int64_t w) {
+ private:
+  // The entry of an input shape (built on first use; at most kMaxShapes kept, the oldest dropped first).
+  std::shared_ptr<ConvEntry> entry(int64_t n, int64_t h, int64_t w) {
+    const std::array<int64_t, 3> key{n, h, w};
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& kv : cache_) {
+      if (kv.first == key) return kv.second;
+    }
+    auto e = make(n, h, w);
+    if (cache_.size() >= kMaxShapes) cache_.pop_front();
+    cache_.emplace_back(key, e);
+    return e;
+  }
+
+  std::shared_ptr<ConvEntry> make(int64_t n, int64_t h, int64_t w) {
     auto& eng = cpu_engine();
     const int64_t kdh = (kh_ - 1) * dilation_[0] + 1, kdw = (kw_ - 1) * dilation_[1] + 1;
     const int64_t oh = (h + 2 * padding_[0] - kdh) / stride_[0] + 1;
@@ -177,7 +180,8 @@ class QConv {
     dnnl::convolution_forward::desc d(dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct, src_md,
                                       wei_any, bias_md, dst_md, strides, dil, pad, pad);
     dnnl::convolution_forward::primitive_desc pd(d, attr_, eng);
-    ConvEntry e;
+    auto ep = std::make_shared<ConvEntry>();
+    ConvEntry& e = *ep;
     e.impl = pd.impl_info_str();
     TORCH_CHECK(!is_reference(e.impl.c_str()), "qtoolkit dnnl: oneDNN has only its reference implementation (",
                 e.impl, ") for this convolution here");
@@ -196,7 +200,7 @@ class QConv {
       e.args.insert({DNNL_ARG_BIAS, e.bias});
     }
     if (pd.scratchpad_desc().get_size() > 0) e.args.insert({DNNL_ARG_SCRATCHPAD, memory(pd.scratchpad_desc(), eng)});
-    return e;
+    return ep;
   }
 
   torch::Tensor w_, os_, bias_;
@@ -208,12 +212,11 @@ class QConv {
   int64_t oc_ = 0, icg_ = 0, kh_ = 0, kw_ = 0;
   dnnl::primitive_attr attr_;
   std::mutex mu_;
-  std::list<std::pair<std::vector<int64_t>, ConvEntry>> cache_;
-  std::vector<int64_t> last_key_;
-  ConvEntry* last_ = nullptr;
+  std::list<std::pair<std::array<int64_t, 3>, std::shared_ptr<ConvEntry>>> cache_;
 };
 
 struct LinearEntry {
+  std::mutex mu;
   dnnl::matmul prim;
   memory src, dst, wei, bias;
   std::unordered_map<int, memory> args;
@@ -255,7 +258,8 @@ class QLinear {
     const torch::Tensor x = x_in.is_contiguous() ? x_in : x_in.contiguous();
     const int64_t m = x.size(0);
     TORCH_CHECK(m > 0, "qtoolkit dnnl: empty linear input");
-    LinearEntry& e = entry(m);
+    const std::shared_ptr<LinearEntry> ep = entry(m);
+    LinearEntry& e = *ep;
     torch::Tensor y;
     if (has_sum_) {
       TORCH_CHECK(acc.has_value() && acc->defined(), "qtoolkit dnnl: this linear has a sum post-op: pass acc");
@@ -266,33 +270,28 @@ class QLinear {
     } else {
       y = torch::empty({m, n_}, torch::TensorOptions().dtype(scalar_of(out_kind_)));
     }
+    std::lock_guard<std::mutex> lock(e.mu);
     e.src.set_data_handle(x.data_ptr());
     e.dst.set_data_handle(y.data_ptr());
     e.prim.execute(cpu_stream(), e.args);
     return y;
   }
 
-  std::string impl(int64_t m) { return entry(m).impl; }
+  std::string impl(int64_t m) { return entry(m)->impl; }
 
  private:
-  LinearEntry& entry(int64_t m) {
-    if (last_m_ == m && last_ != nullptr) return *last_;
+  std::shared_ptr<LinearEntry> entry(int64_t m) {
     std::lock_guard<std::mutex> lock(mu_);
     for (auto& kv : cache_) {
-      if (kv.first == m) {
-        last_m_ = m;
-        last_ = &kv.second;
-        return kv.second;
-      }
+      if (kv.first == m) return kv.second;
     }
+    auto e = make(m);
     if (cache_.size() >= kMaxShapes) cache_.pop_front();
-    cache_.emplace_back(m, make(m));
-    last_m_ = m;
-    last_ = &cache_.back().second;
-    return *last_;
+    cache_.emplace_back(m, e);
+    return e;
   }
 
-  LinearEntry make(int64_t m) {
+  std::shared_ptr<LinearEntry> make(int64_t m) {
     auto& eng = cpu_engine();
     memory::desc src_md({m, k_}, dt::u8, tag::ab);
     memory::desc dst_md({m, n_}, dtype_of(out_kind_), tag::ab);
@@ -301,7 +300,8 @@ class QLinear {
     memory::desc bias_md = bias_.defined() ? memory::desc({1, n_}, dt::f32, tag::ab) : memory::desc();
     dnnl::matmul::desc d(src_md, wei_any, bias_md, dst_md);
     dnnl::matmul::primitive_desc pd(d, attr_, eng);
-    LinearEntry e;
+    auto ep = std::make_shared<LinearEntry>();
+    LinearEntry& e = *ep;
     e.impl = pd.impl_info_str();
     TORCH_CHECK(!is_reference(e.impl.c_str()), "qtoolkit dnnl: oneDNN has only its reference implementation (",
                 e.impl, ") for this matmul here");
@@ -318,7 +318,7 @@ class QLinear {
       e.args.insert({DNNL_ARG_BIAS, e.bias});
     }
     if (pd.scratchpad_desc().get_size() > 0) e.args.insert({DNNL_ARG_SCRATCHPAD, memory(pd.scratchpad_desc(), eng)});
-    return e;
+    return ep;
   }
 
   torch::Tensor w_, os_, bias_;
@@ -327,9 +327,7 @@ class QLinear {
   int64_t n_ = 0, k_ = 0;
   dnnl::primitive_attr attr_;
   std::mutex mu_;
-  std::list<std::pair<int64_t, LinearEntry>> cache_;
-  int64_t last_m_ = -1;
-  LinearEntry* last_ = nullptr;
+  std::list<std::pair<int64_t, std::shared_ptr<LinearEntry>>> cache_;
 };
 
 std::string version() {
@@ -346,12 +344,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, std::vector<int64_t>,
                           std::vector<int64_t>, std::vector<int64_t>, int64_t, int64_t, int64_t, int64_t, bool, bool,
                           double, int64_t>())
-      .def("run", &QConv::run, pybind11::arg("x"), pybind11::arg("acc") = pybind11::none())
+      .def("run", &QConv::run, pybind11::arg("x"), pybind11::arg("acc") = pybind11::none(),
+           pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("impl", &QConv::impl)
       .def("cached_shapes", &QConv::cached_shapes);
   pybind11::class_<QLinear>(m, "QLinear")
       .def(pybind11::init<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t, int64_t, int64_t, bool,
                           bool, double, int64_t>())
-      .def("run", &QLinear::run, pybind11::arg("x"), pybind11::arg("acc") = pybind11::none())
+      .def("run", &QLinear::run, pybind11::arg("x"), pybind11::arg("acc") = pybind11::none(),
+           pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("impl", &QLinear::impl);
 }
