@@ -6,10 +6,11 @@ observers record; then every calibrator runs its range search once
 (:meth:`FakeQuantize.finalize`), weight ranges are computed from the (folded)
 weights, observers are frozen and fake quantization switched on.
 
-Each tensor is observed once: quantizers that see the very same tensor with the same config (a layer's
-observe-only output quantizer and the next layer's input quantizer, a residual add's operand) are found on the
-first batch; all but one stop observing and copy its statistics and range at the end (identical results, about
-half the histogram work).  This assumes the model runs the same graph on every batch.
+Each tensor is observed once: quantizers that see the very same tensor, unchanged, with the same config (a
+layer's observe-only output quantizer and the next layer's input quantizer, a residual add's operand; not the
+input and output of an in-place activation, one object with two contents) are found on the first batch; all
+but one stop observing and copy its statistics and range at the end (identical results, about half the
+histogram work).  This assumes the model runs the same graph on every batch.
 
 Example::
 
@@ -37,7 +38,7 @@ from qtoolkit.nn.quant_layer import QuantLayer
 from qtoolkit.numerics import SCALE_EPS
 from qtoolkit.toggles import quantizers
 
-__all__ = ["calibrate", "model_device", "batch_input", "call_model", "to_device"]
+__all__ = ["calibrate", "model_device", "batch_input", "call_model", "to_device", "tensor_version"]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -96,16 +97,38 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
+def tensor_version(t: Any) -> int | None:
+    """``t``'s in-place version counter (``None`` for a non-tensor or an inference-mode tensor, which has none).
+
+    Two quantizers see the same data only if they see the same tensor object *at the same version*: an in-place
+    activation (``nn.SiLU(inplace=True)``) returns the very object it was given, with other values.
+
+    Example::
+
+        >>> t = torch.zeros(3)
+        >>> v0 = tensor_version(t); _ = t.add_(1.0); tensor_version(t) == v0 + 1
+        True
+    """
+    if not isinstance(t, torch.Tensor):
+        return None
+    try:
+        return int(t._version)
+    except RuntimeError:  # inference tensors do not track versions
+        return None
+
+
 def _observe_first_batch(model: nn.Module, fqs: list[tuple[str, FakeQuantize]], x: Any) -> dict[int, FakeQuantize]:
     """Run the first batch, finding quantizers that observe the very same tensor with the same config (a layer's
     observe-only output quantizer and the next layer's input quantizer, a residual add's operands): all but the
     first of each such group stop observing for the remaining batches and later copy the first's statistics.
     Returns ``{id(follower): leader}``."""
-    seen: list[tuple[FakeQuantize, Any]] = []
+    seen: list[tuple[FakeQuantize, Any, Any]] = []
 
     def pre(mod: nn.Module, args: tuple) -> None:
         if args and mod.observer_enabled:
-            seen.append((mod, args[0]))  # the tensor is kept alive until grouping: ids stay unique
+            # the tensor is kept alive until grouping (ids stay unique); its version is read now: an in-place
+            # op (SiLU(inplace=True), ReLU6(inplace=True)) returns its input object with other data
+            seen.append((mod, args[0], tensor_version(args[0])))
 
     handles = [fq.register_forward_pre_hook(pre) for _, fq in fqs if fq.role in ("activation", "output")]
     try:
@@ -113,15 +136,16 @@ def _observe_first_batch(model: nn.Module, fqs: list[tuple[str, FakeQuantize]], 
     finally:
         for h in handles:
             h.remove()
-    leaders: dict[tuple[int, QuantizerConfig], FakeQuantize] = {}
+    leaders: dict[tuple[int, int, QuantizerConfig], FakeQuantize] = {}
     followers: dict[int, FakeQuantize] = {}
     calls: dict[int, int] = {}
-    for fq, _ in seen:
+    for fq, _, _ in seen:
         calls[id(fq)] = calls.get(id(fq), 0) + 1
-    for fq, t in seen:
-        if calls[id(fq)] != 1 or not isinstance(t, torch.Tensor):  # called more than once: not a simple site
+    for fq, t, version in seen:
+        # called more than once: not a simple site; no version (inference-mode tensor): cannot tell data apart
+        if calls[id(fq)] != 1 or not isinstance(t, torch.Tensor) or version is None:
             continue
-        key = (id(t), fq.config)
+        key = (id(t), version, fq.config)
         leader = leaders.setdefault(key, fq)
         if leader is not fq and calls[id(leader)] == 1:
             followers[id(fq)] = leader
@@ -158,6 +182,7 @@ def calibrate(
     *,
     num_batches: int | None = None,
     progress: bool = True,
+    fit_tables: bool = True,
 ) -> nn.Module:
     """Collect activation ranges over ``data`` and finalize every calibrator.
 
@@ -167,6 +192,10 @@ def calibrate(
             or dicts; inputs are moved to the model's device.
         num_batches: stop after this many batches (default: all).
         progress: show a tqdm progress bar.
+        fit_tables: give each lookup-table activation (SiLU, sigmoid, GELU, ...) an input grid only as wide as
+            the inputs whose output codes differ
+            (:func:`qtoolkit.ptq.activation_grids.fit_table_input_grids`: a sigmoid gate calibrated on
+            ``[-80, 84]`` gets ``[-6.2, 6.2]``); the tables' outputs are unchanged, their input rounding finer.
 
     Returns:
         ``model`` (calibrated in place): observers frozen, fake quantization on,
@@ -245,6 +274,14 @@ def calibrate(
                     fq._load_qparams(leader.scale.detach(), leader.zero_point)
                 else:
                     unobserved.append(name)
+        if fit_tables:
+            from qtoolkit.ptq.activation_grids import fit_table_input_grids
+
+            by_id = {id(fq): fq for _, fq in fqs}
+            tied: dict[int, list[FakeQuantize]] = {}
+            for fid, leader in followers.items():
+                tied.setdefault(id(leader), [leader]).append(by_id[fid])
+            fit_table_input_grids(model, list(tied.values()))
         _warn_scale_floor([(n, fq) for n, fq in fqs if fq.role not in ("weight", "dynamic")])
         if unobserved:
             warnings.warn(

@@ -178,3 +178,42 @@ def test_scale_floor_does_not_silently_zero_a_layer():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a normal model: no warning
         qt.calibrate(qm2, [torch.randn(16, 8) for _ in range(2)], progress=False)
+
+
+@pytest.mark.parametrize("act", ["silu", "hardswish"])
+def test_inplace_activation_output_is_not_tied_to_its_input(act):
+    """An in-place activation returns its input *object* with other values: its output quantizer must get the
+    range of the output (as with the out-of-place module), not a copy of the input's range."""
+
+    def net(inplace):
+        torch.manual_seed(0)
+        a = nn.SiLU(inplace=inplace) if act == "silu" else nn.Hardswish(inplace=inplace)
+        return nn.Sequential(nn.Conv2d(3, 8, 3), a, nn.Conv2d(8, 4, 1)).eval()
+
+    data = [3 * torch.randn(4, 3, 8, 8) for _ in range(3)]
+    qms = {ip: qt.calibrate(qt.prepare(net(ip), "w8a8"), data, progress=False, fit_tables=False) for ip in (True, False)}
+    for name in ("1", "2"):  # the activation table and the next conv
+        for fq_name, fq in qms[True].get_submodule(name).named_children():
+            if not isinstance(fq, qt.FakeQuantize) or fq.role == "weight":
+                continue
+            ref = qms[False].get_submodule(name).get_submodule(fq_name)
+            assert torch.equal(fq.scale, ref.scale) and torch.equal(fq.zero_point, ref.zero_point), (name, fq_name)
+    # and the grid after the activation starts where the data does (float64 reference of the activation)
+    with torch.no_grad():
+        pre = torch.cat([net(False)[0](x) for x in data]).double()
+        post = nn.functional.silu(pre) if act == "silu" else nn.functional.hardswish(pre)
+    fq = qms[True][2].input_quantizer
+    lo = (fq.qmin - int(fq.zero_point)) * float(fq.scale)
+    assert lo >= float(post.min()) - float(fq.scale) and float(pre.min()) < lo
+
+
+def test_tensor_version_tells_in_place_changes_apart():
+    from qtoolkit.calibrate import tensor_version
+
+    t = torch.zeros(2)
+    v = tensor_version(t)
+    nn.functional.silu(t, inplace=True)
+    assert tensor_version(t) != v
+    with torch.inference_mode():
+        assert tensor_version(torch.zeros(2)) is None
+    assert tensor_version(3.0) is None

@@ -6,8 +6,9 @@ Both are found by running the prepared model once on a probe batch (no model sur
   :class:`~qtoolkit.nn.QuantLayer`, or (``granularity="block"``) the smallest container holding at most one
   residual :class:`~qtoolkit.nn.QuantAdd` and at most ``max_block_layers`` quantized layers (a ResNet
   ``BasicBlock`` / ``Bottleneck``, a MobileNet inverted residual); anything else is split into its children;
-* **tied quantizers** observe the very same tensor object (a conv's observe-only output quantizer, the
-  next conv's input quantizer and a residual add's operand quantizer after it) with the same grid and
+* **tied quantizers** observe the very same tensor object at the same in-place version (a conv's
+  observe-only output quantizer, the next conv's input quantizer and a residual add's operand quantizer
+  after it; not an in-place activation's input and output) with the same grid and
   the same calibrated qparams.  When reconstruction learns one of them they are all set together, so
   the converted model (which requantizes a layer's output to its output quantizer's grid) stays
   bit-faithful to the fake-quant model.
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qtoolkit.calibrate import batch_input, call_model, model_device, to_device
+from qtoolkit.calibrate import batch_input, call_model, model_device, tensor_version, to_device
 from qtoolkit.fake_quant import FakeQuantize
 from qtoolkit.nn.quant_add import QuantAdd
 from qtoolkit.nn.quant_layer import QuantLayer
@@ -92,7 +93,7 @@ def probe(model: nn.Module, batch: Any) -> Probe:
     """Run ``model`` once on ``batch`` recording module calls and which quantizers see the same tensor."""
     calls: dict[int, int] = defaultdict(int)
     simple: dict[int, bool] = {}
-    seen: list[tuple[FakeQuantize, Tensor]] = []
+    seen: list[tuple[FakeQuantize, Tensor, int | None]] = []
     alive: list[Any] = []  # every tensor seen is kept alive so that ids stay unique
     names = {id(m): n for n, m in model.named_modules()}
     order: list[str] = []
@@ -114,7 +115,7 @@ def probe(model: nn.Module, batch: Any) -> Probe:
             if isinstance(a, Tensor):
                 consumers[id(a)].append(mod)
         if isinstance(mod, FakeQuantize) and mod.role in ("activation", "output") and args:
-            seen.append((mod, args[0]))
+            seen.append((mod, args[0], tensor_version(args[0])))
         if isinstance(mod, QuantLayer) and calls[id(mod)] == 1:
             order.append(names[id(mod)])
 
@@ -139,10 +140,14 @@ def probe(model: nn.Module, batch: Any) -> Probe:
         for h in handles:
             h.remove()
         model.train(was_training)
-    by_tensor: dict[int, list[FakeQuantize]] = defaultdict(list)
-    for fq, t in seen:
-        if all(fq is not m for m in by_tensor[id(t)]):
-            by_tensor[id(t)].append(fq)
+    # the same object at the same in-place version: an in-place activation's input and output are one object
+    by_tensor: dict[tuple[int, int], list[FakeQuantize]] = defaultdict(list)
+    for fq, t, version in seen:
+        if version is None:  # inference-mode tensor: no version, not tied
+            continue
+        key = (id(t), version)
+        if all(fq is not m for m in by_tensor[key]):
+            by_tensor[key].append(fq)
     groups: list[list[FakeQuantize]] = []
     for members in by_tensor.values():
         while members:  # split by grid: only quantizers with identical qparams are tied

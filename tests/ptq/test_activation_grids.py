@@ -96,3 +96,81 @@ def test_tighten_grids_drops_codes_below_the_data_and_lowers_the_error():
     assert (fq.qmin - z) * sc >= float(t.min()) - sc and (fq.qmin - z) * sc <= 0.0
     assert fq.qmin <= z <= fq.qmax  # real 0 is a code
     assert err() < 0.85 * before
+
+
+@pytest.mark.parametrize("fn,lo,hi,out_lo,out_hi,bits", [
+    (torch.sigmoid, -80.0, 84.0, 0.0, 1.0, 8),
+    (torch.sigmoid, -80.0, 84.0, 0.0, 1.0, 4),
+    (nn.functional.silu, -9.2, 9.6, -0.2785, 9.6, 8),
+    (nn.functional.silu, -9.2, 9.6, -0.2785, 9.6, 4),
+    (torch.tanh, -5.0, 3.0, -1.0, 1.0, 8),
+    (nn.functional.gelu, -7.0, 5.0, -0.17, 5.0, 8),
+])
+def test_table_input_window_keeps_every_output_code_and_is_tight(fn, lo, hi, out_lo, out_hi, bits):
+    """Clamping the input to the window leaves every output code of a dense float64 sweep unchanged, and the
+    window cannot shrink by 1% of the range at either end without changing some code."""
+    from qtoolkit.numerics import compute_qparams
+    from qtoolkit.ptq.activation_grids import table_input_window
+
+    qmin, qmax = 0, 2**bits - 1
+    s, z = (float(v) for v in compute_qparams(torch.tensor(out_lo), torch.tensor(out_hi), qmin, qmax, False))
+
+    def codes(x):
+        return torch.clamp(torch.round(fn(x) / s) + z, qmin, qmax)
+
+    a, b = table_input_window(fn, lo, hi, s, int(z), qmin, qmax)
+    assert lo <= a <= 0.0 <= b <= hi and (b - a) < (hi - lo)
+    x = torch.linspace(lo, hi, 200_001, dtype=torch.float64)
+    assert torch.equal(codes(x), codes(x.clamp(a, b)))
+    d = 0.01 * (hi - lo)
+    if a > lo + d and a < -d:
+        assert not torch.equal(codes(x), codes(x.clamp(a + d, b)))
+    if b < hi - d and b > d:
+        assert not torch.equal(codes(x), codes(x.clamp(a, b - d)))
+
+
+class Gate(nn.Module):
+    """A squeeze-excitation-like gate: large logits into a sigmoid, times the features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.fc = nn.Conv2d(8, 8, 1)
+        self.gate = nn.Sigmoid()
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.head(y * self.gate(self.fc(y.mean((2, 3), keepdim=True))))
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w4a4"])
+def test_calibrate_fits_gate_input_grids_and_convert_stays_faithful(preset):
+    """The sigmoid's input grid (and the tied output grid of the layer feeding it) shrinks to the window, the
+    fake-quant model gets closer to float64, and the converted model (integer path) still gives the fake-quant
+    model's numbers."""
+    torch.manual_seed(0)
+    m = Gate().eval()
+    with torch.no_grad():
+        m.fc.weight.mul_(80.0)
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(16, 3, 6, 6, generator=g) for _ in range(3)]
+    plain = qt.calibrate(qt.prepare(m, preset), data, progress=False, fit_tables=False)
+    fitted = qt.calibrate(qt.prepare(m, preset), data, progress=False)
+    fin_p, fin_f = plain.gate.input_quantizer, fitted.gate.input_quantizer
+    assert float(fin_f.scale) < 0.5 * float(fin_p.scale)
+    tied = fitted.fc.output_quantizer  # the converted fc requantizes to this grid: it must be the table's
+    assert torch.equal(tied.scale, fin_f.scale) and torch.equal(tied.zero_point, fin_f.zero_point)
+    assert torch.equal(fitted.gate.output_quantizer.scale, plain.gate.output_quantizer.scale)
+    x = torch.randn(64, 3, 6, 6, generator=g)
+    with torch.no_grad():
+        logits = m.fc(m.conv(x).mean((2, 3), keepdim=True))  # the gate's float input
+        ref = torch.sigmoid(logits.double())
+        err_p, err_f = (float((q.gate(logits.clone()).double() - ref).pow(2).mean()) for q in (plain, fitted))
+        assert err_f < err_p
+        fq_out = fitted(x)
+        int8 = qt.convert(fitted)
+        qt.set_execution(int8, "integer")
+        y = int8(x)
+    step = float(fitted.head.output_quantizer.scale)
+    assert float((y - fq_out).abs().max()) <= 1.01 * step
