@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from qtoolkit.kernels import onednn
+from qtoolkit.kernels import dnnl_ext, onednn
 from qtoolkit.kernels.fast_state import _QA, _fallback, _get_state, _set_state, _without_grad
 from qtoolkit.kernels.params import AddParams
 from qtoolkit.numerics import HALF_DTYPES
@@ -173,6 +173,31 @@ def _identity() -> tuple[Tensor, Tensor, Tensor]:
             torch.zeros(_ID, dtype=torch.long))  # fmt: skip
 
 
+_EXT_IDENTITY: dict = {}
+
+
+def _ext_identity(x_scale: float, x_zp: int, r_scale: float, r_zp: int, o_scale: float, o_zp: int, o_dtype: torch.dtype,
+                  post_op: str) -> Optional[Any]:  # fmt: skip
+    """The ``_ID x _ID`` identity GEMM with a ``sum`` accumulator on qtoolkit's oneDNN extension (one per add grid), or
+    None where the extension is unavailable (then torch's op runs it).  Identity weights never saturate int16."""
+    key = (x_scale, x_zp, r_scale, r_zp, o_scale, o_zp, o_dtype, post_op)
+    k = _EXT_IDENTITY.get(key, False)
+    if k is False:
+        k = None
+        if dnnl_ext.load() is not None:
+            try:
+                k = dnnl_ext.QLinear(torch.eye(_ID, dtype=torch.int8), torch.full((_ID,), x_scale / o_scale), None, x_zp=x_zp,
+                                     out_zp=o_zp, out_dtype=o_dtype, relu=post_op == "relu", sum_scale=r_scale / o_scale,
+                                     sum_zp=r_zp)  # fmt: skip
+                k.impl(_ID)
+            except RuntimeError:
+                k = None
+        if len(_EXT_IDENTITY) >= 256:
+            _EXT_IDENTITY.clear()
+        _EXT_IDENTITY[key] = k
+    return k
+
+
 def _rows(x: Tensor, acc: Tensor) -> Optional[tuple[Tensor, Tensor]]:
     """``x`` and ``acc`` as ``[-1, _ID]`` views of their memory (no copy), or None unless both are
     contiguous or both channels_last-contiguous (then their elements are in the same memory order)."""
@@ -218,6 +243,10 @@ def _kernel_add(st: _AddState, qa: Tensor, qb: Tensor, donate: Optional[int]) ->
     xr, ar = rows
     if o_dtype == torch.int8 and acc.dtype == torch.uint8:  # codes in [0, 127]: the same bytes as int8
         acc, ar = acc.view(torch.int8), ar.view(torch.int8)
+    k = _ext_identity(x_scale, x_zp, r_scale, r_zp, o_scale, o_zp, o_dtype, st.post_op)
+    if k is not None:  # qtoolkit's oneDNN extension: the same GEMM and sum, its primitive cached per shape
+        k.run(xr, ar)
+        return acc, donated
     w, ws, wz = _identity()
     y = onednn.op("qlinear_pointwise", "binary")(
         xr, x_scale, x_zp, w, ws, wz, ar, None, o_scale, o_zp, o_dtype, r_scale, r_zp, "sum", 1.0, st.post_op, [], "",

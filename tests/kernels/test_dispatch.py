@@ -299,6 +299,15 @@ def test_kernel_add_matches_reference(layouts, donate, act, preset, float_out, m
     calls = []
     real_op = onednn.op
     monkeypatch.setattr(onednn, "op", lambda *a: calls.append(a) or real_op(*a))
+    real_ext = fast_add_module._ext_identity  # qtoolkit's oneDNN extension runs the same GEMM where it is built
+
+    def ext_spy(*a):
+        k = real_ext(*a)
+        if k is not None:
+            calls.append(("qlinear_pointwise", "binary"))
+        return k
+
+    monkeypatch.setattr(fast_add_module, "_ext_identity", ext_spy)
     g = torch.Generator().manual_seed(0)
     shape = (3, 5, 6, 8)  # 5 channels: the [-1, 16] rows cut across pixels
     qa = QuantAdd(get_qconfig(preset), act=act)

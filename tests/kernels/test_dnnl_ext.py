@@ -207,3 +207,31 @@ def test_status_names_the_kernel():
     s = dnnl_ext.status()
     assert s.startswith("qtoolkit oneDNN") == (ext is not None)
     assert list(itertools.islice(s, 1))  # never empty
+
+
+@needs_ext
+@pytest.mark.parametrize("act,float_output,donate", [(None, False, None), ("relu", False, 1), ("relu", False, 0),
+                                                      (None, True, None)])  # fmt: skip
+def test_residual_add_kernel_on_the_extension(act, float_output, donate, monkeypatch):
+    """Large adds (the identity GEMM with a sum accumulator) against float64, with and without the extension."""
+    from qtoolkit.kernels import fast_add
+    from qtoolkit.kernels.params import AddParams
+
+    p = AddParams("add", act, 0, 255, 0.031, 117, 0.017, 3, 0.043, 61, float_output, donate)
+    st = fast_add._add_state(p)
+    g = torch.Generator().manual_seed(11)
+    qa = torch.randint(0, 256, (2, 32, 40, 40), dtype=torch.uint8, generator=g).contiguous(memory_format=CL)
+    qb = torch.randint(0, 256, (2, 32, 40, 40), dtype=torch.uint8, generator=g).contiguous(memory_format=CL)
+    real = (qa.double() - 117) * 0.031 + (qb.double() - 3) * 0.017
+    real = real.relu() if act == "relu" else real
+    y, donated = fast_add.add_codes(st, qa.clone(memory_format=CL), qb.clone(memory_format=CL), donate)
+    assert any(k is not None for k in fast_add._EXT_IDENTITY.values())
+    if float_output:
+        torch.testing.assert_close(y.double(), real, rtol=1e-5, atol=1e-5)
+    else:
+        ref = torch.clamp(torch.round(real / 0.043) + 61, 0, 255)
+        assert y.dtype == torch.uint8 and (y.double() - ref).abs().max() <= 1 and (y.double() != ref).double().mean() < 1e-3
+        assert donated == (donate is not None)
+    monkeypatch.setattr(fast_add, "_ext_identity", lambda *a: None)  # torch's op: the same codes up to ties
+    y_op, _ = fast_add.add_codes(st, qa.clone(memory_format=CL), qb.clone(memory_format=CL), donate)
+    assert (y.double() - y_op.double()).abs().max() <= (1e-5 if float_output else 1)
