@@ -335,8 +335,30 @@ def _report_specialized(root: nn.Module, graph: fx.Graph, fixed: dict[str, objec
     return root
 
 
-def _fuse_graph(root: nn.Module, qualname: str, report: list[FloatOp], bn_conv: bool = False) -> nn.Module:
-    """Trace ``root`` one level deep and rewrite fusions/adds. Returns the (new) module."""
+def _rewrite_specialized(root: nn.Module, fixed: dict[str, object], qualname: str, report: list[FloatOp],
+                         bn_conv: bool) -> nn.Module:
+    """A forward traceable only with arguments fixed to their defaults (``forward(x, mask=None)``): rewritten for
+    calls with those defaults when the rewrite only adds modules (lifted adds, matmuls, attention) and keeps every
+    original one, so that a call with other values can run the original forward (float functional ops, with a
+    warning). The rewrite works on a copy (parameters and buffers shared); otherwise the module is left as it is
+    and what it leaves float is reported (:func:`_report_specialized`)."""
+    keep: dict[int, object] = {id(t): t for t in (*root.parameters(), *root.buffers())}
+    work = copy.deepcopy(root, keep)
+    before = dict(work.named_modules())
+    found: list[FloatOp] = []
+    new = _fuse_graph(work, qualname, found, bn_conv, specialized=True)
+    after = dict(new.named_modules())
+    if new is not work and all(n == "" or after.get(n) is m for n, m in before.items()):
+        report.extend(found)
+        return new
+    graph, _ = _trace(root)
+    return _report_specialized(root, graph, fixed, qualname or "<model>", report, bn_conv)
+
+
+def _fuse_graph(root: nn.Module, qualname: str, report: list[FloatOp], bn_conv: bool = False,
+                specialized: bool = False) -> nn.Module:
+    """Trace ``root`` one level deep and rewrite fusions/adds. Returns the (new) module. ``specialized``: called
+    by :func:`_rewrite_specialized` (a forward traced with arguments fixed to their defaults)."""
     where = qualname or "<model>"
     try:
         graph, fixed = _trace(root)
@@ -348,8 +370,8 @@ def _fuse_graph(root: nn.Module, qualname: str, report: list[FloatOp], bn_conv: 
                               f"{str(exc).splitlines()[0][:120]}); its functional ops (adds, muls, cats, matmuls) "
                               f"stay float{left}"))
         return root
-    if fixed:  # a graph for those defaults only: rewriting it would break calls with other values; say what stays
-        return _report_specialized(root, graph, fixed, where, report, bn_conv)
+    if fixed and not specialized:  # a graph for those defaults only: other values must still work
+        return _rewrite_specialized(root, fixed, qualname, report, bn_conv)
     counts = _target_counts(graph)
     called_before = set(counts)
     changed = _split_same_padding(root, graph, counts)
@@ -476,7 +498,7 @@ def _fuse_graph(root: nn.Module, qualname: str, report: list[FloatOp], bn_conv: 
     if not changed:
         return root
     graph.lint()
-    gm = _rewritten_class(type(root))(root, graph, class_name=type(root).__name__)
+    gm = _rewritten_class(type(root), _fixed_spec(root, fixed))(root, graph, class_name=type(root).__name__)
     called_after = set(_target_counts(graph))
     # keep the module tree: re-attach every direct child that is still used (or was
     # never called from forward), drop the ones the fusion absorbed
@@ -508,9 +530,57 @@ def _keep_plain_attributes(source: dict, gm: nn.Module) -> None:
             gm.__dict__[k] = v
 
 
+def _fixed_spec(root: nn.Module, fixed: dict[str, object]) -> tuple[tuple[str, int, object], ...]:
+    """``(name, position among forward's arguments, default)`` of each argument the trace fixed."""
+    import inspect
+
+    if not fixed:
+        return ()
+    params = list(inspect.signature(type(root).forward).parameters.values())[1:]
+    pos = {p.name: (i if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) else 1 << 30) for i, p in enumerate(params)}
+    return tuple((k, pos[k], v) for k, v in fixed.items())
+
+
+def _is_default(value: object, default: object) -> bool:
+    return value is default or (type(value) is type(default) and isinstance(value, (bool, int, float, str)) and value == default)
+
+
 class _RewrittenModule(fx.GraphModule):
     """Base of the class a container's rewritten forward gets (:func:`_rewritten_class`): a deep copy keeps the
-    original's class name and plain attributes (``fx.GraphModule``'s own copy keeps only what its graph reads)."""
+    original's class name and plain attributes (``fx.GraphModule``'s own copy keeps only what its graph reads).
+
+    A forward rewritten from a trace with arguments fixed to their defaults (``_qt_fixed``) runs the rewritten graph
+    when they have them, and the original class's forward (on the same modules; functional ops float) otherwise,
+    warning once per module."""
+
+    _qt_fixed: tuple[tuple[str, int, object], ...] = ()
+    _qt_original: type = nn.Module
+
+    def recompile(self):  # type: ignore[no-untyped-def]
+        out = super().recompile()
+        fixed = self._qt_fixed
+        if fixed:
+            cls = type(self)
+            graph_forward, original = cls.forward, self._qt_original.forward
+            names = {name for name, _, _ in fixed}
+
+            def forward(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+                for name, pos, default in fixed:
+                    value = args[pos] if pos < len(args) else kwargs.get(name, default)
+                    if not _is_default(value, default):
+                        if not self.__dict__.get("_qt_warned"):
+                            self.__dict__["_qt_warned"] = True
+                            import warnings
+
+                            warnings.warn(f"{type(self).__name__}.forward called with {name}={type(value).__name__}: prepare "
+                                          f"rewrote it for {name}={default!r} (its adds / matmuls quantized); this call runs "
+                                          "the original forward, its functional ops in float", stacklevel=2)
+                        return original(self, *args, **kwargs)
+                # the traced signature renames the fixed arguments (``mask_1``): at their defaults, they are left out
+                return graph_forward(self, *args, **{k: v for k, v in kwargs.items() if k not in names})
+
+            cls.forward = forward
+        return out
 
     def _deepcopy_init(self):  # type: ignore[no-untyped-def]
         name = type(self).__name__
@@ -530,20 +600,23 @@ class _ModuleInit(nn.Module):
         nn.Module.__init__(self)
 
 
-_REWRITTEN_CLASSES: dict[type, type] = {}
+_REWRITTEN_CLASSES: dict[tuple[type, tuple], type] = {}
 
 
-def _rewritten_class(orig: type) -> type[fx.GraphModule]:
+def _rewritten_class(orig: type, fixed: tuple[tuple[str, int, object], ...] = ()) -> type[fx.GraphModule]:
     """The ``fx.GraphModule`` class for a rewritten instance of ``orig``: a subclass of both, so the model's code
     keeps working on it: its methods (``self.rel_pos.get_bias()``), properties and class attributes resolve through
     the original class (``isinstance`` holds too), while ``forward`` is the rewritten graph's. Its ``__module__`` is
     this one's: duck typing by defining package (:mod:`qtoolkit.layer_kinds`) does not take it for the original."""
     if issubclass(orig, fx.GraphModule):
+        if fixed:
+            raise TypeError(f"{orig.__name__}: an fx.GraphModule traced with fixed arguments cannot be rewritten again")
         return fx.GraphModule
-    cls = _REWRITTEN_CLASSES.get(orig)
+    cls = _REWRITTEN_CLASSES.get((orig, fixed))
     if cls is None:
-        cls = type(orig.__name__, (_RewrittenModule, _ModuleInit, orig), {"__module__": __name__, "__qualname__": orig.__name__})
-        _REWRITTEN_CLASSES[orig] = cls
+        cls = type(orig.__name__, (_RewrittenModule, _ModuleInit, orig), {
+            "__module__": __name__, "__qualname__": orig.__name__, "_qt_fixed": fixed, "_qt_original": orig})
+        _REWRITTEN_CLASSES[(orig, fixed)] = cls
     return cls
 
 

@@ -40,6 +40,7 @@ _BENIGN = {
     torch.transpose, torch.permute, torch.narrow, torch.mean, F.adaptive_max_pool2d, operator.floordiv,
     torch._assert, operator.eq, torch.unbind, torch.roll, F.pad, F.adaptive_avg_pool1d, F.avg_pool1d,
     F.unfold, F.interpolate, F.upsample, torch.neg, operator.neg,  # sliding windows (data movement); resampling (a fixed average, as pooling)
+    torch.fx._symbolic_trace._assert_is_none,  # the guard of an argument a trace fixed to None
 }
 _BENIGN_METHODS = {"size", "view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "dim", "permute",
                    "chunk", "split", "transpose", "t", "narrow", "mean", "expand", "unbind", "reshape_as", "view_as",

@@ -128,3 +128,50 @@ def test_timm_models_reading_rewritten_modules_convert(timm_mod, name: str, size
         ref, out = m(x), q(x)
     assert out.shape == ref.shape and torch.isfinite(out).all()
     assert _sqnr(ref, out) > 10
+
+
+class MaskedAttention(nn.Module):
+    """timm's window attention shape: ``forward(x, mask=None)`` tests the mask (a trace follows one branch)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(n, 3 * n)
+        self.proj = nn.Linear(n, n)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        attn = q @ k.transpose(-2, -1)
+        if mask is not None:
+            attn = attn + mask
+        return x + self.proj(attn.softmax(-1) @ v)
+
+
+class TwoBlocks(nn.Module):
+    def __init__(self, n: int = 8) -> None:
+        super().__init__()
+        self.a = MaskedAttention(n)
+        self.b = MaskedAttention(n)
+        self.register_buffer("mask", torch.triu(torch.full((5, 5), -1e4), 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x), mask=self.mask)
+
+
+def test_forward_specialized_on_a_none_default_is_rewritten_with_the_original_for_other_values() -> None:
+    torch.manual_seed(0)
+    m = TwoBlocks().eval()
+    x = torch.randn(4, 5, 8)
+    qm = qt.prepare(m)
+    assert {op.op for op in qt.float_ops(qm)} <= {"softmax"}  # the matmuls and the residual add are lifted
+    assert isinstance(qm.a, torch.fx.GraphModule) and isinstance(qm.a, MaskedAttention)
+    with fake_quant_disabled(qm), torch.no_grad(), pytest.warns(UserWarning, match="mask=Tensor.*original forward"):
+        torch.testing.assert_close(qm(x), m(x), atol=1e-6, rtol=1e-6)  # b called with a mask: the original forward
+    with pytest.warns(UserWarning, match="never ran"):  # b's lifted ops never ran: they go back to float
+        qt.calibrate(qm, [x], progress=False)
+        q = qt.convert(qm)
+    assert any(isinstance(mod, qt.nn.Int8MatMul) for mod in q.a.modules())
+    with torch.no_grad():
+        ref = m.double()(x.double())
+        assert _sqnr(ref, q(x)) > 25
+        y = torch.randn(4, 5, 8)
+        torch.testing.assert_close(q.a(y, mask=None), q.a(y))  # the default given explicitly: the rewritten graph
