@@ -607,7 +607,8 @@ def _rewritten_class(orig: type, fixed: tuple[tuple[str, int, object], ...] = ()
     """The ``fx.GraphModule`` class for a rewritten instance of ``orig``: a subclass of both, so the model's code
     keeps working on it: its methods (``self.rel_pos.get_bias()``), properties and class attributes resolve through
     the original class (``isinstance`` holds too), while ``forward`` is the rewritten graph's. Its ``__module__`` is
-    this one's: duck typing by defining package (:mod:`qtoolkit.layer_kinds`) does not take it for the original."""
+    ``fx.GraphModule``'s: duck typing by defining package (:mod:`qtoolkit.layer_kinds`) does not take it for the
+    original, and ``convert`` treats it as the model's code (not one of qtoolkit's modules)."""
     if issubclass(orig, fx.GraphModule):
         if fixed:
             raise TypeError(f"{orig.__name__}: an fx.GraphModule traced with fixed arguments cannot be rewritten again")
@@ -615,7 +616,7 @@ def _rewritten_class(orig: type, fixed: tuple[tuple[str, int, object], ...] = ()
     cls = _REWRITTEN_CLASSES.get((orig, fixed))
     if cls is None:
         cls = type(orig.__name__, (_RewrittenModule, _ModuleInit, orig), {
-            "__module__": __name__, "__qualname__": orig.__name__, "_qt_fixed": fixed, "_qt_original": orig})
+            "__module__": fx.GraphModule.__module__, "__qualname__": orig.__name__, "_qt_fixed": fixed, "_qt_original": orig})
         _REWRITTEN_CLASSES[(orig, fixed)] = cls
     return cls
 

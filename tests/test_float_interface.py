@@ -175,3 +175,14 @@ def test_forward_specialized_on_a_none_default_is_rewritten_with_the_original_fo
         assert _sqnr(ref, q(x)) > 25
         y = torch.randn(4, 5, 8)
         torch.testing.assert_close(q.a(y, mask=None), q.a(y))  # the default given explicitly: the rewritten graph
+
+
+def test_rewritten_root_stays_the_models_code_for_convert() -> None:
+    """A model whose own forward is rewritten is still the user's model to ``convert``: its fast forward is built as
+    one program (:mod:`qtoolkit.executor`), as for an unmodified root."""
+    from qtoolkit import executor
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    q = qt.convert(qt.calibrate(qt.prepare(Block(8).eval()), [x], progress=False))
+    assert isinstance(q, Block) and isinstance(q.__dict__.get("forward"), executor.ProgramForward)
