@@ -63,7 +63,9 @@ __all__ = ["build_parser", "main", "ensure_dataset", "estimate_fp32_training"]
 # default (add it with --qat-preset w4a4,w4a8: it reconstructs its own start, ~+4 min).
 QAT_EPOCHS_DEFAULT = 1
 QAT_FRACTION_DEFAULT = 1.0
-QAT_LR_DEFAULT = 0.0025
+QAT_LR_DEFAULT = 0.0005
+QAT_WD_DEFAULT = 5e-4
+QAT_DISTILL_DEFAULT = 0.0
 QAT_EVAL_EVERY_DEFAULT = 160
 # PTQ reconstruction (step 2b): five models (W4A4 uniform and mixed precision, W4A8, W4A4 and W2A4 with the stem and
 # the classifier at W8A8), each reconstruction within this many seconds
@@ -97,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qat-epochs", type=int, default=QAT_EPOCHS_DEFAULT, help="QAT epochs")
     p.add_argument("--qat-train-fraction", type=float, default=QAT_FRACTION_DEFAULT, help="QAT training-set fraction")
     p.add_argument("--qat-lr", type=float, default=QAT_LR_DEFAULT, help="QAT learning rate")
+    p.add_argument("--qat-wd", type=float, default=QAT_WD_DEFAULT, help="QAT weight decay (conv/linear weights)")
+    p.add_argument("--qat-distill", type=float, default=QAT_DISTILL_DEFAULT,
+                   help="QAT: weight of the distillation loss from the FP32 model's logits (1: labels unused)")
     p.add_argument("--qat-eval-every", type=int, default=QAT_EVAL_EVERY_DEFAULT,
                    help="test-set evaluations every this many QAT steps (points of the QAT curve; 0: epoch ends only)")
     p.add_argument("--qat-args", default="", help="extra arguments for recipes.qat, e.g. '--lsq --act-calibrator mse'")
@@ -287,7 +292,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         start = _qat_start(recon_runs, preset, args)
         qat_argv = common + ["--out", str(out_dir), "--preset", preset, "--keep-8bit", args.keep_8bit,
                              "--epochs", str(args.qat_epochs), "--train-fraction", str(args.qat_train_fraction),
-                             "--lr", str(args.qat_lr), "--fp32-top1", repr(fp32["top1"]), "--init", start,
+                             "--lr", str(args.qat_lr), "--wd", str(args.qat_wd), "--distill", str(args.qat_distill),
+                             "--fp32-top1", repr(fp32["top1"]), "--init", start,
                              "--calib-batches", str(args.calib_batches)] \
             + (["--eval-every", str(args.qat_eval_every)] if args.qat_eval_every else []) + args.qat_args.split()
         commands.append(command_line("recipes.qat", qat_argv))
