@@ -328,7 +328,7 @@ class _Builder:
         else:
             xq = f"{var}_in"
             self.lines.append(f"{xq} = _codes_in({k}, {self.obj(src)})")
-        if st.ext is not None and st.kind == "conv2d" and not st.float_out:  # the extension's cached primitive (see dispatch._ext_kernel)
+        if st.ext is not None and st.strategy == "direct" and st.kind == "conv2d" and not st.float_out:  # the extension's cached primitive (see dispatch._ext_kernel)
             self.lines.append(f"{var} = {self.const(st.ext.run)}({xq})")
             if st.need_clamp:
                 self.lines.append(f"{var} = {var}.clamp_({st.clamp_lo}, {st.clamp_hi})")

@@ -324,8 +324,8 @@ def _layer_state(p: LayerParams) -> Any:
         "split" if split else "direct", pad, None if w_sum is None else w_sum.to(torch.float32), repack,
         k_w_scale=k_w_scale, k_bias=k_bias, out_xor=out_xor, k_out_zp=k_out_zp,
     )  # fmt: skip
-    if static and not split:
-        st.ext, st.ext_note = _ext_kernel(st, w, qmax, wmax, kernel_class, bias64)
+    if static:  # split: the halves are <= 128, so the extension's kernel is exact on them too
+        st.ext, st.ext_note = _ext_kernel(st, w, 128 if split else qmax, wmax, kernel_class, bias64)
     return st
 
 
@@ -341,7 +341,7 @@ def _ext_kernel(st: _LayerState, w: Tensor, qmax: int, wmax: int, kernel_class: 
     bias = None
     if bias64 is not None:  # accumulator units: y = os * (acc + b / (s_x * s_w))
         bias = bias64.double() / (1.0 if st.float_out else st.out_scale) / os_
-    out = dict(x_zp=st.x_zp, out_zp=0 if st.float_out else st.k_out_zp,
+    out = dict(x_zp=st.x_zp // 2 if st.strategy == "split" else st.x_zp, out_zp=0 if st.float_out else st.k_out_zp,
                out_dtype=torch.float32 if st.float_out else st.out_dtype, relu=st.post_op == "relu")  # fmt: skip
     try:
         if st.kind == "conv2d":
