@@ -86,7 +86,9 @@ def results_block(root: Path, kind: str) -> str:
     meta = data["meta"]
     env = meta.get("env", {})
     cpu = ", ".join(p.strip() for p in meta["cpu"].split(";")[:2]) if meta.get("cpu") else MAIN_JOB_CPU
-    head = (f"`bash scripts/main.sh --no-progress --threads {meta['threads']}` ({MAIN_JOB_JSON.as_posix()}; "
+    recorded = (meta.get("commands") or [""])[0]  # "python -m recipes.main_job ARGS" as the job ran
+    args = recorded.split("recipes.main_job", 1)[1].strip() if "recipes.main_job" in recorded else f"--threads {meta['threads']}"
+    head = (f"`bash scripts/main.sh {args}` ({MAIN_JOB_JSON.as_posix()}; "
             f"{meta['model']} on {meta['dataset'].split(' (')[0]}, {meta['started_utc']}, {cpu}, "
             f"{meta['threads']} threads, torch {env.get('torch', '?')}; wall time {meta['wall_time_s'] / 60:.1f} min after set-up)")  # fmt: skip
     if kind == "bars":
@@ -182,6 +184,7 @@ ZOO: dict[str, tuple[str, str, Optional[str]]] = {
     "zoo-speed-b1": ("zoo_speed_w8a8_b1_zen4.json", "speed",
                      ".venv/bin/python scripts/check_zoo.py --size 224 --batch 1 --calib-batches 2 --eval-batches 1 "
                      "--executions fast --speed --json docs/zoo_speed_w8a8_b1_zen4.json"),
+    "zoo-speed-b1-avx2cap": ("zoo_speed_w8a8x86_b1_zen4_avx2cap.json", "speed", None),
     "zoo-timm": ("zoo_timm_w8a8.json", "timm", None),
     "deploy-zoo": ("deploy_zoo_zen4.json", "deploy", ".venv/bin/python scripts/check_deploy_zoo.py --json docs/deploy_zoo_zen4.json"),
 }
@@ -207,6 +210,7 @@ def zoo_block(root: Path, name: str) -> str:
     data = json.loads(path.read_text())
     script = "scripts/check_deploy_zoo.py" if kind == "deploy" else "scripts/check_zoo.py"
     note = f"; models from {data['source']}" if data.get("source") else ""
+    cmd = data.get("command") or cmd  # check_zoo records the command that wrote the file
     if not cmd:
         cmd, note = f"{script} ... --json docs/{file}", note + "; the run's other flags are not recorded in the file"
     return f"`{cmd}` (docs/{file}{note}):\n\n    {data.get('cpu', 'CPU: not recorded')}\n\n{zoo_table(data['rows'], kind)}\n"
