@@ -36,6 +36,7 @@ from qtoolkit.config import QuantizerConfig
 from qtoolkit.fake_quant import FakeQuantize
 from qtoolkit.nn.quant_layer import QuantLayer
 from qtoolkit.numerics import SCALE_EPS
+from qtoolkit.table_grids import fit_table_input_grids
 from qtoolkit.toggles import quantizers
 
 __all__ = ["calibrate", "model_device", "batch_input", "call_model", "to_device", "tensor_version"]
@@ -194,7 +195,7 @@ def calibrate(
         progress: show a tqdm progress bar.
         fit_tables: give each lookup-table activation (SiLU, sigmoid, GELU, ...) an input grid only as wide as
             the inputs whose output codes differ
-            (:func:`qtoolkit.ptq.activation_grids.fit_table_input_grids`: a sigmoid gate calibrated on
+            (:func:`qtoolkit.table_grids.fit_table_input_grids`: a sigmoid gate calibrated on
             ``[-80, 84]`` gets ``[-6.2, 6.2]``); the tables' outputs are unchanged, their input rounding finer.
 
     Returns:
@@ -275,8 +276,6 @@ def calibrate(
                 else:
                     unobserved.append(name)
         if fit_tables:
-            from qtoolkit.ptq.activation_grids import fit_table_input_grids
-
             by_id = {id(fq): fq for _, fq in fqs}
             tied: dict[int, list[FakeQuantize]] = {}
             for fid, leader in followers.items():

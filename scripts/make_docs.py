@@ -87,7 +87,7 @@ def results_block(root: Path, kind: str) -> str:
     env = meta.get("env", {})
     cpu = ", ".join(p.strip() for p in meta["cpu"].split(";")[:2]) if meta.get("cpu") else MAIN_JOB_CPU
     recorded = (meta.get("commands") or [""])[0]  # "python -m recipes.main_job ARGS" as the job ran
-    args = recorded.split("recipes.main_job", 1)[1].strip() if "recipes.main_job" in recorded else f"--threads {meta['threads']}"
+    args = recorded.split("recipes.main_job", 1)[1].strip() if "recipes.main_job" in recorded else f"--no-progress --threads {meta['threads']}"
     head = (f"`bash scripts/main.sh {args}` ({MAIN_JOB_JSON.as_posix()}; "
             f"{meta['model']} on {meta['dataset'].split(' (')[0]}, {meta['started_utc']}, {cpu}, "
             f"{meta['threads']} threads, torch {env.get('torch', '?')}; wall time {meta['wall_time_s'] / 60:.1f} min after set-up)")  # fmt: skip

@@ -22,7 +22,7 @@ LAYERS = {
         "qtoolkit.minmax_observers", "qtoolkit.histogram_observer", "qtoolkit.per_channel_observers",
         "qtoolkit.calibrator_registry", "qtoolkit.config", "qtoolkit.observers", "qtoolkit.fake_quant"],
     2: ["qtoolkit.nn"],
-    3: ["qtoolkit.toggles", "qtoolkit.fuse_common", "qtoolkit.fuse_rewrites", "qtoolkit.fuse", "qtoolkit.summary", "qtoolkit.calibrate", "qtoolkit.prepare",
+    3: ["qtoolkit.toggles", "qtoolkit.fuse_common", "qtoolkit.fuse_classes", "qtoolkit.fuse_rewrites", "qtoolkit.fuse", "qtoolkit.summary", "qtoolkit.table_grids", "qtoolkit.calibrate", "qtoolkit.prepare",
         "qtoolkit.convert_passes", "qtoolkit.executor", "qtoolkit.convert"],
     4: ["qtoolkit.qat", "qtoolkit.ptq", "qtoolkit.export"],
 }

@@ -30,6 +30,8 @@ from qtoolkit.qat.checkpoint import (
 from qtoolkit.qat.config import QATConfig
 from qtoolkit.qat.distributed import _agree, _comm_device, _dist_on, _rank, _world, sync_quantizers, unwrap_model
 from qtoolkit.qat.evaluation import _batch_target, _n_correct, evaluate_top1
+from qtoolkit.qat.losses import distillation_loss
+from qtoolkit.qat.model_checks import _check_qat_model
 from qtoolkit.toggles import disable_observers, freeze_bn, observers_disabled, quantizers
 
 __all__ = ["QATTrainer", "fit_qat", "distillation_loss"]
@@ -37,60 +39,6 @@ __all__ = ["QATTrainer", "fit_qat", "distillation_loss"]
 logger = logging.getLogger("qtoolkit.qat")
 
 _SCHEDULER_STEPS = ("batch", "epoch")
-_QAT_ATTR = "_qtoolkit_qat"  # set by qtoolkit.prepare
-
-
-def _check_qat_model(module: nn.Module) -> None:
-    flags = [getattr(m, _QAT_ATTR) for m in module.modules() if hasattr(m, _QAT_ATTR)]
-    if any(f is True for f in flags):
-        return
-    if flags:
-        # PTQ form (BN folded): trains as it is once every range exists (calibrated / reconstructed)
-        missing = [
-            name for name, fq in quantizers(module)
-            if fq.role in ("weight", "activation") and bool(fq.fake_quant_enabled) and not fq.is_calibrated
-        ]
-        if missing:
-            raise ValueError(
-                "QATTrainer: the model was prepared for post-training quantization (BatchNorm folded) but is not "
-                f"calibrated ({', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''} have no range); run "
-                "qtoolkit.calibrate(model, data) (and optionally qtoolkit.reconstruct) and "
-                "qtoolkit.qat.start_from_prepared(model) first, or prepare with qtoolkit.prepare(model, qconfig, qat=True)"
-            )
-        return
-    if next(quantizers(module), None) is None:
-        raise ValueError(
-            "QATTrainer: the model has no quantizers; prepare it first with qtoolkit.prepare(model, qconfig, qat=True)"
-        )
-    raise ValueError(
-        "QATTrainer: the model was not prepared with qtoolkit.prepare(model, qconfig, qat=True) "
-        "(no QAT marker found on it)"
-    )
-
-
-# --------------------------------------------------------------------------------------
-# trainer
-# --------------------------------------------------------------------------------------
-
-
-def distillation_loss(logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """Knowledge-distillation loss ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, averaged over the batch.
-
-    ``logits`` (student, ``[N, C]`` or ``[N, C, ...]`` with classes on dim 1) carry the gradient; ``teacher_logits``
-    are treated as constants. ``T²`` keeps the gradient's size independent of ``T`` (Hinton et al. 2015).
-
-    Example::
-
-        >>> s = torch.tensor([[2.0, 0.0]], requires_grad=True)
-        >>> float(distillation_loss(s, torch.tensor([[2.0, 0.0]])))
-        0.0
-    """
-    if temperature <= 0:
-        raise ValueError(f"distillation_loss: temperature must be > 0, got {temperature}")
-    log_p = torch.log_softmax(logits.float() / temperature, dim=1)
-    log_q = torch.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
-    kl = (log_q.exp() * (log_q - log_p)).sum(dim=1)
-    return kl.mean() * (temperature * temperature)
 
 
 class QATTrainer:
