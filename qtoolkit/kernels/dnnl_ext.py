@@ -182,6 +182,17 @@ def status() -> str:
     return f"torch onednn ops ({_reason})"
 
 
+def _operands(weight: Tensor, out_scales: Tensor, bias: Optional[Tensor], out_dtype: torch.dtype) -> tuple:
+    """The loaded extension and a kernel's tensors as it takes them (int8 weight, float32 scales and bias)."""
+    ext = load()
+    if ext is None:
+        raise RuntimeError(f"the oneDNN int8 extension is unavailable: {status()}")
+    if out_dtype not in _OUT_KIND:
+        raise ValueError(f"out_dtype must be torch.uint8, torch.int8 or torch.float32, got {out_dtype}")
+    b = None if bias is None else bias.detach().to(torch.float32).reshape(-1).contiguous()
+    return ext, weight.detach().to(torch.int8).contiguous(), out_scales.detach().to(torch.float32).reshape(-1).contiguous(), b
+
+
 class QConv:
     """One int8 Conv2d with fixed quantization parameters, on the extension's cached oneDNN primitives.
 
@@ -206,18 +217,10 @@ class QConv:
     def __init__(self, weight: Tensor, out_scales: Tensor, bias: Optional[Tensor], *, stride: Union[int, Sequence[int]],
                  padding: Union[int, Sequence[int]], dilation: Union[int, Sequence[int]], groups: int, x_zp: int, out_zp: int,
                  out_dtype: torch.dtype, relu: bool = False, sum_scale: Optional[float] = None, sum_zp: int = 0) -> None:  # fmt: skip
-        ext = load()
-        if ext is None:
-            raise RuntimeError(f"the oneDNN int8 extension is unavailable: {status()}")
-        if out_dtype not in _OUT_KIND:
-            raise ValueError(f"out_dtype must be torch.uint8, torch.int8 or torch.float32, got {out_dtype}")
+        ext, w, os_, b = _operands(weight, out_scales, bias, out_dtype)
         self.out_dtype = out_dtype
-        self._k = ext.QConv(
-            weight.detach().to(torch.int8).contiguous(), out_scales.detach().to(torch.float32).reshape(-1).contiguous(),
-            None if bias is None else bias.detach().to(torch.float32).reshape(-1).contiguous(),
-            _pair(stride), _pair(padding), _pair(dilation), int(groups), int(x_zp), int(out_zp), _OUT_KIND[out_dtype],
-            bool(relu), sum_scale is not None, float(sum_scale or 0.0), int(sum_zp),
-        )  # fmt: skip
+        self._k = ext.QConv(w, os_, b, _pair(stride), _pair(padding), _pair(dilation), int(groups), int(x_zp), int(out_zp),
+                            _OUT_KIND[out_dtype], bool(relu), sum_scale is not None, float(sum_scale or 0.0), int(sum_zp))  # fmt: skip
         self.run = self._k.run  # bound once: ``run(x, acc=None)`` straight into C++
 
     def impl(self, n: int, h: int, w: int) -> str:
@@ -233,18 +236,10 @@ class QLinear:
 
     def __init__(self, weight: Tensor, out_scales: Tensor, bias: Optional[Tensor], *, x_zp: int, out_zp: int,
                  out_dtype: torch.dtype, relu: bool = False, sum_scale: Optional[float] = None, sum_zp: int = 0) -> None:  # fmt: skip
-        ext = load()
-        if ext is None:
-            raise RuntimeError(f"the oneDNN int8 extension is unavailable: {status()}")
-        if out_dtype not in _OUT_KIND:
-            raise ValueError(f"out_dtype must be torch.uint8, torch.int8 or torch.float32, got {out_dtype}")
+        ext, w, os_, b = _operands(weight, out_scales, bias, out_dtype)
         self.out_dtype = out_dtype
-        self._k = ext.QLinear(
-            weight.detach().to(torch.int8).contiguous(), out_scales.detach().to(torch.float32).reshape(-1).contiguous(),
-            None if bias is None else bias.detach().to(torch.float32).reshape(-1).contiguous(),
-            int(x_zp), int(out_zp), _OUT_KIND[out_dtype], bool(relu), sum_scale is not None, float(sum_scale or 0.0),
-            int(sum_zp),
-        )  # fmt: skip
+        self._k = ext.QLinear(w, os_, b, int(x_zp), int(out_zp), _OUT_KIND[out_dtype], bool(relu), sum_scale is not None,
+                              float(sum_scale or 0.0), int(sum_zp))  # fmt: skip
         self.run = self._k.run
 
     def impl(self, m: int) -> str:

@@ -66,13 +66,114 @@ bool is_reference(const char* impl) {
 
 constexpr size_t kMaxShapes = 8;
 
-struct ConvEntry {
+// One primitive with everything a call needs but the two data pointers.
+struct Entry {
   std::mutex mu;  // one call at a time per entry: the memory objects and scratchpad are shared
-  dnnl::convolution_forward prim;
+  dnnl::primitive prim;
   memory src, dst, wei, bias;
   std::unordered_map<int, memory> args;
-  int64_t oh = 0, ow = 0;
+  int64_t oh = 0, ow = 0;  // convolution output size
   std::string impl;
+};
+
+// Output scales, zero points and post-ops (sum, then ReLU) shared by the convolution and the matmul.
+struct Quant {
+  torch::Tensor os, bias;  // float32 [OC] (or [1]) scales; float32 [OC] bias in accumulator units (or undefined)
+  int64_t out_kind = 1;
+  bool has_sum = false;
+  dnnl::primitive_attr attr;
+
+  Quant(const torch::Tensor& out_scales, const c10::optional<torch::Tensor>& b, int64_t oc, int64_t x_zp, int64_t out_zp,
+        int64_t kind, bool relu, bool sum, double sum_scale, int64_t sum_zp)
+      : out_kind(kind), has_sum(sum) {
+    dtype_of(kind);
+    os = out_scales.to(at::kFloat).contiguous().reshape({-1});
+    TORCH_CHECK(os.numel() == 1 || os.numel() == oc, "qtoolkit dnnl: out_scales must have 1 or ", oc, " elements");
+    if (b.has_value() && b->defined()) {
+      bias = b->to(at::kFloat).contiguous().reshape({-1});
+      TORCH_CHECK(bias.numel() == oc, "qtoolkit dnnl: bias must have ", oc, " elements");
+    }
+    std::vector<float> scales(os.data_ptr<float>(), os.data_ptr<float>() + os.numel());
+    attr.set_output_scales(scales.size() > 1 ? 2 : 0, scales);
+    if (x_zp != 0) attr.set_zero_points(DNNL_ARG_SRC, 0, {static_cast<int32_t>(x_zp)});
+    if (out_zp != 0) attr.set_zero_points(DNNL_ARG_DST, 0, {static_cast<int32_t>(out_zp)});
+    dnnl::post_ops po;
+    if (sum) po.append_sum(static_cast<float>(sum_scale), static_cast<int32_t>(sum_zp), dtype_of(kind));
+    if (relu) po.append_eltwise(1.f, dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    attr.set_post_ops(po);
+  }
+
+  // The entry of a primitive descriptor: the primitive, the weights reordered into its layout, the argument map.
+  template <class Primitive>
+  std::shared_ptr<Entry> entry(const typename Primitive::primitive_desc& pd, const memory::desc& src_md,
+                               const memory::desc& wei_user, void* weights, const memory::desc& bias_md) const {
+    auto& eng = cpu_engine();
+    auto ep = std::make_shared<Entry>();
+    Entry& e = *ep;
+    e.impl = pd.impl_info_str();
+    TORCH_CHECK(!is_reference(e.impl.c_str()), "qtoolkit dnnl: oneDNN has only its reference implementation (", e.impl,
+                ") for this layer here");
+    e.prim = Primitive(pd);
+    memory wu(wei_user, eng, weights);
+    e.wei = memory(pd.weights_desc(), eng);
+    dnnl::reorder(wu, e.wei).execute(cpu_stream(), wu, e.wei);
+    cpu_stream().wait();
+    e.src = memory(src_md, eng, DNNL_MEMORY_NONE);
+    e.dst = memory(pd.dst_desc(), eng, DNNL_MEMORY_NONE);
+    e.args = {{DNNL_ARG_SRC, e.src}, {DNNL_ARG_WEIGHTS, e.wei}, {DNNL_ARG_DST, e.dst}};
+    if (bias.defined()) {
+      e.bias = memory(bias_md, eng, bias.data_ptr());
+      e.args.insert({DNNL_ARG_BIAS, e.bias});
+    }
+    if (pd.scratchpad_desc().get_size() > 0) e.args.insert({DNNL_ARG_SCRATCHPAD, memory(pd.scratchpad_desc(), eng)});
+    return ep;
+  }
+
+  // The output tensor: a new one, or the sum post-op's accumulator (checked, written in place).
+  torch::Tensor output(const c10::optional<torch::Tensor>& acc, at::IntArrayRef sizes, bool channels_last) const {
+    const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+    if (!has_sum) return torch::empty(sizes, torch::TensorOptions().dtype(scalar_of(out_kind)).memory_format(fmt));
+    TORCH_CHECK(acc.has_value() && acc->defined(), "qtoolkit dnnl: this layer has a sum post-op: pass acc");
+    const torch::Tensor& y = *acc;
+    TORCH_CHECK(y.scalar_type() == scalar_of(out_kind) && y.sizes() == sizes && y.is_contiguous(fmt),
+                "qtoolkit dnnl: acc must be a ", channels_last ? "channels_last " : "contiguous ", sizes,
+                " tensor of the output dtype");
+    return y;
+  }
+};
+
+torch::Tensor execute(Entry& e, const torch::Tensor& x, const torch::Tensor& y) {
+  std::lock_guard<std::mutex> lock(e.mu);
+  e.src.set_data_handle(x.data_ptr());
+  e.dst.set_data_handle(y.data_ptr());
+  e.prim.execute(cpu_stream(), e.args);
+  return y;
+}
+
+// Entries by input shape, built on first use; at most kMaxShapes kept, the oldest dropped first.
+template <class Key>
+class ShapeCache {
+ public:
+  template <class Make>
+  std::shared_ptr<Entry> get(const Key& key, Make&& make) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& kv : cache_) {
+      if (kv.first == key) return kv.second;
+    }
+    auto e = make();
+    if (cache_.size() >= kMaxShapes) cache_.pop_front();
+    cache_.emplace_back(key, e);
+    return e;
+  }
+
+  int64_t size() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return static_cast<int64_t>(cache_.size());
+  }
+
+ private:
+  std::mutex mu_;
+  std::list<std::pair<Key, std::shared_ptr<Entry>>> cache_;
 };
 
 class QConv {
@@ -81,34 +182,18 @@ class QConv {
         std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups, int64_t x_zp, int64_t out_zp,
         int64_t out_kind, bool relu, bool has_sum, double sum_scale, int64_t sum_zp)
       : stride_(std::move(stride)), padding_(std::move(padding)), dilation_(std::move(dilation)), groups_(groups),
-        x_zp_(x_zp), out_zp_(out_zp), out_kind_(out_kind), relu_(relu), has_sum_(has_sum), sum_scale_(sum_scale),
-        sum_zp_(sum_zp) {
+        q_(out_scales, bias, w.dim() == 4 ? w.size(0) : 0, x_zp, out_zp, out_kind, relu, has_sum, sum_scale, sum_zp) {
     TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 4, "qtoolkit dnnl: conv weight must be 4-D int8");
     TORCH_CHECK(stride_.size() == 2 && padding_.size() == 2 && dilation_.size() == 2, "qtoolkit dnnl: 2-D geometry");
     TORCH_CHECK(groups_ >= 1 && w.size(0) % groups_ == 0, "qtoolkit dnnl: bad groups");
-    dtype_of(out_kind_);
     w_ = w.contiguous();
     oc_ = w_.size(0);
     icg_ = w_.size(1);
     kh_ = w_.size(2);
     kw_ = w_.size(3);
-    os_ = out_scales.to(at::kFloat).contiguous().reshape({-1});
-    TORCH_CHECK(os_.numel() == 1 || os_.numel() == oc_, "qtoolkit dnnl: out_scales must have 1 or OC elements");
-    if (bias.has_value() && bias->defined()) {
-      bias_ = bias->to(at::kFloat).contiguous().reshape({-1});
-      TORCH_CHECK(bias_.numel() == oc_, "qtoolkit dnnl: bias must have OC elements");
-    }
-    std::vector<float> scales(os_.data_ptr<float>(), os_.data_ptr<float>() + os_.numel());
-    if (!scales.empty()) attr_.set_output_scales(scales.size() > 1 ? 2 : 0, scales);
-    if (x_zp_ != 0) attr_.set_zero_points(DNNL_ARG_SRC, 0, {static_cast<int32_t>(x_zp_)});
-    if (out_zp_ != 0) attr_.set_zero_points(DNNL_ARG_DST, 0, {static_cast<int32_t>(out_zp_)});
-    dnnl::post_ops po;
-    if (has_sum_) po.append_sum(static_cast<float>(sum_scale_), static_cast<int32_t>(sum_zp_), dtype_of(out_kind_));
-    if (relu_) po.append_eltwise(1.f, dnnl::algorithm::eltwise_relu, 0.f, 0.f);
-    attr_.set_post_ops(po);
   }
 
-  // x: [N, C, H, W] uint8 in channels_last memory; acc (sum post-op): [N, OC, OH, OW] of the output dtype,
+  // x: [N, C, H, W] uint8 (channels_last avoids a copy); acc (sum post-op): [N, OC, OH, OW] of the output dtype,
   // channels_last, written in place and returned.
   torch::Tensor run(const torch::Tensor& x_in, const c10::optional<torch::Tensor>& acc) {
     TORCH_CHECK(x_in.scalar_type() == at::kByte && x_in.dim() == 4, "qtoolkit dnnl: conv input must be 4-D uint8");
@@ -118,109 +203,47 @@ class QConv {
     const torch::Tensor x = x_in.is_contiguous(at::MemoryFormat::ChannelsLast)
                                 ? x_in
                                 : x_in.contiguous(at::MemoryFormat::ChannelsLast);
-    const std::shared_ptr<ConvEntry> ep = entry(x.size(0), x.size(2), x.size(3));
-    ConvEntry& e = *ep;
-    torch::Tensor y;
-    if (has_sum_) {
-      TORCH_CHECK(acc.has_value() && acc->defined(), "qtoolkit dnnl: this conv has a sum post-op: pass acc");
-      y = *acc;
-      TORCH_CHECK(y.scalar_type() == scalar_of(out_kind_) && y.dim() == 4 && y.size(0) == x.size(0) &&
-                      y.size(1) == oc_ && y.size(2) == e.oh && y.size(3) == e.ow &&
-                      y.is_contiguous(at::MemoryFormat::ChannelsLast),
-                  "qtoolkit dnnl: acc must be a channels_last [N, OC, OH, OW] tensor of the output dtype");
-    } else {
-      y = torch::empty({x.size(0), oc_, e.oh, e.ow},
-                       torch::TensorOptions().dtype(scalar_of(out_kind_)).memory_format(at::MemoryFormat::ChannelsLast));
-    }
-    std::lock_guard<std::mutex> lock(e.mu);
-    e.src.set_data_handle(x.data_ptr());
-    e.dst.set_data_handle(y.data_ptr());
-    e.prim.execute(cpu_stream(), e.args);
-    return y;
+    const std::shared_ptr<Entry> e = entry(x.size(0), x.size(2), x.size(3));
+    return execute(*e, x, q_.output(acc, {x.size(0), oc_, e->oh, e->ow}, true));
   }
 
   std::string impl(int64_t n, int64_t h, int64_t w) { return entry(n, h, w)->impl; }
 
-  int64_t cached_shapes() {
-    std::lock_guard<std::mutex> lock(mu_);
-    return static_cast<int64_t>(cache_.size());
-  }
+  int64_t cached_shapes() { return cache_.size(); }
 
  private:
-  // The entry of an input shape (built on first use; at most kMaxShapes kept, the oldest dropped first).
-  std::shared_ptr<ConvEntry> entry(int64_t n, int64_t h, int64_t w) {
-    const std::array<int64_t, 3> key{n, h, w};
-    std::lock_guard<std::mutex> lock(mu_);
-    for (auto& kv : cache_) {
-      if (kv.first == key) return kv.second;
-    }
-    auto e = make(n, h, w);
-    if (cache_.size() >= kMaxShapes) cache_.pop_front();
-    cache_.emplace_back(key, e);
-    return e;
+  std::shared_ptr<Entry> entry(int64_t n, int64_t h, int64_t w) {
+    return cache_.get({n, h, w}, [&] { return make(n, h, w); });
   }
 
-  std::shared_ptr<ConvEntry> make(int64_t n, int64_t h, int64_t w) {
-    auto& eng = cpu_engine();
+  std::shared_ptr<Entry> make(int64_t n, int64_t h, int64_t w) {
     const int64_t kdh = (kh_ - 1) * dilation_[0] + 1, kdw = (kw_ - 1) * dilation_[1] + 1;
     const int64_t oh = (h + 2 * padding_[0] - kdh) / stride_[0] + 1;
     const int64_t ow = (w + 2 * padding_[1] - kdw) / stride_[1] + 1;
     TORCH_CHECK(oh > 0 && ow > 0, "qtoolkit dnnl: input ", h, "x", w, " is smaller than the kernel");
-    const dt odt = dtype_of(out_kind_);
     memory::desc src_md({n, icg_ * groups_, h, w}, dt::u8, tag::nhwc);
-    memory::desc dst_md({n, oc_, oh, ow}, odt, tag::nhwc);
+    memory::desc dst_md({n, oc_, oh, ow}, dtype_of(q_.out_kind), tag::nhwc);
     memory::dims wdims = groups_ > 1 ? memory::dims{groups_, oc_ / groups_, icg_, kh_, kw_}
                                      : memory::dims{oc_, icg_, kh_, kw_};
-    memory::desc wei_any(wdims, dt::s8, tag::any);
     memory::desc wei_user(wdims, dt::s8, groups_ > 1 ? tag::goihw : tag::oihw);
-    memory::desc bias_md = bias_.defined() ? memory::desc({oc_}, dt::f32, tag::x) : memory::desc();
-    const memory::dims strides{stride_[0], stride_[1]};
-    const memory::dims dil{dilation_[0] - 1, dilation_[1] - 1};
+    memory::desc bias_md = q_.bias.defined() ? memory::desc({oc_}, dt::f32, tag::x) : memory::desc();
     const memory::dims pad{padding_[0], padding_[1]};
     dnnl::convolution_forward::desc d(dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct, src_md,
-                                      wei_any, bias_md, dst_md, strides, dil, pad, pad);
-    dnnl::convolution_forward::primitive_desc pd(d, attr_, eng);
-    auto ep = std::make_shared<ConvEntry>();
-    ConvEntry& e = *ep;
-    e.impl = pd.impl_info_str();
-    TORCH_CHECK(!is_reference(e.impl.c_str()), "qtoolkit dnnl: oneDNN has only its reference implementation (",
-                e.impl, ") for this convolution here");
-    e.prim = dnnl::convolution_forward(pd);
-    e.oh = oh;
-    e.ow = ow;
-    memory wu(wei_user, eng, w_.data_ptr());
-    e.wei = memory(pd.weights_desc(), eng);
-    dnnl::reorder(wu, e.wei).execute(cpu_stream(), wu, e.wei);
-    cpu_stream().wait();
-    e.src = memory(src_md, eng, DNNL_MEMORY_NONE);
-    e.dst = memory(pd.dst_desc(), eng, DNNL_MEMORY_NONE);
-    e.args = {{DNNL_ARG_SRC, e.src}, {DNNL_ARG_WEIGHTS, e.wei}, {DNNL_ARG_DST, e.dst}};
-    if (bias_.defined()) {
-      e.bias = memory(bias_md, eng, bias_.data_ptr());
-      e.args.insert({DNNL_ARG_BIAS, e.bias});
-    }
-    if (pd.scratchpad_desc().get_size() > 0) e.args.insert({DNNL_ARG_SCRATCHPAD, memory(pd.scratchpad_desc(), eng)});
-    return ep;
+                                      memory::desc(wdims, dt::s8, tag::any), bias_md, dst_md,
+                                      {stride_[0], stride_[1]}, {dilation_[0] - 1, dilation_[1] - 1}, pad, pad);
+    auto e = q_.entry<dnnl::convolution_forward>(dnnl::convolution_forward::primitive_desc(d, q_.attr, cpu_engine()),
+                                                 src_md, wei_user, w_.data_ptr(), bias_md);
+    e->oh = oh;
+    e->ow = ow;
+    return e;
   }
 
-  torch::Tensor w_, os_, bias_;
+  torch::Tensor w_;
   std::vector<int64_t> stride_, padding_, dilation_;
-  int64_t groups_, x_zp_, out_zp_, out_kind_;
-  bool relu_, has_sum_;
-  double sum_scale_;
-  int64_t sum_zp_;
+  int64_t groups_;
+  Quant q_;
   int64_t oc_ = 0, icg_ = 0, kh_ = 0, kw_ = 0;
-  dnnl::primitive_attr attr_;
-  std::mutex mu_;
-  std::list<std::pair<std::array<int64_t, 3>, std::shared_ptr<ConvEntry>>> cache_;
-};
-
-struct LinearEntry {
-  std::mutex mu;
-  dnnl::matmul prim;
-  memory src, dst, wei, bias;
-  std::unordered_map<int, memory> args;
-  std::string impl;
+  ShapeCache<std::array<int64_t, 3>> cache_;
 };
 
 // int8 Linear as oneDNN matmul: [M, K] uint8 x [K, N] int8 -> [M, N]; the same numerics as QConv.
@@ -228,106 +251,42 @@ class QLinear {
  public:
   QLinear(torch::Tensor w, torch::Tensor out_scales, c10::optional<torch::Tensor> bias, int64_t x_zp, int64_t out_zp,
           int64_t out_kind, bool relu, bool has_sum, double sum_scale, int64_t sum_zp)
-      : x_zp_(x_zp), out_zp_(out_zp), out_kind_(out_kind), has_sum_(has_sum) {
+      : q_(out_scales, bias, w.dim() == 2 ? w.size(0) : 0, x_zp, out_zp, out_kind, relu, has_sum, sum_scale, sum_zp) {
     TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2, "qtoolkit dnnl: linear weight must be 2-D int8");
-    dtype_of(out_kind_);
     w_ = w.contiguous();
     n_ = w_.size(0);
     k_ = w_.size(1);
-    os_ = out_scales.to(at::kFloat).contiguous().reshape({-1});
-    TORCH_CHECK(os_.numel() == 1 || os_.numel() == n_, "qtoolkit dnnl: out_scales must have 1 or OUT elements");
-    if (bias.has_value() && bias->defined()) {
-      bias_ = bias->to(at::kFloat).contiguous().reshape({-1});
-      TORCH_CHECK(bias_.numel() == n_, "qtoolkit dnnl: bias must have OUT elements");
-    }
-    std::vector<float> scales(os_.data_ptr<float>(), os_.data_ptr<float>() + os_.numel());
-    attr_.set_output_scales(scales.size() > 1 ? 2 : 0, scales);
-    if (x_zp_ != 0) attr_.set_zero_points(DNNL_ARG_SRC, 0, {static_cast<int32_t>(x_zp_)});
-    if (out_zp_ != 0) attr_.set_zero_points(DNNL_ARG_DST, 0, {static_cast<int32_t>(out_zp_)});
-    dnnl::post_ops po;
-    if (has_sum) po.append_sum(static_cast<float>(sum_scale), static_cast<int32_t>(sum_zp), dtype_of(out_kind_));
-    if (relu) po.append_eltwise(1.f, dnnl::algorithm::eltwise_relu, 0.f, 0.f);
-    attr_.set_post_ops(po);
   }
 
-  // x: [M, K] uint8 (contiguous); acc (sum post-op): [M, N] of the output dtype, written in place and returned.
+  // x: [M, K] uint8; acc (sum post-op): [M, N] of the output dtype, contiguous, written in place and returned.
   torch::Tensor run(const torch::Tensor& x_in, const c10::optional<torch::Tensor>& acc) {
     TORCH_CHECK(x_in.scalar_type() == at::kByte && x_in.dim() == 2, "qtoolkit dnnl: linear input must be 2-D uint8");
     TORCH_CHECK(x_in.device().is_cpu(), "qtoolkit dnnl: linear input must be on the CPU");
     TORCH_CHECK(x_in.size(1) == k_, "qtoolkit dnnl: linear input has ", x_in.size(1), " features, expected ", k_);
+    TORCH_CHECK(x_in.size(0) > 0, "qtoolkit dnnl: empty linear input");
     const torch::Tensor x = x_in.is_contiguous() ? x_in : x_in.contiguous();
     const int64_t m = x.size(0);
-    TORCH_CHECK(m > 0, "qtoolkit dnnl: empty linear input");
-    const std::shared_ptr<LinearEntry> ep = entry(m);
-    LinearEntry& e = *ep;
-    torch::Tensor y;
-    if (has_sum_) {
-      TORCH_CHECK(acc.has_value() && acc->defined(), "qtoolkit dnnl: this linear has a sum post-op: pass acc");
-      y = *acc;
-      TORCH_CHECK(y.scalar_type() == scalar_of(out_kind_) && y.dim() == 2 && y.size(0) == m && y.size(1) == n_ &&
-                      y.is_contiguous(),
-                  "qtoolkit dnnl: acc must be a contiguous [M, OUT] tensor of the output dtype");
-    } else {
-      y = torch::empty({m, n_}, torch::TensorOptions().dtype(scalar_of(out_kind_)));
-    }
-    std::lock_guard<std::mutex> lock(e.mu);
-    e.src.set_data_handle(x.data_ptr());
-    e.dst.set_data_handle(y.data_ptr());
-    e.prim.execute(cpu_stream(), e.args);
-    return y;
+    const std::shared_ptr<Entry> e = cache_.get(m, [&] { return make(m); });
+    return execute(*e, x, q_.output(acc, {m, n_}, false));
   }
 
-  std::string impl(int64_t m) { return entry(m)->impl; }
+  std::string impl(int64_t m) { return cache_.get(m, [&] { return make(m); })->impl; }
 
  private:
-  std::shared_ptr<LinearEntry> entry(int64_t m) {
-    std::lock_guard<std::mutex> lock(mu_);
-    for (auto& kv : cache_) {
-      if (kv.first == m) return kv.second;
-    }
-    auto e = make(m);
-    if (cache_.size() >= kMaxShapes) cache_.pop_front();
-    cache_.emplace_back(m, e);
-    return e;
-  }
-
-  std::shared_ptr<LinearEntry> make(int64_t m) {
-    auto& eng = cpu_engine();
+  std::shared_ptr<Entry> make(int64_t m) {
     memory::desc src_md({m, k_}, dt::u8, tag::ab);
-    memory::desc dst_md({m, n_}, dtype_of(out_kind_), tag::ab);
-    memory::desc wei_any({k_, n_}, dt::s8, tag::any);
+    memory::desc dst_md({m, n_}, dtype_of(q_.out_kind), tag::ab);
     memory::desc wei_user({k_, n_}, dt::s8, tag::ba);  // torch's [OUT, IN] row-major is [IN, OUT] column-major
-    memory::desc bias_md = bias_.defined() ? memory::desc({1, n_}, dt::f32, tag::ab) : memory::desc();
-    dnnl::matmul::desc d(src_md, wei_any, bias_md, dst_md);
-    dnnl::matmul::primitive_desc pd(d, attr_, eng);
-    auto ep = std::make_shared<LinearEntry>();
-    LinearEntry& e = *ep;
-    e.impl = pd.impl_info_str();
-    TORCH_CHECK(!is_reference(e.impl.c_str()), "qtoolkit dnnl: oneDNN has only its reference implementation (",
-                e.impl, ") for this matmul here");
-    e.prim = dnnl::matmul(pd);
-    memory wu(wei_user, eng, w_.data_ptr());
-    e.wei = memory(pd.weights_desc(), eng);
-    dnnl::reorder(wu, e.wei).execute(cpu_stream(), wu, e.wei);
-    cpu_stream().wait();
-    e.src = memory(src_md, eng, DNNL_MEMORY_NONE);
-    e.dst = memory(pd.dst_desc(), eng, DNNL_MEMORY_NONE);
-    e.args = {{DNNL_ARG_SRC, e.src}, {DNNL_ARG_WEIGHTS, e.wei}, {DNNL_ARG_DST, e.dst}};
-    if (bias_.defined()) {
-      e.bias = memory(bias_md, eng, bias_.data_ptr());
-      e.args.insert({DNNL_ARG_BIAS, e.bias});
-    }
-    if (pd.scratchpad_desc().get_size() > 0) e.args.insert({DNNL_ARG_SCRATCHPAD, memory(pd.scratchpad_desc(), eng)});
-    return ep;
+    memory::desc bias_md = q_.bias.defined() ? memory::desc({1, n_}, dt::f32, tag::ab) : memory::desc();
+    dnnl::matmul::desc d(src_md, memory::desc({k_, n_}, dt::s8, tag::any), bias_md, dst_md);
+    return q_.entry<dnnl::matmul>(dnnl::matmul::primitive_desc(d, q_.attr, cpu_engine()), src_md, wei_user,
+                                  w_.data_ptr(), bias_md);
   }
 
-  torch::Tensor w_, os_, bias_;
-  int64_t x_zp_, out_zp_, out_kind_;
-  bool has_sum_;
+  torch::Tensor w_;
+  Quant q_;
   int64_t n_ = 0, k_ = 0;
-  dnnl::primitive_attr attr_;
-  std::mutex mu_;
-  std::list<std::pair<int64_t, std::shared_ptr<LinearEntry>>> cache_;
+  ShapeCache<int64_t> cache_;
 };
 
 std::string version() {
