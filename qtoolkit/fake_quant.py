@@ -28,11 +28,11 @@ from qtoolkit.numerics import (
     _broadcast_shape,
     _check_float_input,
     _fq_codes_forward,
+    _lsq_operands,
     _zf_or_none,
     compute_qparams,
     fake_quantize,
     fake_quantize_trusted,
-    lsq_grad_scale,
 )
 from qtoolkit.observers import ObserverBase, make_observer
 
@@ -144,18 +144,7 @@ def fake_quantize_lsq_lowmem(
         (tensor([0.0000, 0.3000, 0.7000]), tensor([1., 1., 0.]), tensor(7.))
     """
     _check_float_input(x, "fake_quantize_lsq_lowmem")
-    shape = _broadcast_shape(x, axis)
-    z = torch.as_tensor(zero_point, device=x.device).detach()
-    if shape is None:
-        s_b, z_b, reduce_dims = scale.reshape(()), z.reshape(()), None
-        per_scale = x.numel()
-    else:
-        s_b, z_b = scale.reshape(shape), z.reshape(shape)
-        ax = axis % x.dim()  # type: ignore[operator]
-        reduce_dims = tuple(d for d in range(x.dim()) if d != ax)
-        per_scale = x.numel() // max(x.shape[ax], 1)
-    if grad_factor is None:
-        grad_factor = lsq_grad_scale(per_scale, qmax)
+    s_b, z_b, grad_factor, reduce_dims = _lsq_operands(x, scale, zero_point, qmax, axis, grad_factor)
     return _LSQRecompute.apply(x, s_b, z_b, qmin, qmax, grad_factor, reduce_dims)
 
 

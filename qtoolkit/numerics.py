@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -386,7 +387,15 @@ def fake_quantize_lsq(
     """
     _check_float_input(x, "fake_quantize_lsq")
     _check_codes(qmin, qmax)
-    z = torch.as_tensor(zero_point, device=x.device)
+    s_b, z_b, grad_factor, reduce_dims = _lsq_operands(x, scale, zero_point, qmax, axis, grad_factor)
+    return _FakeQuantLSQ.apply(x, s_b, z_b, qmin, qmax, grad_factor, reduce_dims)
+
+
+def _lsq_operands(x: Tensor, scale: Tensor, zero_point: Any, qmax: int, axis: int | None,
+                  grad_factor: float | None) -> tuple[Tensor, Tensor, float, tuple[int, ...] | None]:  # fmt: skip
+    """LSQ's scale and zero point shaped to broadcast over ``x`` (per tensor, or per channel along ``axis``), the
+    scale-gradient factor (default ``1/sqrt(N·qmax)``, N elements per scale) and the dims the scale gradient sums."""
+    z = torch.as_tensor(zero_point, device=x.device).detach()
     shape = _broadcast_shape(x, axis)
     if shape is None:
         s_b, z_b, reduce_dims = scale.reshape(()), z.reshape(()), None
@@ -396,10 +405,7 @@ def fake_quantize_lsq(
         ax = axis % x.dim()  # type: ignore[operator]
         reduce_dims = tuple(d for d in range(x.dim()) if d != ax)
         per_scale = x.numel() // max(x.shape[ax], 1)
-    if grad_factor is None:
-        grad_factor = lsq_grad_scale(per_scale, qmax)
-    out = _FakeQuantLSQ.apply(x, s_b, z_b.detach(), qmin, qmax, grad_factor, reduce_dims)
-    return out
+    return s_b, z_b, lsq_grad_scale(per_scale, qmax) if grad_factor is None else grad_factor, reduce_dims
 
 
 # --------------------------------------------------------------------------------------
