@@ -135,7 +135,7 @@ def _build(verbose: bool) -> Any:
     return cpp_extension.load(
         "qtoolkit_dnnl",
         [str(_SRC)],
-        extra_cflags=["-O2"],
+        extra_cflags=["-O3", "-ffp-contract=off"],  # strict float32: the add replays the fake-quant arithmetic
         extra_include_paths=[str(shadow)],
         extra_ldflags=ldflags,
         build_directory=str(out),
@@ -198,7 +198,8 @@ class QConv:
 
     ``run(x)`` computes, per output channel ``oc``: ``acc = Σ (x - x_zp)·w`` (int32, exact),
     ``y = out_scales[oc] · (acc + bias[oc])`` in float32 (``bias`` in accumulator units), then the post-ops
-    (``sum``: ``y += sum_scale · (acc_codes - sum_zp)``; ``relu``), then ``round(y) + out_zp`` saturated to
+    (``sum``: ``y += sum_scale · (acc_codes - sum_zp)``; ``relu``), then ``round(y) + out_zp`` (rounded before the
+    zero point is added, as the fake-quant model rounds; an ``eltwise_round`` post-op) saturated to
     ``out_dtype`` (``torch.uint8`` / ``torch.int8``), or ``y`` itself for ``torch.float32``.
 
     Args:

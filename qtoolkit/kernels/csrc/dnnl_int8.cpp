@@ -11,14 +11,28 @@
 //   y   = os[oc] * (float(acc) + b[oc])                         (b in accumulator units)
 //   y   = y + sum_scale * (old_dst - sum_zp)                     (optional sum post-op)
 //   y   = relu(y)                                               (optional)
-//   out = saturate(round_half_even(y + z_out))                  (u8 / s8), or y (f32)
+//   out = saturate(round_half_even(y) + z_out)                  (u8 / s8), or y (f32)
+// With a nonzero z_out, an eltwise_round post-op rounds y before oneDNN adds z_out: adding z_out first, in
+// float32, would round y + z_out to float32 (a step of 2^-17 near 100), and values within that of a half-way
+// point would round the other way than the fake-quant model's round(y), which keeps y's own float32 precision.
+//
+// add_u8: the residual add on uint8 codes with the fake-quant model's float32 arithmetic, operation for operation:
+//   out = clamp(round_half_even(fl((qa - za) * sa) + fl((qb - zb) * sb)) * inv_so) + zo, lo, hi)
+// (the dequantized operands, their float32 sum, times float32 1/so), so its codes equal the fake-quant model's.
 //
 // Built by qtoolkit/kernels/dnnl_ext.py with torch.utils.cpp_extension against the system oneDNN (libdnnl).
 #include <torch/extension.h>
 
 #include <oneapi/dnnl/dnnl.hpp>
 
+#ifdef __x86_64__
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
 #include <array>
+#include <cctype>
+#include <cstdlib>
 #include <list>
 #include <memory>
 #include <mutex>
@@ -100,6 +114,7 @@ struct Quant {
     dnnl::post_ops po;
     if (sum) po.append_sum(static_cast<float>(sum_scale), static_cast<int32_t>(sum_zp), dtype_of(kind));
     if (relu) po.append_eltwise(1.f, dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    if (out_zp != 0 && kind != 0) po.append_eltwise(1.f, dnnl::algorithm::eltwise_round, 0.f, 0.f);
     attr.set_post_ops(po);
   }
 
@@ -289,6 +304,117 @@ class QLinear {
   ShapeCache<int64_t> cache_;
 };
 
+// The add's inner loop in strict float32 (built with -ffp-contract=off: no fused multiply-add): AVX-512 or AVX2
+// where the CPU has them (the same IEEE operations 16 / 8 lanes at a time; cvtps rounds half to even under the
+// default MXCSR mode), scalar for the tail and elsewhere (round half to even of |v| < 2^22 by adding and
+// subtracting 1.5 * 2^23; without -ffast-math the compiler keeps both).
+#if defined(__x86_64__) || defined(_M_X64)
+#define QT_X86 1
+#endif
+static inline uint8_t add_one(uint8_t a, uint8_t b, float za, float sa, float zb, float sb, float inv, float vlo, float vhi, float zo) {
+  const float x = (static_cast<float>(a) - za) * sa;
+  const float y = (static_cast<float>(b) - zb) * sb;
+  float v = (x + y) * inv;
+  v = v < vlo ? vlo : (v > vhi ? vhi : v);
+  const float r = (v + 12582912.0f) - 12582912.0f;
+  return static_cast<uint8_t>(static_cast<int32_t>(r + zo));
+}
+#ifdef QT_X86
+__attribute__((target("avx512f"))) static int64_t add_avx512(const uint8_t* a, const uint8_t* b, uint8_t* out, int64_t n, float za, float sa, float zb, float sb, float inv, float vlo, float vhi, float zo) {
+  const __m512 vza = _mm512_set1_ps(za), vsa = _mm512_set1_ps(sa), vzb = _mm512_set1_ps(zb), vsb = _mm512_set1_ps(sb);
+  const __m512 vinv = _mm512_set1_ps(inv), lo = _mm512_set1_ps(vlo), hi = _mm512_set1_ps(vhi);
+  const __m512i izo = _mm512_set1_epi32(static_cast<int32_t>(zo));
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + i))));
+    __m512 y = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + i))));
+    x = _mm512_mul_ps(_mm512_sub_ps(x, vza), vsa);
+    y = _mm512_mul_ps(_mm512_sub_ps(y, vzb), vsb);
+    __m512 v = _mm512_mul_ps(_mm512_add_ps(x, y), vinv);
+    v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+    __m512i c = _mm512_add_epi32(_mm512_cvtps_epi32(v), izo);  // round half to even (MXCSR default)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtusepi32_epi8(c));
+  }
+  return i;
+}
+__attribute__((target("avx2"))) static int64_t add_avx2(const uint8_t* a, const uint8_t* b, uint8_t* out, int64_t n, float za, float sa, float zb, float sb, float inv, float vlo, float vhi, float zo) {
+  const __m256 vza = _mm256_set1_ps(za), vsa = _mm256_set1_ps(sa), vzb = _mm256_set1_ps(zb), vsb = _mm256_set1_ps(sb);
+  const __m256 vinv = _mm256_set1_ps(inv), lo = _mm256_set1_ps(vlo), hi = _mm256_set1_ps(vhi);
+  const __m256i izo = _mm256_set1_epi32(static_cast<int32_t>(zo));
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 x = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(a + i))));
+    __m256 y = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + i))));
+    x = _mm256_mul_ps(_mm256_sub_ps(x, vza), vsa);
+    y = _mm256_mul_ps(_mm256_sub_ps(y, vzb), vsb);
+    __m256 v = _mm256_mul_ps(_mm256_add_ps(x, y), vinv);
+    v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+    __m256i c = _mm256_add_epi32(_mm256_cvtps_epi32(v), izo);
+    __m128i c16 = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm_packus_epi16(c16, c16));
+  }
+  return i;
+}
+// The widest vector path the add may use: the CPU's, lowered by ONEDNN_MAX_CPU_ISA as for oneDNN's kernels
+// (AVX2 / AVX / SSE41: AVX2 or scalar), so a capped run tests the narrower paths too.  2: AVX-512, 1: AVX2, 0: scalar.
+int add_isa() {
+  static const int isa = [] {
+    int best = __builtin_cpu_supports("avx512f") ? 2 : __builtin_cpu_supports("avx2") ? 1 : 0;
+    const char* cap = std::getenv("ONEDNN_MAX_CPU_ISA");
+    if (cap != nullptr && *cap != '\0') {
+      std::string c(cap);
+      for (auto& ch : c) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+      if (c.rfind("AVX512", 0) != 0 && c != "ALL") best = std::min(best, c.rfind("AVX2", 0) == 0 ? 1 : 0);
+    }
+    return best;
+  }();
+  return isa;
+}
+#endif
+
+void add_u8_loop(const uint8_t* a, const uint8_t* b, uint8_t* out, int64_t n, float za, float sa, float zb, float sb, float inv, float zo, float lo, float hi) {
+  const float vlo = lo - zo, vhi = hi - zo;
+  int64_t i = 0;
+#ifdef QT_X86
+  const int isa = add_isa();
+  if (isa == 2) i = add_avx512(a, b, out, n, za, sa, zb, sb, inv, vlo, vhi, zo);
+  else if (isa == 1) i = add_avx2(a, b, out, n, za, sa, zb, sb, inv, vlo, vhi, zo);
+#endif
+  for (; i < n; ++i) out[i] = add_one(a[i], b[i], za, sa, zb, sb, inv, vlo, vhi, zo);
+}
+
+torch::Tensor add_u8(const torch::Tensor& qa, const torch::Tensor& qb, int64_t za, double sa, int64_t zb, double sb,
+                     double so, int64_t zo, int64_t lo, int64_t hi, const c10::optional<torch::Tensor>& out_opt) {
+  TORCH_CHECK(qa.scalar_type() == at::kByte && qb.scalar_type() == at::kByte, "qtoolkit add_u8: operands must be uint8");
+  TORCH_CHECK(qa.sizes() == qb.sizes(), "qtoolkit add_u8: operand shapes differ: ", qa.sizes(), " vs ", qb.sizes());
+  TORCH_CHECK(qa.device().is_cpu() && qb.device().is_cpu(), "qtoolkit add_u8: operands must be on the CPU");
+  TORCH_CHECK(0 <= lo && lo <= hi && hi <= 255, "qtoolkit add_u8: need 0 <= lo <= hi <= 255");
+  const bool cl = qa.dim() == 4 && !qa.is_contiguous() && qa.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const torch::Tensor a = qa.is_contiguous(fmt) ? qa : qa.contiguous(fmt);
+  const torch::Tensor b = qb.is_contiguous(fmt) ? qb : qb.contiguous(fmt);
+  torch::Tensor out;
+  if (out_opt.has_value() && out_opt->defined()) {
+    out = *out_opt;
+    TORCH_CHECK(out.scalar_type() == at::kByte && out.sizes() == qa.sizes() && out.is_contiguous(fmt),
+                "qtoolkit add_u8: out must be a uint8 tensor of the operands' shape and memory format");
+  } else {
+    out = torch::empty_like(a, a.options(), fmt);
+  }
+  // float32 parameters as the fake-quant model holds them; 1/so evaluated in float32 as it does
+  const float fsa = static_cast<float>(sa), fsb = static_cast<float>(sb);
+  const float inv = 1.0f / static_cast<float>(so);
+  const uint8_t* pa = a.data_ptr<uint8_t>();
+  const uint8_t* pb = b.data_ptr<uint8_t>();
+  uint8_t* po = out.data_ptr<uint8_t>();
+  const int64_t n = a.numel();
+  at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+    add_u8_loop(pa + begin, pb + begin, po + begin, end - begin, static_cast<float>(za), fsa, static_cast<float>(zb),
+                fsb, inv, static_cast<float>(zo), static_cast<float>(lo), static_cast<float>(hi));
+  });
+  return out;
+}
+
 std::string version() {
   const dnnl_version_t* v = dnnl_version();
   return std::to_string(v->major) + "." + std::to_string(v->minor) + "." + std::to_string(v->patch);
@@ -299,6 +425,14 @@ std::string version() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "qtoolkit int8 convolution on oneDNN with cached primitives";
   m.def("version", &version);
+#ifdef QT_X86
+  m.def("add_isa", &add_isa);
+#else
+  m.def("add_isa", [] { return 0; });
+#endif
+  m.def("add_u8", &add_u8, pybind11::arg("qa"), pybind11::arg("qb"), pybind11::arg("za"), pybind11::arg("sa"),
+        pybind11::arg("zb"), pybind11::arg("sb"), pybind11::arg("so"), pybind11::arg("zo"), pybind11::arg("lo"),
+        pybind11::arg("hi"), pybind11::arg("out") = pybind11::none(), pybind11::call_guard<pybind11::gil_scoped_release>());
   pybind11::class_<QConv>(m, "QConv")
       .def(pybind11::init<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, std::vector<int64_t>,
                           std::vector<int64_t>, std::vector<int64_t>, int64_t, int64_t, int64_t, int64_t, bool, bool,
