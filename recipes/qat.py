@@ -15,8 +15,9 @@ QAT starts where PTQ ends (the default, ``--init reconstruct --bn folded``):
 4. the loss: cross-entropy on the labels, or with ``--distill W`` a blend with the distillation loss from the
    FP32 model's logits (``W = 1``: labels unused; :func:`qtoolkit.qat.distillation_loss`);
    SGD (momentum 0.9, Nesterov) at ``--lr`` (default 0.0005: from a reconstructed start a smaller step keeps
-   what PTQ learned; torch.ao's QAT runs diverged at 0.01 with frozen BN/observers), cosine or one-cycle
-   schedule per step;
+   what PTQ learned; torch.ao's QAT runs diverged at 0.01 with frozen BN/observers), the LSQ step sizes at
+   ``--scale-lr`` times it without weight decay, cosine, linear-to-0 or one-cycle schedule per step;
+   ``--label-smoothing``, ``--no-augment`` (no random crop / flip);
    BN statistics frozen from ``--freeze-bn-epoch``; test-set evaluation after
    every epoch (and every ``--eval-every`` steps); an atomic checkpoint after every epoch (``--resume``
    continues it); the training curve (loss / accuracy every 10 steps) in ``qat_results.json``.
@@ -99,7 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Nesterov)")
     p.add_argument("--wd", type=float, default=5e-4, help="weight decay (conv/linear weights only)")
     p.add_argument("--train-batch-size", type=int, default=128, help="training batch size (per rank)")
-    p.add_argument("--schedule", default="cosine", choices=["cosine", "onecycle", "constant"], help="lr schedule (per step)")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "onecycle", "linear", "constant"],
+                   help="lr schedule (per step; linear: decay to 0)")
+    p.add_argument("--scale-lr", type=float, default=1.0,
+                   help="--lsq: learning rate of the quantizer scales as a multiple of --lr (no weight decay on them)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the cross-entropy")
+    p.add_argument("--no-augment", action="store_true", help="train without random crop / flip")
     p.add_argument("--train-fraction", type=float, default=1.0, help="train on this fraction of the training split")
     p.add_argument("--freeze-observers-epoch", type=int, default=2,
                    help="0-based epoch from which quantizer ranges are frozen (-1: never; --bn live only: a folded start "
@@ -178,8 +184,10 @@ def _markdown(res: dict[str, Any]) -> str:
         f"- kept at W8A8: {', '.join(res['keep_8bit']) or 'none'}; activation calibrator: {res['act_calibrator']}",
         f"- training subset: {res['train_samples']} samples ({100 * a['train_fraction']:.0f}% of the training split), "
         f"{res['steps_per_epoch']} steps/epoch x {a['epochs']} epochs, batch {a['train_batch_size']} x {res['world_size']} rank(s)",
-        f"- loss: {_loss_words(a)}; weight decay {a['wd']}",
-        f"- lr {a['lr']} ({a['schedule']}), freeze observers at epoch {a['freeze_observers_epoch']}, BN at {a['freeze_bn_epoch']}",
+        f"- loss: {_loss_words(a)}" + (f", label smoothing {a['label_smoothing']}" if a.get("label_smoothing") else "")
+        + f"; weight decay {a['wd']}" + ("; no augmentation" if a.get("no_augment") else ""),
+        f"- lr {a['lr']} ({a['schedule']})" + (f", LSQ step sizes at {a.get('scale_lr', 1.0):g}x" if a["lsq"] else "")
+        + f", freeze observers at epoch {a['freeze_observers_epoch']}, BN at {a['freeze_bn_epoch']}",
         f"- final fake-quant top-1: **{res['top1']:.2f}%**" + (f" (drop {res['drop_pt']:+.2f} pt)" if res["drop_pt"] is not None else "")
         + f", converted size {fmt_bytes(res['size_bytes'])}, training time {res['train_time_s']:.0f} s "
         "(incl. the per-epoch test evaluation)",
@@ -244,11 +252,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     act_cal = next((fq.config.calibrator for _, fq in qt.quantizers(qm) if fq.role == "activation"), None)
 
     # data: a fixed seeded subset of the training split, sharded over ranks; the full test split
-    train_full = get_dataset(args.dataset, "train", args.data_dir, augment=True, download=args.download)
+    train_full = get_dataset(args.dataset, "train", args.data_dir, augment=not args.no_augment, download=args.download)
     n = max(1, int(round(args.train_fraction * len(train_full))))
     perm = torch.randperm(len(train_full), generator=torch.Generator().manual_seed(args.seed))[:n]
     per_rank = max(1, n // world)
-    train_ds = _subset(train_full, perm[rank * per_rank:(rank + 1) * per_rank], augment=True)
+    train_ds = _subset(train_full, perm[rank * per_rank:(rank + 1) * per_rank], augment=not args.no_augment)
     train_loader = TensorBatchLoader(train_ds, args.train_batch_size, shuffle=True, drop_last=False,
                                      seed=args.seed + 1000 * rank)
     test_full = get_dataset(args.dataset, "test", args.data_dir, augment=False, download=args.download)
@@ -312,10 +320,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{init['bn']}) top-1 {init['top1']:.2f}%", flush=True)
     qm.train()
 
-    decay = [p for name, p in qm.named_parameters() if p.ndim > 1]
-    no_decay = [p for name, p in qm.named_parameters() if p.ndim <= 1]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
-                          lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0)
+    scale_ids = {id(fq.scale) for _, fq in qt.quantizers(qm) if isinstance(fq.scale, torch.nn.Parameter)}
+    decay = [p for name, p in qm.named_parameters() if p.ndim > 1 and id(p) not in scale_ids]
+    no_decay = [p for name, p in qm.named_parameters() if p.ndim <= 1 and id(p) not in scale_ids]
+    scales = [p for name, p in qm.named_parameters() if id(p) in scale_ids]
+    groups = [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}]
+    if scales:
+        groups.append({"params": scales, "weight_decay": 0.0, "lr": args.lr * args.scale_lr})
+    opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0)
     if args.lsq:  # keep learned step sizes positive (a large early step can flip a small scale's sign)
         lsq_scales = [fq.scale for _, fq in qt.quantizers(qm) if isinstance(fq.scale, torch.nn.Parameter)]
 
@@ -331,6 +343,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     elif args.schedule == "onecycle":
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=total + 1, pct_start=0.1,
                                                     div_factor=10.0, final_div_factor=100.0)
+    elif args.schedule == "linear":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.0, 1.0 - i / total))
     else:
         sched = None
     model: torch.nn.Module = qm
@@ -347,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     teacher = fp32 if args.distill > 0 else None
     trainer = QATTrainer(model, train_loader, opt, config=cfg, scheduler=sched, scheduler_step="batch",
                          eval_loader=test_loader, checkpoint_path=ckpt_path, resume=resume,
-                         teacher=teacher)
+                         teacher=teacher, loss_fn=torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing))
     if resume:
         train_loader.epoch = trainer.epoch  # TensorBatchLoader's data order is seeded per epoch
         if rank == 0:
