@@ -28,11 +28,13 @@ import fnmatch
 import warnings
 from collections.abc import Iterable, Mapping
 
+import torch.fx as fx
 from torch import nn
 
 from qtoolkit.config import QConfig, get_qconfig
 from qtoolkit.fake_quant import FakeQuantize
 from qtoolkit.fuse import FloatOp, fuse_model
+from qtoolkit.fuse_common import _OneLevelTracer
 from qtoolkit.layer_kinds import is_norm_act, is_weight_layer, split_same_padding
 from qtoolkit.module_swap import swap_modules
 from qtoolkit.nn.fused import Activation, Add, Cat, Einsum, FusedLayer, MatMul, Mul, PadSame, ScaledDotProductAttention
@@ -48,7 +50,7 @@ from qtoolkit.nn.quant_rnn import QuantRNN, unsupported_rnn_reason
 from qtoolkit.nn.quant_window_attention import window_attention_twin
 from qtoolkit.toggles import quantizers
 
-__all__ = ["prepare", "resolve_qconfig", "float_ops"]
+__all__ = ["prepare", "resolve_qconfig", "float_ops", "stream_adds"]
 
 _REPORT_ATTR = "_qtoolkit_float_ops"
 _QAT_ATTR = "_qtoolkit_qat"
@@ -152,6 +154,7 @@ def prepare(
     inplace: bool = False,
     overrides: Mapping[OverrideKey, QConfig | str | None] | None = None,
     skip: Iterable[str] = (),
+    stream_add_bits: int | None = 16,
 ) -> nn.Module:
     """Prepare ``model`` for calibration (PTQ) or quantization-aware training.
 
@@ -168,6 +171,13 @@ def prepare(
         overrides: per-module QConfigs by qualified-name glob or module type.
             A glob that matches nothing triggers a warning naming it.
         skip: name globs of modules kept in float (a list, or one glob as a string).
+        stream_add_bits: activation bits of the residual adds on a *float stream* (:func:`stream_adds`): adds
+            whose operands both reach them in float and whose sum goes on in float (a pre-norm transformer's
+            residual stream, read by a float LayerNorm).  The int8 fast path gains nothing there (it would round
+            both operands to uint8 codes and add them in float), while one per-tensor 8-bit grid over all tokens
+            leaves a token whose range is far below the others' (ViT's class token: 0.07 against 2.6) a few
+            steps.  ``None`` keeps them at the preset's bits.  Adds that ``overrides`` name (by glob or by type)
+            keep the override.
 
     Returns:
         The prepared model. Layers become :class:`~qtoolkit.nn.QuantLayer`, adds
@@ -212,6 +222,8 @@ def prepare(
             warnings.warn(f"prepare: skip pattern {pat!r} matches no module; it has no effect", stacklevel=2)
 
     model = _swap(model, "", default, resolved_overrides, skip, qat, report)
+    if stream_add_bits is not None:
+        _widen_stream_adds(model, int(stream_add_bits), resolved_overrides)
     for name, fq in quantizers(model):
         fq.set_name(name)
     if qat:
@@ -361,3 +373,165 @@ def _convert_one(
         report.append(FloatOp(name, type(layer).__name__, "skipped by configuration"))
         return child
     return QuantLayer(layer, qc, bn=bn, act=act, qat=qat)
+
+
+# ----------------------------------------------------------------------------------- float-stream residual adds
+# A prepared-model mirror of what ``convert`` decides (qtoolkit.convert_passes.mark_float_outputs): which module
+# outputs reach their consumers as int8 codes in the fast path.  Everything uncertain counts as codes, so an add
+# is widened only where the int8 path provably gains nothing.
+
+_TRANSPARENT = (nn.Identity, nn.Dropout)
+#: prepared modules whose converted form may return int8 codes to a code-taking consumer
+_CODE_PRODUCERS = (QuantLayer, QuantAdd, QuantActivation)
+#: prepared modules whose converted form may take int8 codes as their input (any mode: the safe side)
+_CODE_TAKERS = (QuantLayer, QuantAdd, QuantActivation, QuantMul, QuantMatMul, QuantEinsum)
+
+
+def _graph(mod: nn.Module, cache: dict[int, fx.Graph | None]) -> fx.Graph | None:
+    if isinstance(mod, fx.GraphModule):
+        return mod.graph
+    if id(mod) not in cache:
+        try:
+            cache[id(mod)] = _OneLevelTracer().trace(mod)
+        except Exception:  # noqa: BLE001 - data-dependent forward: consumers unknown
+            cache[id(mod)] = None
+    return cache[id(mod)]
+
+
+def _quantized_op(mod: nn.Module) -> bool:
+    """A prepared op whose only submodules are its quantizers (a ``cat``, a normalization, ...)."""
+    return bool(mod._modules) and all(isinstance(c, FakeQuantize) for c in mod.children())
+
+
+def _takes_codes(mod: nn.Module, cache: dict) -> bool:
+    """May ``mod``'s converted form take its input as int8 codes (unknown: yes)?"""
+    if isinstance(mod, _CODE_TAKERS):
+        return True
+    if _quantized_op(mod):
+        return False
+    if isinstance(mod, nn.Sequential):
+        kids = [c for c in mod if not isinstance(c, _TRANSPARENT)]
+        return bool(kids) and _takes_codes(kids[0], cache)
+    if not mod._modules:
+        return False
+    graph = _graph(mod, cache)
+    if graph is None:
+        return True
+    users = [u for n in graph.nodes if n.op == "placeholder" for u in n.users]
+    return bool(users) and all(_node_takes_codes(mod, u, cache) for u in users)
+
+
+def _node_takes_codes(owner: nn.Module, node: fx.Node, cache: dict) -> bool:
+    return node.op == "call_module" and _takes_codes(owner.get_submodule(str(node.target)), cache)
+
+
+def _produces_codes(mod: nn.Module, cache: dict) -> bool:
+    """May ``mod``'s converted form return int8 codes (unknown: yes)?"""
+    if isinstance(mod, _CODE_PRODUCERS):
+        return True
+    if _quantized_op(mod):
+        return False
+    if isinstance(mod, nn.Sequential):
+        kids = [c for c in mod if not isinstance(c, _TRANSPARENT)]
+        return bool(kids) and _produces_codes(kids[-1], cache)
+    if not mod._modules:
+        return False
+    graph = _graph(mod, cache)
+    if graph is None:
+        return True
+    outs = [n for n in graph.nodes if n.op == "output"]
+    if outs:
+        flat: list[fx.Node] = []
+        fx.node.map_arg(outs[0].args, lambda n: flat.append(n) or n)
+        return any(n.op == "call_module" and _produces_codes(mod.get_submodule(str(n.target)), cache) for n in flat)
+    return True
+
+
+def _carries_codes(owner: nn.Module, node: fx.Node, cache: dict) -> bool:
+    """May the value of ``node`` (an operand of an add in ``owner``'s graph) arrive as int8 codes?"""
+    takers = all(_node_takes_codes(owner, u, cache) for u in node.users)
+    if node.op == "placeholder":
+        return takers  # the caller emits codes only if every user takes them
+    if node.op == "call_module":
+        return takers and _produces_codes(owner.get_submodule(str(node.target)), cache)
+    return False  # a function / method / attribute: float
+
+
+def stream_adds(model: nn.Module) -> list[str]:
+    """The residual adds of a prepared model that sit on a float stream: no operand reaches them as int8 codes
+    and their sum has a float consumer (or leaves the model), so the converted fast path would round both
+    operands to codes only to add them in float.  A pre-norm transformer's residual adds (``x + attn(norm(x))``,
+    read by the next LayerNorm) are such adds; a ResNet's ``conv(x) + x`` feeding the next convolution is not.
+
+    Example::
+
+        >>> import torch
+        >>> class Block(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.norm, self.fc = nn.LayerNorm(8), nn.Linear(8, 8)
+        ...     def forward(self, x):
+        ...         return x + self.fc(self.norm(x)).mul(0.5)
+        >>> stream_adds(prepare(nn.Sequential(Block(), nn.LayerNorm(8)), "w8a8", stream_add_bits=None))
+        ['0.add_0']
+    """
+    cache: dict = {}
+    verdict: dict[int, tuple[str, bool]] = {}  # id(add) -> (name, on a float stream at every call site seen)
+    counts: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        counts[id(m)] = counts.get(id(m), 0) + 1
+    shared = {k for k, v in counts.items() if v > 1}  # registered under several names: consumers per call unknown
+
+    def visit(mod: nn.Module, prefix: str, out_float: bool) -> None:
+        if isinstance(mod, nn.Sequential):
+            named = [(n, c) for n, c in mod.named_children() if not isinstance(c, _TRANSPARENT)]
+            for i, (n, c) in enumerate(named):
+                last = i == len(named) - 1
+                visit(c, f"{prefix}{n}.", out_float if last else not _takes_codes(named[i + 1][1], cache))
+            return
+        if not mod._modules or isinstance(mod, (QuantLayer, QuantActivation)) or _quantized_op(mod):
+            return
+        graph = _graph(mod, cache)
+        if graph is None:
+            for n, c in mod.named_children():
+                visit(c, f"{prefix}{n}.", True)
+            return
+        for node in graph.nodes:
+            if node.op != "call_module":
+                continue
+            target = mod.get_submodule(str(node.target))
+            flt = any((u.op == "output" and out_float) or (u.op != "output" and not _node_takes_codes(mod, u, cache))
+                      for u in node.users)  # fmt: skip
+            if isinstance(target, QuantAdd):
+                operands = [a for a in node.args if isinstance(a, fx.Node)]
+                ok = (flt and len(operands) == 2 and id(target) not in verdict and id(target) not in shared
+                      and not any(_carries_codes(mod, a, cache) for a in operands))
+                verdict[id(target)] = (f"{prefix}{node.target}", ok)  # a second call site: not ok
+            else:
+                visit(target, f"{prefix}{node.target}.", flt)
+
+    visit(model, "", True)
+    return [name for name, ok in verdict.values() if ok]
+
+
+def _widen_stream_adds(model: nn.Module, bits: int, overrides: Mapping[OverrideKey, QConfig | None]) -> list[str]:
+    """Give every :func:`stream_adds` add of a static config ``bits``-bit operand grids (adds named by
+    ``overrides`` keep theirs).  Returns the names changed."""
+    if not 2 <= bits <= 16:
+        raise ValueError(f"prepare: stream_add_bits must be in 2..16 or None, got {bits}")
+    changed = []
+    for name in stream_adds(model):
+        if any(isinstance(k, str) and fnmatch.fnmatchcase(name, k) for k in overrides) or any(
+                isinstance(k, type) and issubclass(Add, k) for k in overrides):
+            continue
+        old = model.get_submodule(name)
+        qc = old.qconfig
+        if qc.mode != "static" or qc.activation is None or qc.activation.spec.bits >= bits:
+            continue
+        parent, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        new = QuantAdd(qc.with_bits(activation_bits=bits), act=old.act)
+        new.train(old.training)
+        setattr(owner, leaf, new)
+        changed.append(name)
+    return changed
