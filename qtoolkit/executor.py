@@ -334,8 +334,8 @@ class _Builder:
                 self.lines.append(f"{var} = {var}.clamp_({st.clamp_lo}, {st.clamp_hi})")
             elif st.out_dtype == torch.int8 and not st.out_xor:
                 self.lines.append(f"{var} = {var}.view(_u8)")
-        elif st.strategy == "direct" and st.kind == "conv2d" and not st.float_out:
-            op = self.const(onednn.op("qconv_pointwise"))
+        elif st.strategy == "direct" and st.kind == "conv2d" and not st.float_out and st.k_out_zp == 0:
+            op = self.const(onednn.op("qconv_pointwise"))  # a nonzero zero point: _layer rounds before adding it
             bias = "None" if st.k_bias is None else self.const(st.k_bias)
             self.lines.append(  # scales folded into the weight scales and bias (see _LayerState.k_w_scale)
                 f"{var} = {op}({xq}, 1.0, {st.x_zp}, _packed({k}, {xq}), {self.const(st.k_w_scale)}, "
@@ -353,7 +353,7 @@ class _Builder:
         if st.float_out:
             self.env[node] = var
         else:
-            inline = st.strategy == "direct" and st.kind == "conv2d"  # _layer flips the bytes itself
+            inline = st.strategy == "direct" and st.kind == "conv2d" and (st.ext is not None or st.k_out_zp == 0)  # _layer flips the bytes itself
             self.env[node] = _Codes(var, st.out_scale, st.out_zp, st.qmin, st.qmax, True, st.out_xor and inline)
         self.guards.append((m, "_qt_fast", m.__dict__["_qt_fast"]))
         return True

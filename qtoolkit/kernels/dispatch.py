@@ -430,10 +430,12 @@ def _run_layer(st: _LayerState, xq: Tensor, x_scale: float, x_zp: int, residual:
         if residual is None and st.ext is not None:  # static: the call the extension was built for
             return st.ext.run(xq)
         if residual is None:
-            return onednn.op("qconv_pointwise")(
+            zp_after = out_zp != 0 and out_dtype != torch.float32  # see _zero_point_after_rounding
+            y = onednn.op("qconv_pointwise")(
                 xq, x_scale, x_zp, packed_for(st, xq), w_scale, st.w_zp, bias, st.stride, st.padding, st.dilation,
-                st.groups, out_scale, out_zp, out_dtype, post_op, [], "",
+                st.groups, out_scale, 0 if zp_after else out_zp, torch.float32 if zp_after else out_dtype, post_op, [], "",
             )  # fmt: skip
+            return _zero_point_after_rounding(y, out_zp, out_dtype) if zp_after else y
         return onednn.op("qconv2d_pointwise", "binary")(
             xq, x_scale, x_zp, packed_for(st, xq), st.w_scale, st.w_zp, residual, bias, st.stride, st.padding, st.dilation,
             st.groups, out_scale, out_zp, out_dtype, r_scale, r_zp, "sum", 1.0, post_op, [], "",
@@ -446,10 +448,26 @@ def _run_layer(st: _LayerState, xq: Tensor, x_scale: float, x_zp: int, residual:
     if residual is None and st.ext is not None:  # static: the call the extension was built for
         y = st.ext.run(xq)
         return y if len(lead) == 1 else y.reshape(*lead, y.shape[-1])
+    zp_after = out_zp != 0 and out_dtype != torch.float32
     y = onednn.op("qlinear_pointwise")(
-        xq, x_scale, x_zp, packed_for(st, xq), w_scale, st.w_zp, bias, out_scale, out_zp, out_dtype, post_op, [], "none"
-    )
+        xq, x_scale, x_zp, packed_for(st, xq), w_scale, st.w_zp, bias, out_scale, 0 if zp_after else out_zp,
+        torch.float32 if zp_after else out_dtype, post_op, [], "none",
+    )  # fmt: skip
+    if zp_after:
+        y = _zero_point_after_rounding(y, out_zp, out_dtype)
     return y if len(lead) == 1 else y.reshape(*lead, y.shape[-1])
+
+
+def _zero_point_after_rounding(y: Tensor, out_zp: int, out_dtype: torch.dtype) -> Tensor:
+    """Output codes ``round(y) + zp`` from torch's float32 output ``y`` (output steps, zero point 0).
+
+    torch's int8 ops add a nonzero output zero point before rounding, in float32: ``y + zp`` near 100 has a
+    2^-17 step, so values that close to a half-way point round the other way than the fake-quant model's
+    ``round(y) + zp``.  qtoolkit's extension rounds first itself (an ``eltwise_round`` post-op); on torch's ops the
+    layer writes float32 and rounds here (one more pass).
+    """
+    lo, hi = (0, 255) if out_dtype == torch.uint8 else (-128, 127)
+    return y.round_().add_(out_zp).clamp_(lo, hi).to(out_dtype)
 
 
 def fast_forward(m: nn.Module, x: Tensor) -> Tensor:
