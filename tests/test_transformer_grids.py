@@ -113,7 +113,7 @@ def test_class_token_is_crushed_by_one_8bit_grid_and_kept_by_the_stream_grid() -
         x = model.patch(_data(1, 0)[0]).flatten(2).transpose(1, 2)
         assert x.abs().max() > 20 * model.pos_embed[0, 0].abs().max()
     _, narrow = _fq_sqnr(model, stream_add_bits=None)
-    qm, wide = _fq_sqnr(model)
+    qm, wide = _fq_sqnr(model, stream_add_bits=16)
     assert narrow < 20.0, narrow  # every residual add on one uint8 grid: the class token keeps a few steps
     assert wide > 30.0, wide
     assert wide > narrow + 15.0
@@ -123,7 +123,7 @@ def test_class_token_is_crushed_by_one_8bit_grid_and_kept_by_the_stream_grid() -
 
 def test_widened_adds_convert_and_agree_with_fake_quant() -> None:
     model = _model()
-    qm, _ = _fq_sqnr(model)
+    qm, _ = _fq_sqnr(model, stream_add_bits=16)
     q = qt.convert(qm)
     evals = _data(1, 1)
     with torch.no_grad():
@@ -141,7 +141,7 @@ def test_widened_adds_convert_and_agree_with_fake_quant() -> None:
 def test_adds_that_pass_int8_codes_keep_the_preset_grid() -> None:
     # ResNet-style: conv(x) + x feeding the next conv; the fast path passes codes in and out
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), _ResBlock(8), _ResBlock(8), nn.Conv2d(8, 4, 1)).eval()
-    qm = qt.prepare(model, "w8a8")
+    qm = qt.prepare(model, "w8a8", stream_add_bits=16)
     bits = [m.qconfig.activation.spec.bits for m in qm.modules() if isinstance(m, QuantAdd)]
     assert bits == [8, 8]
     assert stream_adds(qm) == []
@@ -150,7 +150,8 @@ def test_adds_that_pass_int8_codes_keep_the_preset_grid() -> None:
 def test_overrides_and_opt_out_keep_their_grids() -> None:
     model = _model()
     w8 = get_qconfig("w8a8")
-    for kw in ({"stream_add_bits": None}, {"overrides": {Add: w8}}, {"overrides": {"blocks.0.*": w8}}):
+    for kw in ({}, {"stream_add_bits": None}, {"overrides": {Add: w8}, "stream_add_bits": 16},
+               {"overrides": {"blocks.0.*": w8}, "stream_add_bits": 16}):
         qm = qt.prepare(model, "w8a8", **kw)
         bits = {n: m.qconfig.activation.spec.bits for n, m in qm.named_modules() if isinstance(m, QuantAdd)}
         if "overrides" in kw and "blocks.0.*" in kw["overrides"]:
