@@ -322,16 +322,18 @@ def run(name: str, args: argparse.Namespace) -> dict:
             q64 = copy.deepcopy(qm).double()
             fq64 = torch.cat([q64(x.double()) for x in evals])
             row["fakequant32_vs_64_sqnr_db"] = round(sqnr(fq64, fq), 1)
+            row["fakequant32_vs_64_agree_%"] = round(100.0 * (fq.argmax(1) == fq64.argmax(1)).double().mean().item(), 2)
             if "fast" in args.executions:
                 qt.set_execution(q, "fast")
-                row["fast_vs_fakequant64_sqnr_db"] = round(sqnr(fq64, torch.cat([q(x) for x in evals])), 1)
+                out = torch.cat([q(x) for x in evals])
+                row["fast_vs_fakequant64_sqnr_db"] = round(sqnr(fq64, out), 1)
+                row["fast_vs_fakequant64_agree_%"] = round(100.0 * (out.argmax(1) == fq64.argmax(1)).double().mean().item(), 2)
             if "integer" in args.executions and "integer_error" not in row:
                 qt.set_execution(q, "integer")  # exact integer sums, fixed-point requantization
                 out = torch.cat([q(x) for x in evals])
                 row["integer_vs_fakequant64_sqnr_db"] = round(sqnr(fq64, out), 1)
                 row["integer_vs_fakequant64_agree_%"] = round(
                     100.0 * (out.argmax(1) == fq64.argmax(1)).double().mean().item(), 2)
-                row["fakequant32_vs_64_agree_%"] = round(100.0 * (fq.argmax(1) == fq64.argmax(1)).double().mean().item(), 2)
     return row
 
 

@@ -111,6 +111,14 @@ def _fast(r: dict) -> str:
     return f"{st.get('fast', 0) + st.get('fast-split', 0)} ({st.get('fast-split', 0)})"
 
 
+def _drift_bar(r: dict) -> str:
+    """Issue 21's fidelity bar: fast vs float64 fake quant >= the float32 fake-quant floor - 1 dB."""
+    fast, floor = r.get("fast_vs_fakequant64_sqnr_db"), r.get("fakequant32_vs_64_sqnr_db")
+    if fast is None or floor is None:
+        return "—"
+    return f"yes ({fast - floor:+.1f})" if fast >= floor - 1.0 else f"NO ({fast - floor:+.1f})"
+
+
 def _pair(r: dict, agree: str, sqnr: str) -> str:
     return f"{_num(r, agree)} / {_num(r, sqnr)}"
 
@@ -134,7 +142,9 @@ ZOO_COLUMNS: dict[str, list[tuple[str, bool, Callable[[dict], str]]]] = {
         ("integer vs fake quant", True, lambda r: _pair(r, "integer_agree_%", "integer_sqnr_db")),
         ("float32 vs float64 fake quant", True, lambda r: _pair(r, "fakequant32_vs_64_agree_%", "fakequant32_vs_64_sqnr_db")),
         ("integer vs float64 fake quant", True, lambda r: _pair(r, "integer_vs_fakequant64_agree_%", "integer_vs_fakequant64_sqnr_db")),
-        ("fast vs float64 fake quant SQNR dB", True, lambda r: _num(r, "fast_vs_fakequant64_sqnr_db")),
+        ("fast vs float64 fake quant", True, lambda r: (_pair(r, "fast_vs_fakequant64_agree_%", "fast_vs_fakequant64_sqnr_db")
+                                                         if "fast_vs_fakequant64_agree_%" in r else _num(r, "fast_vs_fakequant64_sqnr_db"))),
+        ("fast ≥ float32 floor − 1 dB", False, _drift_bar),
     ],
     "speed": [
         ("speed vs FP32", True, lambda r: _num(r, "fast_speedup_x", "{:.2f}×")),
