@@ -71,3 +71,14 @@ def tiny_cifar(tmp_path: Path) -> Path:
     with open(d / "batches.meta", "wb") as f:
         pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)], b"num_vis": 3072}, f)
     return root
+
+
+@pytest.fixture
+def tiny_ckpt(tiny_fashion: Path, tmp_path: Path) -> Path:
+    """A ResNet-20 FP32 checkpoint trained for two batches on the tiny Fashion-MNIST (recipes.train_fp32)."""
+    from recipes.train_fp32 import main as train_main
+
+    out = tmp_path / "fp32"
+    train_main(["--epochs", "1", "--max-batches", "2", "--batch-size", "8", "--data-dir", str(tiny_fashion),
+                "--out", str(out), "--threads", "1", "--no-progress"])
+    return out / "resnet20_fashion-mnist.pt"

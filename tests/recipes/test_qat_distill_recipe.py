@@ -5,19 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 from recipes import qat
-from recipes.train_fp32 import main as train_main
-
-
-@pytest.fixture
-def tiny_ckpt(tiny_fashion: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "fp32"
-    train_main(["--epochs", "1", "--max-batches", "2", "--batch-size", "8", "--data-dir", str(tiny_fashion),
-                "--out", str(out), "--threads", "1", "--no-progress"])
-    return out / "resnet20_fashion-mnist.pt"
 
 
 def test_qat_distill_runs_and_records_the_loss(tiny_fashion: Path, tiny_ckpt: Path, tmp_path: Path) -> None:

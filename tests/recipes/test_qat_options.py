@@ -9,15 +9,6 @@ import pytest
 import torch
 
 from recipes import qat
-from recipes.train_fp32 import main as train_main
-
-
-@pytest.fixture
-def tiny_ckpt(tiny_fashion: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "fp32"
-    train_main(["--epochs", "1", "--max-batches", "2", "--batch-size", "8", "--data-dir", str(tiny_fashion),
-                "--out", str(out), "--threads", "1", "--no-progress"])
-    return out / "resnet20_fashion-mnist.pt"
 
 
 def _common(data: Path, ckpt: Path) -> list[str]:

@@ -11,17 +11,8 @@ import torch
 
 from recipes import evaluate, main_job, ptq, qat, report
 from recipes.common import load_fp32, load_prepared, make_qconfig, predict, top1
-from recipes.train_fp32 import main as train_main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture
-def tiny_ckpt(tiny_fashion: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "fp32"
-    train_main(["--epochs", "1", "--max-batches", "2", "--batch-size", "8", "--data-dir", str(tiny_fashion),
-                "--out", str(out), "--threads", "1", "--no-progress"])
-    return out / "resnet20_fashion-mnist.pt"
 
 
 def _common(data: Path, ckpt: Path) -> list[str]:
