@@ -155,11 +155,22 @@ def add_codes(st: _AddState, qa: Tensor, qb: Tensor, donate: Optional[int] = Non
     if n >= _ADD_KERNEL_MIN_NUMEL and n % _ID == 0 and onednn.linear_sum_in_place():
         y, donated = _kernel_add(st, qa, qb, donate)
         return _finish_codes(st, y), donated
-    y = qa.to(torch.float32).sub_(st.lhs_zp).mul_(st.lhs_scale)
-    y.add_(qb.to(torch.float32).sub_(st.rhs_zp).mul_(st.rhs_scale))
+    y = _dequantized_sum(st, qa, qb)
     if st.post_op == "relu":
         y = y.clamp_(min=0.0)
     return _finish_codes(st, y), False
+
+
+def _dequantized_sum(st: _AddState, qa: Tensor, qb: Tensor) -> Tensor:
+    """``fl(fl((qa−za)·sa) + fl((qb−zb)·sb))``: the operands as their fake quantizers return them, summed in float32."""
+    y = qa.to(torch.float32).sub_(st.lhs_zp).mul_(st.lhs_scale)
+    return y.add_(qb.to(torch.float32).sub_(st.rhs_zp).mul_(st.rhs_scale))
+
+
+@functools.lru_cache(maxsize=256)
+def _f32_reciprocal(scale: float) -> float:
+    """``1/scale`` evaluated in float32, as the fake quantizer computes it."""
+    return float(1.0 / torch.tensor(scale, dtype=torch.float32))
 
 
 def _layout(t: Tensor) -> Optional[torch.memory_format]:
@@ -183,8 +194,7 @@ def exact_add_u8(st: _AddState, qa: Tensor, qb: Tensor, donate: Optional[int] = 
     ``(codes, donated)``; ``qa`` and ``qb`` have the same shape.
     """
     out = None
-    fmt = _layout(qa)
-    if donate is not None and fmt is not None:
+    if donate is not None and (fmt := _layout(qa)) is not None:
         target = qa if donate == 0 else qb
         if target.dtype == torch.uint8 and (target is qa or _layout(qb) == fmt):
             out = target
@@ -193,10 +203,8 @@ def exact_add_u8(st: _AddState, qa: Tensor, qb: Tensor, donate: Optional[int] = 
         y = ext.add_u8(qa, qb, st.lhs_zp, st.lhs_scale, st.rhs_zp, st.rhs_scale, st.out_scale, st.out_zp, st.lo,
                        st.hi, out)  # fmt: skip
         return y, out is not None
-    inv = float(1.0 / torch.tensor(st.out_scale, dtype=torch.float32))  # 1/so in float32, as fake quant has it
-    y = qa.to(torch.float32).sub_(st.lhs_zp).mul_(st.lhs_scale)
-    y.add_(qb.to(torch.float32).sub_(st.rhs_zp).mul_(st.rhs_scale))
-    y.mul_(inv).clamp_(st.lo - st.out_zp, st.hi - st.out_zp).round_().add_(st.out_zp)
+    y = _dequantized_sum(st, qa, qb)
+    y.mul_(_f32_reciprocal(st.out_scale)).clamp_(st.lo - st.out_zp, st.hi - st.out_zp).round_().add_(st.out_zp)
     if out is not None:
         return out.copy_(y), True
     return y.to(torch.uint8), False
